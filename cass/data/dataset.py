@@ -1,0 +1,78 @@
+"""A torch Dataset over manifest rows, and seeded DataLoaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cass.data.images import DEFAULT_MAX_PIXELS, load_rgb
+
+
+class ImageDataset(Dataset):
+    """Images from ``root``/``paths`` as 8-bit RGB through ``transform``, with optional targets.
+
+    Targets are class indices (single-label, int64) or multi-hot float vectors (multi-label); without
+    targets (self-supervised pretraining) the target is -1.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        paths: Sequence[str],
+        transform: Callable,
+        targets: np.ndarray | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if targets is not None and len(targets) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.transform = transform
+        self.targets = targets
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.transform(load_rgb(self.root / self.paths[i], self.max_pixels))
+        if self.targets is None:
+            return image, torch.tensor(-1)
+        return image, torch.as_tensor(self.targets[i])
+
+
+def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], multilabel: bool) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    if multilabel:
+        out = np.zeros((len(labels), len(classes)), dtype=np.float32)
+        for r, ls in enumerate(labels):
+            out[r, [index[c] for c in ls]] = 1.0
+        return out
+    return np.asarray([index[ls[0]] for ls in labels], dtype=np.int64)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader whose order and augmentations depend only on ``seed`` (one seed per epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,103 @@
+"""Opening images safely and converting them to 8-bit RGB.
+
+Medical images come as 8-bit RGB, grayscale, RGBA and 16-bit (or float) single-channel files. Every
+one is converted to 8-bit RGB before it reaches a network. Images are opened with a pixel-count limit
+checked on the header, before any decoding, so a decompression bomb is refused cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cass.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sha256: str
+    width: int
+    height: int
+    mode: str
+
+
+def _open_checked(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DataError(f"{where}: the file is empty (0 bytes); replace it or remove its row")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image file Pillow can read; replace it or remove its row") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{where}: refused as a possible decompression bomb ({exc})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DataError(
+            f"{where}: {width}x{height} = {width * height:,} pixels exceeds data.max_image_pixels "
+            f"({max_pixels:,}); refused as a possible decompression bomb. Raise the limit only for "
+            "trusted files."
+        )
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{where}: the image is truncated or corrupt ({exc}); replace the file") from None
+    return img
+
+
+def read_bytes(path: Path, where: str | None = None) -> bytes:
+    where = where or str(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{where}: file not found; restore it (dvc pull?) or remove its row") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: is a directory, not an image file") from None
+    except PermissionError:
+        raise DataError(f"{where}: permission denied; make the file readable") from None
+    except OSError as exc:
+        raise DataError(f"{where}: unreadable ({exc})") from None
+
+
+def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None = None) -> ImageInfo:
+    """Hash and fully decode one file; raise :class:`DataError` naming the file if it is unusable."""
+    where = where or str(path)
+    data = read_bytes(path, where)
+    img = _open_checked(data, where, max_pixels)
+    return ImageInfo(hashlib.sha256(data).hexdigest(), img.width, img.height, img.mode)
+
+
+def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image for training or inference as 8-bit RGB."""
+    return to_rgb8(_open_checked(read_bytes(path), str(path), max_pixels))
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    High-bit-depth single-channel images (16-bit, 32-bit integer, float) are windowed to their own
+    min..max range, since medical scanners often use 10-12 of the 16 bits; transparent pixels of RGBA
+    images are composited onto black.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

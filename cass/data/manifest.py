@@ -1,0 +1,128 @@
+"""The manifest: one table, one row per image, whatever layout the dataset came in.
+
+Columns: ``path`` (relative to the data root, POSIX separators), ``labels`` (class names joined by
+``|``; exactly one for single-label data), ``split`` (train/val/test, or empty before splitting),
+``sha256``, ``width``, ``height``, ``mode`` and ``group`` (patient id, may be empty). A JSON file beside
+it (:class:`DatasetInfo`) holds what applies to the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cass.data.images import ImageInfo, inspect_image
+from cass.errors import DataError
+
+COLUMNS = ("path", "labels", "split", "sha256", "width", "height", "mode", "group")
+SPLITS = ("train", "val", "test")
+LABEL_SEP = "|"
+MANIFEST_FILE = "manifest.csv"
+INFO_FILE = "dataset.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    root: str
+    layout: str
+    classes: tuple[str, ...]
+    multilabel: bool
+    num_images: int
+    data_version: str = ""
+    git_commit: str = ""
+    split_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DatasetInfo:
+        d = json.loads(text)
+        d["classes"] = tuple(d["classes"])
+        return cls(**d)
+
+
+def label_lists(df: pd.DataFrame) -> list[list[str]]:
+    return [str(v).split(LABEL_SEP) if isinstance(v, str) and v else [] for v in df["labels"]]
+
+
+def join_labels(labels: Iterable[str]) -> str:
+    return LABEL_SEP.join(labels)
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old or the whole new content, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(df: pd.DataFrame, info: DatasetInfo, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = df.loc[:, list(COLUMNS)].sort_values("path", kind="stable").reset_index(drop=True)
+    atomic_write_text(out_dir / MANIFEST_FILE, ordered.to_csv(index=False))
+    atomic_write_text(out_dir / INFO_FILE, info.to_json() + "\n")
+    return out_dir / MANIFEST_FILE
+
+
+def read_manifest(data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
+    """Read a prepared manifest and its dataset info from ``data_dir``."""
+    mpath, ipath = data_dir / MANIFEST_FILE, data_dir / INFO_FILE
+    for p in (mpath, ipath):
+        if not p.is_file():
+            raise DataError(f"{p}: not found; run `cass data prepare` first")
+    df = pd.read_csv(mpath, dtype={c: "string" for c in ("path", "labels", "split", "sha256", "mode", "group")})
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{mpath}: missing columns {missing}; regenerate it with `cass data prepare`")
+    df = df.astype(object).where(df.notna(), "")
+    df["width"] = pd.to_numeric(df["width"]).astype(int)
+    df["height"] = pd.to_numeric(df["height"]).astype(int)
+    return df, DatasetInfo.from_json(ipath.read_text())
+
+
+def _inspect_one(args: tuple[str, str, int]) -> ImageInfo | str:
+    root, rel, max_pixels = args
+    try:
+        return inspect_image(Path(root) / rel, max_pixels, where=rel)
+    except DataError as exc:
+        return str(exc)
+
+
+def inspect_files(root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0) -> list[ImageInfo]:
+    """Hash and decode every file, in parallel; report every bad file at once, not only the first."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(str(root), rel, max_pixels) for rel in rel_paths]
+    if workers == 1 or len(jobs) < 64:
+        results = [_inspect_one(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_inspect_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        shown = "\n  - ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} unusable image file(s) under {root}:\n  - {shown}{more}")
+    return [r for r in results if isinstance(r, ImageInfo)]

@@ -1,0 +1,69 @@
+"""The stages in order, with one output layout shared by the CLI, DVC and the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cass.config import Params
+from cass.data.demo import generate_demo
+from cass.data.prepare import prepare_data
+from cass.evaluate import evaluate
+from cass.finetune import finetune
+from cass.pretrain import pretrain
+
+NETWORKS = ("cnn", "vit")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes, under one root (``outputs/`` by default)."""
+
+    root: Path = Path("outputs")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    def finetune(self, network: str) -> Path:
+        return self.root / "finetune" / network
+
+    def evaluate(self, network: str) -> Path:
+        return self.root / "evaluate" / network
+
+
+def ensure_demo_data(params: Params) -> None:
+    """Generate the embedded demo dataset at ``data.root`` when the settings point at it."""
+    if params.data.name == "demo" and params.data.layout == "imagefolder":
+        generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+
+
+def run_pipeline(
+    params: Params,
+    layout: Layout = Layout(),
+    *,
+    progress: bool = True,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> dict[str, dict]:
+    """prepare -> pretrain -> fine-tune and evaluate each network; returns test metrics per network."""
+    on_stage("prepare")
+    ensure_demo_data(params)
+    prepare_data(params, layout.data)
+    pre_dir = None
+    if params.finetune.init == "cass":
+        on_stage("pretrain")
+        pre_dir = pretrain(params, layout.data, layout.pretrain, progress=progress).out_dir
+    results = {}
+    for network in params.finetune.networks:
+        on_stage(f"finetune {network}")
+        model_dir = finetune(params, layout.data, network, layout.finetune(network), pre_dir, progress=progress).out_dir
+        on_stage(f"evaluate {network}")
+        metrics_path = evaluate(params, layout.data, model_dir, layout.evaluate(network)).metrics
+        results[network] = json.loads(metrics_path.read_text())
+    return results

@@ -1,0 +1,304 @@
+"""Stage ``pretrain``: CASS self-supervised pretraining of a CNN and a ViT together.
+
+Every batch is ONE augmented view; it goes through both networks, and the loss ``2 - 2 cos`` between
+their embeddings trains both. Labels are not used, and every unlabelled training image is used (not
+only the label-fraction subset). Gradients are zeroed after every optimiser step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cass.config import Params
+from cass.data.dataset import ImageDataset, make_loader
+from cass.data.manifest import MANIFEST_FILE, atomic_write_text, read_manifest
+from cass.data.transforms import cass_transform
+from cass.errors import DataError
+from cass.losses import CASSLoss
+from cass.models import create_network
+from cass.training import (
+    EpochCallback,
+    autocast,
+    check_finite,
+    cosine_schedule,
+    epoch_seed,
+    load_checkpoint,
+    make_optimizer,
+    resolve_device,
+    resolve_precision,
+    save_checkpoint,
+    save_weights,
+    seed_everything,
+    set_lr,
+    unwrap,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+NETWORKS_FILE = "networks.json"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+
+
+@dataclass(frozen=True)
+class PretrainOutputs:
+    out_dir: Path
+
+    @property
+    def cnn(self) -> Path:
+        return self.out_dir / "cnn.safetensors"
+
+    @property
+    def vit(self) -> Path:
+        return self.out_dir / "vit.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / METRICS_FILE
+
+    @property
+    def history(self) -> Path:
+        return self.out_dir / HISTORY_FILE
+
+    @property
+    def networks(self) -> Path:
+        return self.out_dir / NETWORKS_FILE
+
+    def weights(self, network: str) -> Path:
+        return self.out_dir / f"{network}.safetensors"
+
+
+def networks_spec(params: Params) -> dict:
+    m = params.model
+    return {"cnn": m.cnn, "vit": m.vit, "embed_dim": m.embed_dim, "image_size": m.image_size}
+
+
+def _fingerprint(params: Params, data_dir: Path) -> str:
+    """What the checkpoint depends on; a checkpoint with another fingerprint is not resumed."""
+    keep = params.pretrain.model_dump(exclude={"num_workers", "device", "compile"})
+    payload = json.dumps(
+        {
+            "seed": params.seed,
+            "model": params.model.model_dump(),
+            "augment": params.augment.model_dump(),
+            "pretrain": keep,
+            "manifest": hashlib.sha256((data_dir / MANIFEST_FILE).read_bytes()).hexdigest(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def pretrain(
+    params: Params,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    callbacks: Sequence[EpochCallback] = (),
+    progress: bool = True,
+) -> PretrainOutputs:
+    """Train both networks with the CASS objective; returns where the weights and metrics are."""
+    cfg = params.pretrain
+    out = PretrainOutputs(Path(out_dir))
+    out.out_dir.mkdir(parents=True, exist_ok=True)
+    df, info = read_manifest(Path(data_dir))
+    pool = ("train",) if cfg.pool == "train" else ("train", "val")
+    rows = df[df["split"].isin(pool)]
+    if len(rows) < 2:
+        raise DataError(f"{data_dir}: only {len(rows)} image(s) in the pretraining pool {pool}")
+    fingerprint = _fingerprint(params, Path(data_dir))
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(params.seed)
+    m = params.model
+    cnn = create_network(m.cnn, m.embed_dim, "cnn", m.image_size, m.pretrained, m.cnn_weights, key="model.cnn")
+    vit = create_network(m.vit, m.embed_dim, "vit", m.image_size, m.pretrained, m.vit_weights, key="model.vit")
+    cnn.to(device)
+    vit.to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        cnn.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, [{"params": list(cnn.parameters())}, {"params": list(vit.parameters())}])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    cnn_step = torch.compile(cnn) if cfg.compile else cnn
+    vit_step = torch.compile(vit) if cfg.compile else vit
+    criterion = CASSLoss()
+
+    dataset = ImageDataset(
+        Path(info.root),
+        rows["path"].tolist(),
+        cass_transform(m.image_size, params.augment),
+        max_pixels=params.data.max_image_pixels,
+    )
+    drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
+    batches = len(dataset) // cfg.batch_size if drop_last else math.ceil(len(dataset) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.accumulate)
+    schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
+
+    start_epoch, history = 0, []
+    ckpt_path = out.out_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        if state.get("fingerprint") == fingerprint:
+            cnn.load_state_dict(state["cnn"])
+            vit.load_state_dict(state["vit"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+            log.info("resuming CASS pretraining from %s after epoch %d", ckpt_path, start_epoch)
+        else:
+            log.warning("%s was made with other settings or data; starting from scratch", ckpt_path)
+
+    healthy = 1.0 / math.sqrt(m.embed_dim)
+    log.info(
+        "CASS pretraining: %s + %s, %d images, batch %d x %d, %s on %s",
+        m.cnn,
+        m.vit,
+        len(dataset),
+        cfg.batch_size,
+        cfg.accumulate,
+        precision.name,
+        device,
+    )
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(epoch_seed(params.seed, epoch))
+        loader = make_loader(
+            dataset,
+            cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.num_workers,
+            seed=epoch_seed(params.seed, epoch),
+            drop_last=drop_last,
+            pin_memory=device.type == "cuda",
+        )
+        cnn.train()
+        vit.train()
+        sums = {"loss": 0.0, "n": 0}
+        emb = {
+            k: [torch.zeros(m.embed_dim, dtype=torch.float64, device=device) for _ in range(2)] for k in ("cnn", "vit")
+        }
+        started = time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc=f"pretrain {epoch + 1}/{cfg.epochs}",
+            disable=None if progress else True,
+            leave=False,
+            unit="batch",
+        )
+        optimizer.zero_grad(set_to_none=True)
+        for i, (x, _) in enumerate(bar):
+            group_start = (i // cfg.accumulate) * cfg.accumulate
+            group_size = min(cfg.accumulate, batches - group_start)
+            step = epoch * steps_per_epoch + i // cfg.accumulate
+            set_lr(optimizer, float(schedule[min(step, len(schedule) - 1)]))
+            x = x.to(device, non_blocking=True)
+            x_cnn = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            with autocast(device, precision):
+                z_cnn = cnn_step(x_cnn)
+                z_vit = vit_step(x)
+            loss = criterion(z_cnn, z_vit)
+            check_finite(loss, f"pretraining epoch {epoch + 1}, batch {i + 1}")
+            scaler.scale(loss / group_size).backward()
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == batches:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for key, z in (("cnn", z_cnn), ("vit", z_vit)):
+                    zn = torch.nn.functional.normalize(z.detach().double(), dim=-1)
+                    emb[key][0] += zn.sum(0)
+                    emb[key][1] += (zn * zn).sum(0)
+            sums["loss"] += loss.item() * len(x)
+            sums["n"] += len(x)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{sums['n'] / (time.perf_counter() - started):.0f}")
+        seconds = time.perf_counter() - started
+        n = sums["n"]
+        stds = {}
+        for key, (s1, s2) in emb.items():
+            var = (s2 / n - (s1 / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
+            stds[key] = float(var.sqrt().mean())
+        record = {
+            "epoch": epoch + 1,
+            "loss": sums["loss"] / n,
+            "lr": float(schedule[min((epoch + 1) * steps_per_epoch - 1, len(schedule) - 1)]),
+            "cnn_embedding_std": stds["cnn"],
+            "vit_embedding_std": stds["vit"],
+            "healthy_embedding_std": healthy,
+            "images_per_second": n / seconds,
+            "epoch_seconds": seconds,
+        }
+        history.append(record)
+        log.info(
+            "pretrain epoch %d/%d: loss %.4f, embedding std CNN %.4f / ViT %.4f (healthy %.4f), %.0f img/s",
+            epoch + 1,
+            cfg.epochs,
+            record["loss"],
+            stds["cnn"],
+            stds["vit"],
+            healthy,
+            record["images_per_second"],
+        )
+        for key in ("cnn", "vit"):
+            if stds[key] < cfg.collapse_warn_fraction * healthy:
+                log.warning(
+                    "possible collapse: %s embedding std %.4f < %.2f x healthy %.4f. From random init CASS "
+                    "tends to collapse; start from pretrained weights (model.pretrained or *_weights).",
+                    key.upper(),
+                    stds[key],
+                    cfg.collapse_warn_fraction,
+                    healthy,
+                )
+        save_checkpoint(
+            {
+                "cnn": unwrap(cnn).state_dict(),
+                "vit": unwrap(vit).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "fingerprint": fingerprint,
+            },
+            ckpt_path,
+        )
+        for cb in callbacks:
+            cb(epoch + 1, record)
+
+    save_weights(cnn, out.cnn)
+    save_weights(vit, out.vit)
+    atomic_write_text(out.networks, json.dumps(networks_spec(params), indent=2) + "\n")
+    atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
+    last = history[-1]
+    summary = {
+        "final_loss": last["loss"],
+        "best_loss": min(h["loss"] for h in history),
+        "epochs": len(history),
+        "images": len(dataset),
+        "cnn_embedding_std": last["cnn_embedding_std"],
+        "vit_embedding_std": last["vit_embedding_std"],
+        "healthy_embedding_std": healthy,
+        "collapsed": bool(
+            min(last["cnn_embedding_std"], last["vit_embedding_std"]) < cfg.collapse_warn_fraction * healthy
+        ),
+        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "precision": precision.name,
+        "device": str(device),
+        "data_version": info.data_version,
+    }
+    atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+    return out
