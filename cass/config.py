@@ -179,6 +179,18 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(default=64, ge=1)
 
 
+class MlflowConfig(_Section):
+    """Tracking and registry. The demo uses a local SQLite store and artifact folder (no server);
+    production points ``tracking_uri`` (or the MLFLOW_TRACKING_URI variable, which wins) at a server."""
+
+    tracking_uri: str = Field(default="sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI")
+    artifact_location: str | None = Field(
+        default="mlruns", description="artifact root for new experiments when the store is local"
+    )
+    experiment: str = "cass"
+    model_prefix: str = Field(default="cass-demo", description="registered models are <prefix>-cnn, <prefix>-vit")
+
+
 class Params(_Section):
     seed: int = 77
     data: DataConfig = DataConfig()
@@ -188,6 +200,7 @@ class Params(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
     @model_validator(mode="after")
     def _fraction_listed(self) -> Params:

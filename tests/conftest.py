@@ -1,0 +1,161 @@
+"""Shared fixtures: tiny settings, small generated data, and real services on loopback.
+
+Services: PostgreSQL is expected on 127.0.0.1:5432 (trust auth); tests that need it skip with a reason
+when no server answers, unless CASS_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a
+failure. An S3 endpoint is started with moto_server on a free loopback port for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cass.config import Params, params_from_mapping
+from cass.data.demo import generate_demo
+from cass.data.prepare import prepare_data
+
+REQUIRE_SERVICES = os.environ.get("CASS_REQUIRE_SERVICES") == "1"
+
+
+def service_unavailable(reason: str) -> None:
+    """Skip (laptop) or fail (CI) a test whose service is not there."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (CASS_REQUIRE_SERVICES=1 makes this a failure)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and data
+
+
+def tiny_mapping(root: Path) -> dict:
+    """Settings for tests: tiny timm networks, 32-px images, one epoch, no worker processes."""
+    return {
+        "seed": 7,
+        "data": {"name": "demo", "root": str(root), "layout": "imagefolder", "demo_images_per_class": 16,
+                 "demo_image_size": 32, "workers": 1},
+        "split": {"val": 0.2, "test": 0.25, "seed": 7, "label_fractions": [0.25, 1.0]},
+        "model": {"cnn": "test_resnet", "vit": "test_vit", "image_size": 32, "embed_dim": 16},
+        "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 0, "lr": 1e-3},
+        "finetune": {"epochs": 2, "batch_size": 8, "num_workers": 0, "label_fraction": 1.0, "patience": 2},
+        "evaluate": {"batch_size": 16},
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo dataset (4 classes x 16 images, 32 px), generated once per session."""
+    root = tmp_path_factory.mktemp("demo-data") / "demo"
+    generate_demo(root, images_per_class=16, size=32)
+    return root
+
+
+@pytest.fixture
+def tiny_params(demo_root: Path) -> Params:
+    return params_from_mapping(tiny_mapping(demo_root))
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dataset prepared once per session (manifest, splits, subsets). Treat as read-only."""
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    return prepare_data(params_from_mapping(tiny_mapping(demo_root)), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Services
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint over HTTP: moto_server on a free loopback port, for the whole session."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        service_unavailable("moto_server not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 30, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point boto3 (and everything built on it) at the moto endpoint with dummy credentials."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env: str) -> str:
+    """A fresh, empty bucket on the moto endpoint."""
+    from cass.storage import s3_client
+
+    name = f"cass-test-{uuid.uuid4().hex[:10]}"
+    s3_client().create_bucket(Bucket=name)
+    return name
+
+
+PG_ADMIN_URL = os.environ.get("CASS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    try:
+        import psycopg2
+    except ImportError:
+        service_unavailable("psycopg2 is not installed")
+    try:
+        admin = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        service_unavailable(f"no PostgreSQL server at {PG_ADMIN_URL} ({str(exc).strip()})")
+    admin.autocommit = True
+    name = f"cass_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
