@@ -29,6 +29,7 @@ from cass.losses import CASSLoss
 from cass.models import create_network
 from cass.training import (
     EpochCallback,
+    Precision,
     autocast,
     check_finite,
     cosine_schedule,
@@ -100,6 +101,39 @@ def _fingerprint(params: Params, data_dir: Path) -> str:
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cass_step(
+    cnn: torch.nn.Module,
+    vit: torch.nn.Module,
+    x: torch.Tensor,
+    criterion: CASSLoss,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool = False,
+    loss_divisor: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One view through both networks, the CASS loss, and gradients into both (no optimiser step).
+
+    Returns the (undivided) loss and both embeddings. A non-finite loss is not backpropagated.
+    """
+    x_cnn = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with autocast(device, precision):
+        z_cnn = cnn(x_cnn)
+        z_vit = vit(x)
+    loss = criterion(z_cnn, z_vit)
+    if torch.isfinite(loss):
+        scaler.scale(loss / loss_divisor).backward()
+    return loss, z_cnn, z_vit
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Step both networks' parameters, then zero the gradients (the public notebook never did)."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def pretrain(
@@ -207,17 +241,13 @@ def pretrain(
             step = epoch * steps_per_epoch + i // cfg.accumulate
             set_lr(optimizer, float(schedule[min(step, len(schedule) - 1)]))
             x = x.to(device, non_blocking=True)
-            x_cnn = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            with autocast(device, precision):
-                z_cnn = cnn_step(x_cnn)
-                z_vit = vit_step(x)
-            loss = criterion(z_cnn, z_vit)
+            loss, z_cnn, z_vit = cass_step(
+                cnn_step, vit_step, x, criterion, scaler, device=device, precision=precision,
+                channels_last=channels_last, loss_divisor=group_size,
+            )
             check_finite(loss, f"pretraining epoch {epoch + 1}, batch {i + 1}")
-            scaler.scale(loss / group_size).backward()
             if (i + 1) % cfg.accumulate == 0 or i + 1 == batches:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scaler)
             with torch.no_grad():
                 for key, z in (("cnn", z_cnn), ("vit", z_vit)):
                     zn = torch.nn.functional.normalize(z.detach().double(), dim=-1)

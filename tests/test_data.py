@@ -1,0 +1,280 @@
+"""Data adapters, splits, label-fraction subsets, image conversion, and bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cass.config import params_from_mapping
+from cass.data import adapters
+from cass.data.demo import CLASSES, generate_demo, render
+from cass.data.images import inspect_image, load_rgb, to_rgb8
+from cass.data.manifest import label_lists, read_manifest
+from cass.data.prepare import prepare_data
+from cass.data.splits import assign_splits, label_fraction_subset, read_subset
+from cass.errors import DataError
+from tests.conftest import tiny_mapping
+
+
+def _png(path: Path, color: tuple[int, int, int] = (200, 100, 50), size: int = 16, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), color if mode == "RGB" else color[0]).save(path)
+
+
+def _prepare(root: Path, out: Path, **data):
+    raw = tiny_mapping(root)
+    raw["data"].update(data)
+    return prepare_data(params_from_mapping(raw), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo dataset
+
+
+def test_demo_is_deterministic_and_classes_differ(tmp_path: Path) -> None:
+    a = np.asarray(render("tumor", 3, 32))
+    assert np.array_equal(a, np.asarray(render("tumor", 3, 32)))
+    assert not np.array_equal(a, np.asarray(render("tumor", 4, 32)))
+    root = generate_demo(tmp_path / "demo", images_per_class=3, size=32)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(CLASSES)
+    assert len(list(root.rglob("*.png"))) == 12
+    before = {p: p.read_bytes() for p in root.rglob("*.png")}
+    generate_demo(root, images_per_class=3, size=32, force=True)
+    assert before == {p: p.read_bytes() for p in root.rglob("*.png")}  # byte-identical: same DVC md5
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters
+
+
+def test_imagefolder_honours_predefined_training_testing_split(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    for split, n in (("Training", 10), ("Testing", 4)):
+        for cls in ("glioma", "meningioma", "notumor"):
+            for i in range(n):
+                _png(root / split / cls / f"{i}.jpg", (i * 20, 10, 10))
+    (root / "Training" / "glioma" / "README.txt").write_text("not an image, skipped")
+    out = _prepare(root, tmp_path / "out")
+    df, info = read_manifest(out)
+    assert info.classes == ("glioma", "meningioma", "notumor")
+    assert set(df[df["path"].str.startswith("Testing/")]["split"]) == {"test"}
+    train_side = df[df["path"].str.startswith("Training/")]
+    assert set(train_side["split"]) == {"train", "val"}  # val carved out of Training/ only
+    assert (train_side["split"] == "val").sum() >= 3  # every class gets a validation example
+    assert not df["path"].str.endswith(".txt").any()
+
+
+def test_csv_onehot_single_label_isic_format(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    cols = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    rows = []
+    for i in range(24):
+        onehot = [0.0] * 9
+        onehot[i % 3] = 1.0  # MEL, NV, BCC used; the rest never
+        rows.append([f"ISIC_{i:07d}", *onehot])
+        _png(root / "ISIC_2019_Training_Input" / f"ISIC_{i:07d}.jpg", (i * 10, 0, 0))
+    pd.DataFrame(rows, columns=["image", *cols]).to_csv(root / "gt.csv", index=False)
+    csv = {"file": "gt.csv", "image_dir": "ISIC_2019_Training_Input", "extension": ".jpg"}
+    out = _prepare(root, tmp_path / "out", layout="csv", csv=csv)
+    df, info = read_manifest(out)
+    assert info.classes == ("MEL", "NV", "BCC") and not info.multilabel
+    assert df.loc[df["path"].str.endswith("ISIC_0000004.jpg"), "labels"].item() == "NV"
+    assert set(df["split"]) == {"train", "val", "test"}
+
+
+def test_csv_multilabel_keeps_every_label(tmp_path: Path) -> None:
+    root = tmp_path / "ml"
+    rows = []
+    for i in range(12):
+        _png(root / f"img{i}.png", (i * 15, 5, 5))
+        rows.append({"id": f"img{i}", "a": 1, "b": int(i % 2 == 0), "c": int(i % 3 == 0)})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    result = adapters.csv_onehot(root, params_from_mapping(
+        {"data": {"layout": "csv", "csv": {"file": "labels.csv", "image_column": "id", "extension": ".png",
+                                           "multilabel": True}}}).data.csv)
+    assert result.multilabel and result.classes == ("a", "b", "c")
+    assert label_lists(result.rows)[0] == ["a", "b", "c"]
+    assert label_lists(result.rows)[1] == ["a"]
+
+
+def test_medmnist_npz(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 6), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3).reshape(n, 1)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    np.savez(root / "pathmnist.npz", **arrays)
+    out = _prepare(root, tmp_path / "out", layout="medmnist", medmnist_file="pathmnist.npz",
+                   classes=["adipose", "background", "debris"])
+    df, info = read_manifest(out)
+    assert info.classes == ("adipose", "background", "debris")
+    assert df["split"].value_counts().to_dict() == {"train": 20, "val": 6, "test": 6}  # predefined splits kept
+    assert (df["mode"] == "L").all() and (df["width"] == 28).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits and subsets
+
+
+def _rows(n_per_class: dict[str, int], groups: bool = False) -> pd.DataFrame:
+    rows = []
+    for c, n in n_per_class.items():
+        for i in range(n):
+            rows.append({"path": f"{c}/{i}.png", "labels": c, "split": "", "group": f"p{c}{i // 3}" if groups else ""})
+    return pd.DataFrame(rows)
+
+
+def test_splits_are_stratified_seeded_and_complete() -> None:
+    rows = _rows({"a": 100, "b": 30, "c": 10})
+    s1 = assign_splits(rows, 0.1, 0.2, seed=77)
+    s2 = assign_splits(rows.sample(frac=1.0, random_state=1), 0.1, 0.2, seed=77).sort_values("path")
+    assert s1.sort_values("path")["split"].tolist() == s2["split"].tolist()  # order-independent, seeded
+    assert s1["split"].tolist() != assign_splits(rows, 0.1, 0.2, seed=78)["split"].tolist()
+    counts = pd.crosstab(s1["labels"], s1["split"])
+    assert counts.loc["a", "test"] == 20 and counts.loc["b", "test"] == 6 and counts.loc["c", "test"] == 2
+    assert counts.loc["a", "val"] == 10 and (counts > 0).all().all()  # every class in every split
+
+
+def test_group_never_spans_two_splits() -> None:
+    rows = _rows({"a": 60, "b": 60}, groups=True)
+    split = assign_splits(rows, 0.15, 0.25, seed=3)
+    per_group = split.groupby("group")["split"].nunique()
+    assert (per_group == 1).all()
+    assert set(split["split"]) == {"train", "val", "test"}
+
+
+def test_label_fraction_subsets_are_stratified_nested_and_cover_classes() -> None:
+    train = _rows({"a": 300, "b": 60, "c": 7}).assign(split="train")
+    one = label_fraction_subset(train, 0.01, seed=5)
+    ten = label_fraction_subset(train, 0.1, seed=5)
+    assert one["labels"].value_counts().to_dict() == {"a": 3, "b": 1, "c": 1}  # at least one per class
+    assert ten["labels"].value_counts().to_dict() == {"a": 30, "b": 6, "c": 1}
+    assert set(one["path"]) <= set(ten["path"])  # nested: 1 % lies inside 10 %
+    assert label_fraction_subset(train, 0.1, seed=5)["path"].tolist() == ten["path"].tolist()
+    assert len(label_fraction_subset(train, 1.0, seed=5)) == len(train)
+
+
+def test_prepare_writes_subsets_inside_train(prepared_dir: Path) -> None:
+    df, _ = read_manifest(prepared_dir)
+    train = set(df.loc[df["split"] == "train", "path"])
+    quarter = read_subset(prepared_dir, 0.25)
+    assert set(quarter) <= train and 0 < len(quarter) < len(train)
+    with pytest.raises(DataError, match="no subset for label fraction 0.5"):
+        read_subset(prepared_dir, 0.5)
+    assert len(df) == 64 and df["sha256"].str.len().eq(64).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Image conversion
+
+
+def test_modes_are_converted_to_8bit_rgb(tmp_path: Path) -> None:
+    sixteen = Image.fromarray(np.array([[0, 1000], [2000, 4095]], dtype=np.uint16))
+    rgb = to_rgb8(sixteen)
+    assert rgb.mode == "RGB" and np.asarray(rgb)[1, 1].tolist() == [255, 255, 255]
+    assert np.asarray(rgb)[0, 0].tolist() == [0, 0, 0]  # windowed to the image's own range
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert np.asarray(to_rgb8(rgba))[0, 0].tolist() == [0, 0, 0]  # transparent -> black
+    gray = Image.new("L", (2, 2), 77)
+    assert np.asarray(to_rgb8(gray))[0, 0].tolist() == [77, 77, 77]
+    sixteen.save(tmp_path / "x.png")
+    assert load_rgb(tmp_path / "x.png").mode == "RGB"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the file or row, nothing half-written
+
+
+def _dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    for c in ("a", "b"):
+        for i in range(6):
+            _png(root / c / f"{i}.png", (i * 30, 40, 90))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("plant", "message"),
+    [
+        (lambda p: p.write_bytes(b""), r"empty \(0 bytes\)"),
+        (lambda p: p.write_text("hello, I am text"), "not an image"),
+        (lambda p: p.write_bytes(p.read_bytes()[:60]), "truncated or corrupt"),
+    ],
+    ids=["zero-byte", "not-an-image", "truncated"],
+)
+def test_bad_image_files_are_named(tmp_path: Path, plant, message: str) -> None:
+    root = _dataset(tmp_path)
+    bad = root / "b" / "3.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    bad.write_bytes(buf.getvalue())
+    plant(bad)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message) as err:
+        _prepare(root, out)
+    assert "b/3.png" in str(err.value)
+    assert not out.exists()  # nothing half-written
+
+
+def test_failed_prepare_keeps_previous_outputs(tmp_path: Path) -> None:
+    root = _dataset(tmp_path)
+    out = _prepare(root, tmp_path / "out")
+    before = (out / "manifest.csv").read_bytes()
+    (root / "a" / "0.png").write_bytes(b"")
+    with pytest.raises(DataError):
+        _prepare(root, out)
+    assert (out / "manifest.csv").read_bytes() == before
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.new("L", (3000, 3000)).save(big)
+    with pytest.raises(DataError, match="decompression bomb"):
+        inspect_image(big, max_pixels=1_000_000)
+    assert inspect_image(big, max_pixels=10_000_000).width == 3000
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    root = _dataset(tmp_path)
+    (root / "c").mkdir()
+    with pytest.raises(DataError, match=r"/c: empty class folder"):
+        adapters.imagefolder(root)
+
+
+def test_missing_file_unknown_label_and_bad_rows_in_csv(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    for i in range(4):
+        _png(root / "img" / f"x{i}.jpg")
+    pd.DataFrame({"image": ["x0", "x1", "x2", "x3", "x9"], "MEL": [1, 0, 0, 1, 1], "NV": [0, 1, 0, 1, 0]}).to_csv(
+        root / "gt.csv", index=False)
+    layout = params_from_mapping({"data": {"layout": "csv", "csv": {"file": "gt.csv", "image_dir": "img"}}}).data.csv
+    with pytest.raises(DataError) as err:
+        adapters.csv_onehot(root, layout)
+    text = str(err.value)
+    assert "row 4 (x2): no label" in text
+    assert "row 5 (x3): 2 labels ['MEL', 'NV'] in a single-label dataset" in text
+
+    pd.DataFrame({"image": ["x0", "x1", "x9"], "MEL": [1, 0, 1], "NV": [0, 1, 0]}).to_csv(root / "gt.csv", index=False)
+    with pytest.raises(DataError, match=r"img/x9.jpg: file not found"):
+        _prepare(root, tmp_path / "out", layout="csv", csv={"file": "gt.csv", "image_dir": "img"})
+    pd.DataFrame({"image": ["x0", "x1"], "MEL": [1, 0], "NV": [0, 1]}).to_csv(root / "gt.csv", index=False)
+    with pytest.raises(DataError, match=r"(?s)outside data.classes.*label 'NV'"):
+        _prepare(root, tmp_path / "out", layout="csv", csv={"file": "gt.csv", "image_dir": "img"},
+                 classes=["MEL", "BCC"])
+
+
+def test_csv_path_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    root.mkdir()
+    _png(tmp_path / "secret.jpg")
+    pd.DataFrame({"image": ["../secret", "ok"], "MEL": [1, 0], "NV": [0, 1]}).to_csv(root / "gt.csv", index=False)
+    layout = params_from_mapping({"data": {"layout": "csv", "csv": {"file": "gt.csv"}}}).data.csv
+    with pytest.raises(DataError, match=r"row 2: path '\./\.\./secret.jpg' escapes the data root|row 2: path.*escapes"):
+        adapters.csv_onehot(root, layout)

@@ -1,0 +1,120 @@
+"""Pretraining, fine-tuning and evaluation on tiny networks and the tiny demo data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cass.config import params_from_mapping
+from cass.errors import TrainingError
+from cass.evaluate import evaluate
+from cass.finetune import finetune, load_classifier
+from cass.losses import CASSLoss
+from cass.models import create_network
+from cass.pretrain import cass_step, optimizer_step, pretrain
+from cass.training import Precision
+from tests.conftest import tiny_mapping
+
+
+def _params(root: Path, **sections):
+    raw = tiny_mapping(root)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return params_from_mapping(raw)
+
+
+def test_one_cass_step_changes_both_networks_and_zeroes_gradients() -> None:
+    torch.manual_seed(0)
+    cnn = create_network("test_resnet", 16, "cnn", 32)
+    vit = create_network("test_vit", 16, "vit", 32)
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("cnn", cnn), ("vit", vit))}
+    opt = torch.optim.Adam([*cnn.parameters(), *vit.parameters()], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, z_cnn, z_vit = cass_step(cnn, vit, torch.randn(8, 3, 32, 32), CASSLoss(), scaler,
+                                   device=torch.device("cpu"), precision=Precision(None, False))
+    assert z_cnn.shape == z_vit.shape == (8, 16) and 0 <= float(loss) <= 4
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vit.parameters())
+    optimizer_step(opt, scaler)
+    for name, model in (("cnn", cnn), ("vit", vit)):
+        changed = [not torch.equal(a, b) for a, b in zip(before[name], model.parameters(), strict=True)]
+        assert sum(changed) > len(changed) // 2, f"{name} barely changed"
+        assert all(p.grad is None for p in model.parameters()), f"{name} gradients not zeroed"
+
+
+def test_pretraining_writes_weights_metrics_and_collapse_indicator(prepared_dir: Path, demo_root: Path,
+                                                                   tmp_path: Path) -> None:
+    out = pretrain(_params(demo_root), prepared_dir, tmp_path / "pre", progress=False)
+    metrics = json.loads(out.metrics.read_text())
+    assert metrics["epochs"] == 1 and metrics["images"] == 36  # every training image, not a label subset
+    assert metrics["healthy_embedding_std"] == pytest.approx(1 / 4)  # embed_dim 16
+    assert 0 <= metrics["cnn_embedding_std"] <= 1 and 0 <= metrics["vit_embedding_std"] <= 1
+    assert set(load_file(str(out.cnn))) and set(load_file(str(out.vit)))
+    assert "cnn_embedding_std" in out.history.read_text()
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path, demo_root: Path,
+                                                             tmp_path: Path) -> None:
+    params = _params(demo_root, pretrain={"epochs": 2})
+    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch: int, _metrics) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[stop_after_first], progress=False)
+    assert not (tmp_path / "resumed" / "cnn.safetensors").exists()
+    resumed = pretrain(params, prepared_dir, tmp_path / "resumed", progress=False)
+    for net in ("cnn", "vit"):
+        a, b = load_file(str(full.weights(net))), load_file(str(resumed.weights(net)))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
+    assert json.loads(resumed.metrics.read_text())["epochs"] == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    net = create_network("test_resnet", 16, "cnn", 32)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    first_weight = next(k for k, v in state.items() if v.dtype.is_floating_point and v.dim() == 4)
+    state[first_weight][:] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    params = _params(demo_root, model={"cnn_weights": str(tmp_path / "nan.safetensors")})
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+
+
+def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, demo_root: Path,
+                                                            tmp_path: Path) -> None:
+    params = _params(demo_root, finetune={"epochs": 3, "patience": 1, "label_fraction": 0.25})
+    pre = pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+    seen = []
+    out = finetune(params, prepared_dir, "cnn", tmp_path / "ft", pre.out_dir, callbacks=[lambda e, m: seen.append(m)],
+                   progress=False)
+    summary = json.loads(out.metrics.read_text())
+    assert summary["labelled_images"] == 8  # 25 % of 9 training images per class, stratified: 2 each
+    assert len(seen) == summary["epochs_run"] and all("val_loss" in m for m in seen)  # validated every epoch
+    best = min(seen, key=lambda m: m["val_loss"])
+    assert summary["best_epoch"] == best["epoch"] and summary["best_val_loss"] == pytest.approx(best["val_loss"])
+    model, spec = load_classifier(out.out_dir)
+    assert spec.classes == ("adipose", "lymphocytes", "stroma", "tumor") and spec.arch == "test_resnet"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    ev = evaluate(params, prepared_dir, out.out_dir, tmp_path / "ev")
+    metrics = json.loads(ev.metrics.read_text())
+    assert 0 <= metrics["macro_f1"] <= 1 and metrics["num_samples"] == 16
+    assert ev.confusion_matrix.stat().st_size > 0 and ev.roc.stat().st_size > 0
+
+
+def test_finetune_cass_init_refuses_mismatched_pretraining(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    params = _params(demo_root)
+    pre = pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+    other = _params(demo_root, model={"cnn": "resnet18"})
+    with pytest.raises(TrainingError, match="holds a pretrained test_resnet"):
+        finetune(other, prepared_dir, "cnn", tmp_path / "ft", pre.out_dir, progress=False)
