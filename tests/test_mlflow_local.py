@@ -1,0 +1,293 @@
+"""MLflow on the demo's local store (SQLite + artifact folder, no server): a tracked pipeline run with
+its lineage, the registry commands, predictions from the champion, and the faults that must fail fast."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from cass.cli import main
+from cass.config import params_from_mapping
+from cass.data.demo import generate_demo
+from cass.errors import DataError
+from cass.lineage import git_commit
+from cass.pipeline import Layout
+from tests.conftest import free_port, tiny_mapping
+
+pytestmark = pytest.mark.slow
+
+DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
+PREFIX = "cass-local"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory):
+    """One tracked pipeline run on a local store, with a DVC-tracked copy of the demo data."""
+    import mlflow
+
+    from cass.tracking import reset_client, tracked_pipeline
+
+    root = tmp_path_factory.mktemp("mlflow-local")
+    data = root / "demo"
+    generate_demo(data, images_per_class=16, size=32)
+    (root / "demo.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_MD5, "path": "demo"}]}))
+    mapping = tiny_mapping(data)
+    mapping["mlflow"] = {
+        "tracking_uri": f"sqlite:///{root}/mlflow.db",
+        "artifact_location": str(root / "mlruns"),
+        "experiment": "cass-test",
+        "model_prefix": PREFIX,
+        "artifact_retry_delay_s": 0,
+    }
+    # One-epoch test networks may miss a class or score low: the model gate only warns here.
+    mapping["quality"] = {"min_macro_f1": 0.0, "min_balanced_accuracy": 0.0,
+                          "severity": {"class_recall_nonzero": "warn"}}
+    params_file = root / "params.yaml"
+    params_file.write_text("# test settings\n" + yaml.safe_dump(mapping))
+    params = params_from_mapping(mapping)
+    layout = Layout(root / "outputs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+        result = tracked_pipeline(params, layout, params_file=params_file, progress=False)
+        client = mlflow.MlflowClient(mapping["mlflow"]["tracking_uri"])
+        yield SimpleNamespace(root=root, data=data, params=params, params_file=params_file, layout=layout,
+                              result=result, client=client, uri=mapping["mlflow"]["tracking_uri"])
+    reset_client()
+
+
+def _cli(local, *args: str) -> int:
+    return main([*args, "--params", str(local.params_file), "--outputs", str(local.layout.root), "-q"])
+
+
+def _runs(local) -> dict[str, object]:
+    exp = local.client.get_experiment_by_name("cass-test")
+    return {r.info.run_name: r for r in local.client.search_runs([exp.experiment_id])}
+
+
+def _champion(local, network: str) -> str:
+    return str(local.client.get_registered_model(f"{PREFIX}-{network}").aliases["champion"])
+
+
+def test_pipeline_run_carries_lineage_params_epoch_metrics_and_artifacts(local) -> None:
+    runs = _runs(local)
+    parent = runs["pipeline demo lf=1"]
+    stages = ["pretrain", "finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"]
+    assert set(stages) <= set(runs)
+    for name in [*stages, "pipeline demo lf=1"]:
+        run = runs[name]
+        assert run.info.status == "FINISHED", name
+        tags = run.data.tags
+        # Lineage on every run: a model can be traced back to its code and its exact data.
+        assert tags["data_version"] == DATA_MD5, name
+        assert tags["git_commit"] == git_commit() and tags["git_commit"], name
+        assert tags["dataset"] == "demo" and tags["label_fraction"] == "1", name
+        assert tags["network"] in ("cnn", "vit", "cnn+vit"), name
+        # Same flat params everywhere, so the compare view lines up.
+        assert run.data.params["finetune.epochs"] == "2" and run.data.params["model.cnn"] == "test_resnet", name
+        if name != "pipeline demo lf=1":
+            assert tags["mlflow.parentRunId"] == parent.info.run_id
+    pretrain_id = runs["pretrain"].info.run_id
+    for name in ("finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"):
+        assert runs[name].data.tags["pretraining_run_id"] == pretrain_id
+
+    ft = runs["finetune-cnn"]
+    history = local.client.get_metric_history(ft.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]  # per-epoch metrics with step
+    assert "best_val_macro_f1" in ft.data.metrics
+    assert "test_macro_f1" in runs["evaluate-cnn"].data.metrics
+    assert {"cnn_test_macro_f1", "vit_test_macro_f1"} <= set(parent.data.metrics)
+
+    def files(run, path=None):
+        return {a.path for a in local.client.list_artifacts(run.info.run_id, path)}
+
+    assert {"curves.png", "history.csv"} <= files(ft)
+    assert {"evaluation/confusion_matrix.png", "evaluation/roc_curves.png", "evaluation/metrics.json"} <= files(
+        runs["evaluate-cnn"], "evaluation"
+    )
+    assert {"params.yaml", "params.resolved.yaml", "data_quality"} <= files(parent)
+    assert {"data_quality/manifest", "data_quality/splits", "data_quality/model"} <= files(parent, "data_quality")
+    logged = local.client.download_artifacts(parent.info.run_id, "params.yaml", str(local.root))
+    assert Path(logged).read_text() == local.params_file.read_text()  # the exact file
+
+
+def test_both_networks_registered_with_description_and_promoted(local) -> None:
+    for network in ("cnn", "vit"):
+        name = f"{PREFIX}-{network}"
+        version = local.result.versions[network]
+        mv = local.client.get_model_version(name, version)
+        assert "fine-tuned" in mv.description and "macro F1" in mv.description
+        assert "CASS" in local.client.get_registered_model(name).description
+        assert mv.tags["data_version"] == DATA_MD5 and mv.tags["test_set"]
+        assert _champion(local, network) == version
+        assert mv.tags["previous_champion"] == "" and mv.tags["promoted_at"]
+
+
+def test_champion_loads_without_pickle_and_returns_class_probabilities(local, monkeypatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local.uri)
+    mlflow.set_tracking_uri(local.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{PREFIX}-cnn@champion")
+    images = [p.read_bytes() for p in sorted((local.data / "tumor").glob("*.png"))[:3]]
+    probs = model.predict(pd.DataFrame({"image": images}))
+    assert list(probs.columns) == ["adipose", "lymphocytes", "stroma", "tumor"]
+    assert probs.shape == (3, 4)
+    assert probs.sum(axis=1).round(5).eq(1.0).all()
+    as_text = model.predict(pd.DataFrame({"image": [base64.b64encode(images[0]).decode()]}))
+    assert as_text.iloc[0].tolist() == pytest.approx(probs.iloc[0].tolist())
+    with pytest.raises(DataError, match="input row 1"):
+        model.predict(pd.DataFrame({"image": [images[0], b"not an image"]}))
+
+
+def test_predict_command_writes_per_image_probabilities(local, tmp_path) -> None:
+    images = sorted((local.data / "stroma").glob("*.png"))[:2]
+    out = tmp_path / "pred.csv"
+    assert _cli(local, "predict", "--model", f"models:/{PREFIX}-vit@champion", *map(str, images),
+                "--output", str(out)) == 0
+    table = pd.read_csv(out)
+    assert table["path"].tolist() == [str(p) for p in images]
+    assert set(table.columns) == {"path", "prediction", "adipose", "lymphocytes", "stroma", "tumor"}
+
+
+def test_champion_serves_with_mlflow_models_serve(local, tmp_path) -> None:
+    """`mlflow models serve` (local env manager: no network) answers base64 images with probabilities."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=local.uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [shutil.which("mlflow", path=str(bin_dir)), "models", "serve", "-m", f"models:/{PREFIX}-cnn@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        image = next((local.data / "tumor").glob("*.png")).read_bytes()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert set(predictions[0]) == {"adipose", "lymphocytes", "stroma", "tumor"}
+    assert sum(predictions[0].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_register_promote_force_and_rollback_commands(local, capsys) -> None:
+    name = f"{PREFIX}-cnn"
+    champion = _champion(local, "cnn")
+    assert _cli(local, "register", "--network", "cnn") == 0
+    candidate = str(max(int(v.version) for v in local.client.search_model_versions(f"name = '{name}'")))
+    assert candidate != champion
+
+    # Same model, same metrics: it does not beat the champion by the margin, so the champion stays.
+    assert _cli(local, "promote", "--network", "cnn", "--version", candidate) == 1
+    assert _champion(local, "cnn") == champion
+    tags = local.client.get_model_version(name, candidate).tags
+    assert "does not beat" in tags["promotion_refused_reason"]
+    assert json.loads(tags["compared_metrics"])["metric"] == "macro_f1"
+
+    # The gate is applied before the comparison.
+    assert _cli(local, "promote", "--network", "cnn", "--version", candidate,
+                "--set", "quality.min_macro_f1=0.999") == 1
+    assert "model gate failed" in local.client.get_model_version(name, candidate).tags["promotion_refused_reason"]
+
+    assert _cli(local, "promote", "--network", "cnn", "--version", candidate, "--force") == 2  # no --reason
+    assert _cli(local, "promote", "--network", "cnn", "--version", candidate, "--force",
+                "--reason", "hotfix for ticket 42") == 0
+    assert _champion(local, "cnn") == candidate
+    tags = local.client.get_model_version(name, candidate).tags
+    assert tags["previous_champion"] == champion and tags["promotion_forced"] == "true"
+    assert "hotfix for ticket 42" in tags["promotion_reason"] and tags["promoted_at"]
+
+    assert _cli(local, "rollback", "--network", "cnn", "--reason", "worse on new scans") == 0
+    assert _champion(local, "cnn") == champion
+    assert local.client.get_model_version(name, champion).tags["restored_from"] == candidate
+    assert local.client.get_model_version(name, candidate).tags["rollback_reason"] == "worse on new scans"
+    assert "champion v" in capsys.readouterr().out
+
+
+def test_unreachable_tracking_server_fails_before_any_training(local, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    outputs = tmp_path / "outputs"
+    code = main(["demo", "--params", str(local.params_file), "--outputs", str(outputs), "-q",
+                 "--set", "mlflow.server_timeout_s=2"])
+    assert code == 6
+    assert "did not answer" in capsys.readouterr().err
+    assert not outputs.exists()  # nothing prepared, nothing trained
+
+
+def test_artifact_store_failure_is_retried_then_run_failed_and_champion_untouched(local, tmp_path, monkeypatch,
+                                                                                   caplog) -> None:
+    import mlflow
+
+    from cass.tracking import TrackingError, tracked_pipeline
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    mapping = tiny_mapping(local.data)
+    mapping["mlflow"] = {"tracking_uri": local.uri, "artifact_location": str(blocker / "mlruns"),
+                         "experiment": "cass-test-broken", "model_prefix": PREFIX, "artifact_retries": 2,
+                         "artifact_retry_delay_s": 0}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    champions = {n: _champion(local, n) for n in ("cnn", "vit")}
+    with pytest.raises(TrackingError, match="after 2 attempt"):
+        tracked_pipeline(params_from_mapping(mapping), Layout(tmp_path / "outputs"), progress=False)
+    assert any("attempt 1/2" in r.getMessage() for r in caplog.records)
+    exp = mlflow.MlflowClient(local.uri).get_experiment_by_name("cass-test-broken")
+    runs = mlflow.MlflowClient(local.uri).search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert {n: _champion(local, n) for n in ("cnn", "vit")} == champions
+    assert not (tmp_path / "outputs" / "pretrain").exists()
+
+
+def test_secrets_are_redacted_from_params_and_files() -> None:
+    from cass.tracking import loggable_params, redact, redact_yaml_text
+
+    assert "hunter2" not in redact("postgresql://bob:hunter2@db:5432/mlflow")
+    assert redact("postgresql://bob:hunter2@db:5432/mlflow").startswith("postgresql://bob:***@db")
+    assert "abc123" not in redact("https://host/x?token=abc123&a=1")
+    text = "mlflow:\n  tracking_uri: http://u:pw-secret@mlflow:5000  # prod\n  api_token: tok-9 # note\n"
+    cleaned = redact_yaml_text(text)
+    assert "pw-secret" not in cleaned and "tok-9" not in cleaned and "# prod" in cleaned
+    params = params_from_mapping({"mlflow": {"tracking_uri": "http://alice:s3cr3t@mlflow:5000"}})
+    assert "s3cr3t" not in json.dumps(loggable_params(params))
+
+
+def test_promotion_gate_is_the_quality_model_suite() -> None:
+    from cass.config import params_from_mapping
+    from cass.registry import default_gate
+
+    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9,
+               "per_class": {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 5}}}
+    verdict = default_gate(params_from_mapping({}))(metrics)
+    assert not verdict.passed and "b" in verdict.text()
+    lenient = params_from_mapping({"quality": {"severity": {"class_recall_nonzero": "warn"}}})
+    assert default_gate(lenient)(metrics).passed
+    assert not default_gate(params_from_mapping({"quality": {"min_macro_f1": 0.9}}))(metrics).passed
