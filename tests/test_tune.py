@@ -1,0 +1,263 @@
+"""`cass tune`: search-space validation, pruning, the best-parameters file reaching fine-tuning, MLflow
+runs per study and trial, and workers sharing a PostgreSQL study (including one that is killed)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from cass.cli import main
+from cass.config import load_params, params_from_mapping
+from cass.errors import ConfigError
+from cass.tune import (
+    PARENT_RUN_ATTR,
+    RUN_ATTR,
+    apply_best_params,
+    best_params_path,
+    database_url,
+    run_worker,
+    study_progress,
+    tune,
+)
+from tests.conftest import tiny_mapping
+
+SPACE = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "batch_size": {"type": "categorical", "choices": [4, 8]},
+}
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the module (creating its tables takes seconds); tests tell their runs apart
+    by the study's parent run."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch):
+    """Tiny networks train fastest on one thread on a shared machine; worker processes inherit it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mapping(demo_root: Path, tmp_path: Path, **tune_settings) -> dict:
+    raw = tiny_mapping(demo_root)
+    raw["finetune"].update(init="random", epochs=3, patience=3)
+    raw["mlflow"] = {"artifact_location": str(tmp_path / "mlruns"), "experiment": "tune-test"}
+    raw["tune"] = {"startup_trials": 2, "space": SPACE, **tune_settings}
+    return raw
+
+
+def _study(storage: str, network: str = "cnn") -> optuna.Study:
+    return optuna.load_study(study_name=f"cass-finetune-{network}", storage=database_url(storage))
+
+
+# --------------------------------------------------------------------------------------------------
+# Search space
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"lr": {"type": "float", "low": 0.1, "high": 0.001}}, "tune.space.lr: low (0.1) is greater than high"),
+        ({"lrate": {"type": "float", "low": 1e-4, "high": 1e-2}}, "tune.space.lrate: 'lrate' is not a finetune"),
+        ({"class_weights": {"type": "categorical", "choices": []}}, "tune.space.class_weights: the choice list is"),
+        ({"label_fraction": {"type": "float", "low": 0.1, "high": 1.0}}, "finetune.label_fraction cannot be tuned"),
+        ({"batch_size": {"type": "float", "low": 4, "high": 16}}, "tune.space.batch_size: finetune.batch_size is a"),
+        ({"lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, "tune.space.lr: a log scale needs low > 0"),
+        ({"lr": {"low": 1e-4, "high": 0.1}}, "tune.space.lr: set type: float, int or categorical"),
+    ],
+)
+def test_invalid_search_space_is_rejected_naming_the_key(demo_root: Path, space: dict, message: str) -> None:
+    raw = tiny_mapping(demo_root)
+    raw["tune"] = {"space": space}
+    with pytest.raises(ConfigError, match="tune.space") as exc:
+        params_from_mapping(raw, "params.yaml")
+    assert message in str(exc.value)
+
+
+def test_cli_rejects_invalid_space_before_any_trial(
+    tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _mapping(demo_root, tmp_path, space={"lr": {"type": "float", "low": 1.0, "high": 0.5}})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["tune", "--network", "cnn", "--params", str(path), "--outputs", str(tmp_path / "out")])
+    assert code == 2
+    assert "tune.space.lr: low (1.0) is greater than high (0.5)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no storage, no study, no trial
+
+
+def test_best_params_file_is_validated_like_params_yaml(tmp_path: Path, tiny_params) -> None:
+    bad = tmp_path / "best_cnn.yaml"
+    bad.write_text(yaml.safe_dump({"network": "cnn", "finetune": {"lr": -1.0}}))
+    with pytest.raises(ConfigError, match=r"(?s)best_cnn.yaml.*finetune.lr"):
+        apply_best_params(tiny_params, bad, "cnn")
+    with pytest.raises(ConfigError, match="holds the best settings of the cnn, not of the vit"):
+        apply_best_params(tiny_params, bad, "vit")
+
+
+# --------------------------------------------------------------------------------------------------
+# One process, SQLite: pruning, MLflow runs, best parameters into fine-tuning
+
+
+def test_study_prunes_logs_trials_and_its_best_params_reproduce_in_finetune(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dir, out / "data")
+    raw = _mapping(demo_root, tmp_path, n_trials=8, objective="val_loss",
+                   pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    common = ["--params", str(params_file), "--outputs", str(out), "-q"]
+
+    assert main(["tune", "--network", "cnn", *common]) == 0
+    storage = f"sqlite:///{(out / 'tune' / 'optuna_cnn.db').resolve()}"
+    study = _study(storage)
+    progress = study_progress(study)
+    assert progress.finished == 8 and progress.failed == 0
+    assert progress.pruned >= 1, "the median pruner stopped no trial"
+    assert progress.complete >= 1
+
+    # MLflow: one parent run for the study, one child per trial with its state and per-epoch metrics.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_pruned"] == progress.pruned
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 8
+    for trial in study.get_trials():
+        run = client.get_run(trial.user_attrs[RUN_ATTR])
+        assert run.data.tags["trial_state"] == trial.state.name.lower()
+        assert run.data.params["finetune.lr"] == str(trial.params["lr"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps == sorted(trial.intermediate_values)  # one point per reported epoch
+
+    # The best-parameters file holds the best trial, and fine-tuning with it reproduces that trial.
+    best_file = best_params_path(out / "tune", "cnn")
+    best = yaml.safe_load(best_file.read_text())
+    assert best["trial"] == study.best_trial.number
+    assert best["finetune"] == study.best_params
+    assert main(["finetune", "--network", "cnn", "--best-params", str(best_file), *common]) == 0
+    metrics = json.loads((out / "finetune" / "cnn" / "metrics.json").read_text())
+    assert metrics["best_val_loss"] == pytest.approx(study.best_value, rel=1e-4)
+    default_lr = load_params(params_file).finetune.lr
+    assert apply_best_params(load_params(params_file), best_file, "cnn").finetune.lr == best["finetune"]["lr"]
+    assert best["finetune"]["lr"] != default_lr
+
+    # Running again resumes the finished study (no new trial); other settings are refused, naming them.
+    assert main(["tune", "--network", "cnn", *common]) == 0
+    assert len(_study(storage).get_trials()) == len(study.get_trials())
+    assert main(["tune", "--network", "cnn", "--worker", *common]) == 0  # a late worker finds nothing to do
+    assert len(_study(storage).get_trials()) == len(study.get_trials())
+    capsys.readouterr()
+    assert main(["tune", "--network", "cnn", *common, "--set", "finetune.focal_alpha=0.5"]) == 2
+    assert "finetune.focal_alpha: 1.0 -> 0.5" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers sharing a PostgreSQL study
+
+
+class WaitForPeer:
+    """Epoch callback: hold each worker's first trial until another worker has started one, so that
+    both workers take part however long their start-up takes."""
+
+    def __init__(self, storage: str, study: str, timeout: float = 120.0) -> None:
+        self.storage, self.study, self.timeout, self.done = storage, study, timeout, False
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        if self.done:
+            return
+        study = optuna.load_study(study_name=self.study, storage=database_url(self.storage))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            workers = {t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False)} - {None}
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        self.done = True
+
+
+class Hang:
+    """Epoch callback: stop the worker mid-trial (after the first epoch was reported) until it is killed."""
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        time.sleep(3600)
+
+
+def test_two_workers_share_a_postgres_study(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path, postgres_url: str
+) -> None:
+    params = params_from_mapping(_mapping(demo_root, tmp_path, n_trials=4, pruner={"type": "none"}))
+    peer = WaitForPeer(postgres_url, "cass-finetune-cnn")
+    best_file = tune(params, prepared_dir, "cnn", tmp_path / "tune", workers=2, storage=postgres_url,
+                     callbacks=[peer])
+
+    study = _study(postgres_url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4 == study_progress(study).finished
+    assert len({t.number for t in complete}) == 4
+    assert len({t.user_attrs["worker"] for t in complete}) == 2, "one worker ran every trial"
+    assert yaml.safe_load(best_file.read_text())["trial"] == study.best_trial.number
+
+
+def test_killed_worker_trial_is_failed_requeued_and_the_study_completes(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path, postgres_url: str
+) -> None:
+    params = params_from_mapping(
+        _mapping(demo_root, tmp_path, n_trials=3, pruner={"type": "none"}, heartbeat_interval=1, grace_period=3)
+    )
+    out = tmp_path / "tune"
+    ctx = multiprocessing.get_context("spawn")
+    doomed = ctx.Process(target=run_worker, args=(params, prepared_dir, "cnn", out, None, postgres_url, 0, [Hang()]))
+    doomed.start()
+    try:
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None and time.monotonic() < deadline and doomed.is_alive():
+            time.sleep(0.2)
+            try:
+                trials = _study(postgres_url).get_trials(states=(TrialState.RUNNING,))
+            except KeyError:  # the study is not created yet
+                continue
+            victim = next((t for t in trials if t.intermediate_values), None)
+        assert victim is not None, "the first worker never reported an epoch"
+        os.kill(doomed.pid, signal.SIGKILL)
+    finally:
+        doomed.join(timeout=30)
+    assert doomed.exitcode == -signal.SIGKILL
+
+    best_file = tune(params, prepared_dir, "cnn", out, storage=postgres_url)
+
+    study = _study(postgres_url)
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1
+    assert retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed.params
+    assert study_progress(study).complete == 3
+    assert best_file.is_file()
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(killed.user_attrs[RUN_ATTR])
+    assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "failed"
