@@ -1,0 +1,345 @@
+"""Shared pieces of the benchmark scripts: environment record, timing, settings and the experiment runner.
+
+Benchmarks call the library (stage functions and the step functions the training loops use); they hold
+no training logic of their own. Each script prints ONE JSON line on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cass.config import Params, params_from_mapping
+
+log = logging.getLogger("benchmarks")
+
+# CPU default: small real networks (not timm's test models, whose step time is all overhead).
+CPU_PRESET = {"cnn": "resnet18", "vit": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16}
+# GPU preset: the paper's networks at 224 px (the paper used 384 px for the ViT).
+GPU_PRESET = {"cnn": "resnet50", "vit": "vit_base_patch16_224", "image_size": 224, "batch_size": 32}
+
+
+def add_threads_argument(ap: Any) -> None:
+    ap.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine"
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("cass", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device and library versions, and the machine's load when the run started (shared machines)."""
+    import numpy
+    import PIL
+    import timm
+    import torchvision
+
+    from cass.lineage import git_commit
+
+    env = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "git_commit": git_commit(),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record, default=str), flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, measured: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, measured round-robin (one call of each per round) so that a
+    change in background load affects every contender alike. ``warmup`` rounds are discarded."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + measured):
+        for name, fn in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        if r == warmup - 1:
+            log.info("warm-up done (%d rounds); measuring %d rounds", warmup, measured)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """Median and interquartile range, to show how noisy a timing was."""
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": float(q[1]), "p25": float(q[0]), "p75": float(q[2])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings for the stage-level benchmarks (demo dataset, small models)
+
+
+def demo_mapping(root: Path, *, images_per_class: int, image_size: int, cnn: str, vit: str) -> dict[str, Any]:
+    return {
+        "seed": 77,
+        "data": {
+            "name": "demo",
+            "root": str(root),
+            "layout": "imagefolder",
+            "demo_images_per_class": images_per_class,
+            "demo_image_size": image_size,
+            "workers": 2,
+        },
+        "split": {"val": 0.1, "test": 0.2, "seed": 77, "label_fractions": [0.01, 0.1, 1.0]},
+        "model": {"cnn": cnn, "vit": vit, "image_size": image_size, "embed_dim": 128},
+        "pretrain": {"epochs": 10, "batch_size": 32, "num_workers": 0, "lr": 1e-3, "optimizer": "adam"},
+        "finetune": {"epochs": 15, "batch_size": 16, "num_workers": 0, "lr": 1e-3, "patience": 5},
+        "evaluate": {"batch_size": 128},
+    }
+
+
+def with_changes(raw: dict[str, Any], changes: dict[str, Any]) -> Params:
+    """``raw`` with ``section.key`` changes applied, validated."""
+    data = json.loads(json.dumps(raw))
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return params_from_mapping(data, "benchmark settings")
+
+
+METHODS: dict[str, dict[str, Any]] = {
+    "CASS": {"pretrain.method": "cass", "pretrain.anti_collapse": "none"},
+    "DINO": {"pretrain.method": "dino"},
+    "CASS + anti-collapse": {"pretrain.method": "cass", "pretrain.anti_collapse": "vicreg"},
+    "no pretraining": {},
+}
+
+
+def run_method(
+    raw: dict[str, Any],
+    data_dir: Path,
+    work: Path,
+    method: str,
+    seed: int,
+    fractions: Iterable[float],
+    networks: Sequence[str] = ("cnn", "vit"),
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Pretrain with ``method`` (or not), fine-tune each network at each label fraction, evaluate on
+    the test split. Returns one row per (fraction, network) with the test macro F1."""
+    from cass.evaluate import evaluate
+    from cass.finetune import finetune
+    from cass.pretrain import pretrain
+
+    changes = {"seed": seed, **(extra or {}), **METHODS[method]}
+    pre_dir = None
+    pre_seconds = 0.0
+    if method != "no pretraining":
+        params = with_changes(raw, changes)
+        t0 = time.perf_counter()
+        pre_dir = pretrain(params, data_dir, work / "pretrain", resume=False, progress=False).out_dir
+        pre_seconds = time.perf_counter() - t0
+    rows = []
+    for fraction in fractions:
+        init = "random" if pre_dir is None else "cass"
+        params = with_changes(raw, {**changes, "finetune.label_fraction": fraction, "finetune.init": init})
+        for network in networks:
+            tuned = finetune(params, data_dir, network, work / f"ft-{fraction:g}-{network}", pre_dir, progress=False)
+            out = evaluate(params, data_dir, tuned.out_dir, work / f"ev-{fraction:g}-{network}")
+            metrics = json.loads(out.metrics.read_text())
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "label_fraction": fraction,
+                    "network": network,
+                    "macro_f1": metrics["macro_f1"],
+                    "balanced_accuracy": metrics["balanced_accuracy"],
+                    "pretrain_seconds": pre_seconds,
+                    **{k: v for k, v in (extra or {}).items()},
+                }
+            )
+            log.info("%s seed %d fraction %g %s: test macro F1 %.3f", method, seed, fraction, network,
+                     metrics["macro_f1"])
+    return rows
+
+
+def prepare_demo(raw: dict[str, Any], work: Path) -> Path:
+    """Generate the demo dataset and run the ``prepare`` stage on it; returns the prepared folder."""
+    from cass.data.demo import generate_demo
+    from cass.data.prepare import prepare_data
+
+    params = params_from_mapping(raw)
+    generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+    return prepare_data(params, work / "data")
+
+
+def summarize(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and sd of test macro F1 over seeds, per combination of ``keys``."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r["macro_f1"])
+    out = []
+    for key, values in groups.items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append({**dict(zip(keys, key, strict=True)), "mean": statistics.fmean(values), "sd": sd, "n": len(values)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training steps on synthetic batches (model cost only; the data pipeline is measured separately)
+
+
+def step_params(cnn: str, vit: str, image_size: int, batch_size: int, *, embed_dim: int = 1000,
+                precision: str = "auto", device: str = "auto", local_crops: int = 8, out_dim: int = 65536) -> Params:
+    return params_from_mapping(
+        {
+            "model": {"cnn": cnn, "vit": vit, "image_size": image_size, "embed_dim": embed_dim},
+            "pretrain": {
+                "batch_size": batch_size,
+                "precision": precision,
+                "device": device,
+                "dino": {"local_crops": local_crops, "out_dim": out_dim},
+            },
+        },
+        "benchmark settings",
+    )
+
+
+def cass_step_fn(params: Params, device: torch.device, precision: Any) -> Callable[[], None]:
+    """One CASS optimiser step (both networks, one view) through the functions the CASS loop uses."""
+    from cass.losses import CASSLoss
+    from cass.models import create_network
+    from cass.pretrain import cass_step, optimizer_step
+    from cass.training import make_optimizer
+
+    m, cfg = params.model, params.pretrain
+    cnn = create_network(m.cnn, m.embed_dim, "cnn", m.image_size).to(device).train()
+    vit = create_network(m.vit, m.embed_dim, "vit", m.image_size).to(device).train()
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        cnn.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, [{"params": list(cnn.parameters())}, {"params": list(vit.parameters())}])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    criterion = CASSLoss()
+    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=device)
+
+    def step() -> None:
+        cass_step(cnn, vit, x, criterion, scaler, device=device, precision=precision, channels_last=channels_last)
+        optimizer_step(optimizer, scaler)
+
+    return step
+
+
+def single_network_step_fn(params: Params, network: str, device: torch.device, precision: Any) -> Callable[[], None]:
+    """One network alone: forward, a loss on its embedding, backward, optimiser step (the ceiling's T)."""
+    from cass.models import create_network
+    from cass.pretrain import optimizer_step
+    from cass.training import autocast, make_optimizer
+
+    m, cfg = params.model, params.pretrain
+    arch = m.cnn if network == "cnn" else m.vit
+    net = create_network(arch, m.embed_dim, network, m.image_size).to(device).train()  # type: ignore[arg-type]
+    channels_last = cfg.channels_last and device.type == "cuda" and network == "cnn"
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, [{"params": list(net.parameters())}])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.nn.functional.normalize(torch.randn(cfg.batch_size, m.embed_dim, device=device), dim=-1)
+
+    def step() -> None:
+        with autocast(device, precision):
+            z = net(x)
+        loss = (2 - 2 * (torch.nn.functional.normalize(z.float(), dim=-1) * target).sum(-1)).mean()
+        scaler.scale(loss).backward()
+        optimizer_step(optimizer, scaler)
+
+    return step
+
+
+def dino_local_size(params: Params) -> int:
+    """The local crop size the DINO stage would use (it follows the ViT's patch grid)."""
+    from cass.baselines.dino import local_crop_size
+    from cass.models import create_network
+
+    m = params.model
+    with torch.device("meta"):  # only the patch size is needed: build without allocating weights
+        vit = create_network(m.vit, 2, "vit", m.image_size)
+    return local_crop_size(params.pretrain.dino, m.image_size, vit)
+
+
+def dino_step_fn(params: Params, network: str, device: torch.device, precision: Any) -> Callable[[], None]:
+    """One DINO optimiser step of one network (student on all crops, teacher on the global ones, EMA)."""
+    from cass.baselines.dino import DinoLearner
+
+    m, cfg = params.model, params.pretrain
+    learner = DinoLearner.from_params(params, network, device, precision)  # type: ignore[arg-type]
+    learner.train()
+    local = dino_local_size(params)
+    b = cfg.batch_size
+    crops = [torch.randn(b, 3, m.image_size, m.image_size, device=device) for _ in range(2)] + [
+        torch.randn(b, 3, local, local, device=device) for _ in range(cfg.dino.local_crops)
+    ]
+
+    def step() -> None:
+        loss, _ = learner.forward_loss(crops, teacher_temp=cfg.dino.teacher_temp)
+        learner.backward(loss)
+        learner.step(lr=5e-4 * b / 256, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
+
+    return step

@@ -1,0 +1,107 @@
+"""CASS vs DINO pretraining time per image, side by side on one device, in one run.
+
+Both methods use the same backbones (built by ``cass.models.create_network``), batch size, image size
+and precision. Timed: one optimiser step each, on synthetic batches already on the device (the data
+pipeline is measured by data_pipeline.py):
+  - CASS: one view through the CNN and the ViT, loss, backward, one optimiser step for both
+    (``cass.pretrain.cass_step`` + ``optimizer_step``, the functions the CASS loop calls);
+  - DINO, per network: student on 2 global + N local crops, teacher on the 2 global crops, centring,
+    backward, clipping, AdamW step, EMA update (``cass.baselines.dino.DinoLearner``).
+CASS produces a pretrained CNN and ViT in one step; DINO needs one run per network, so the headline
+ratio is CASS / (DINO-CNN + DINO-ViT). The paper's own comparison (DINO on one ViT) is printed too.
+Steps are timed round-robin; the median of the measured rounds is reported.
+
+    python benchmarks/pretrain_step.py              # CPU: resnet18 + vit_tiny_patch16_224 at 64 px
+    python benchmarks/pretrain_step.py --gpu        # resnet50 + vit_base_patch16_224 at 224 px
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import (
+    CPU_PRESET,
+    GPU_PRESET,
+    add_threads_argument,
+    apply_threads,
+    cass_step_fn,
+    dino_local_size,
+    dino_step_fn,
+    emit,
+    environment,
+    interleaved_times,
+    median,
+    setup_logging,
+    spread,
+    step_params,
+)
+
+from cass.training import resolve_device, resolve_precision
+
+TARGET = 0.35
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="GPU preset: resnet50 + vit_base_patch16_224, 224 px, batch 32")
+    ap.add_argument("--cnn")
+    ap.add_argument("--vit")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--embed-dim", type=int, default=1000, help="CASS embedding width (paper: 1000)")
+    ap.add_argument("--local-crops", type=int, default=8, help="DINO local crops (official: 8)")
+    ap.add_argument("--out-dim", type=int, help="DINO head output (official 65536; CPU default 4096)")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--warmup", type=int, default=5, help="rounds discarded before measuring")
+    ap.add_argument("--steps", type=int, default=30, help="measured rounds (one step of each method per round)")
+    add_threads_argument(ap)
+    args = ap.parse_args()
+    setup_logging()
+    apply_threads(args.threads)
+
+    preset = GPU_PRESET if args.gpu else CPU_PRESET
+    cnn, vit = args.cnn or preset["cnn"], args.vit or preset["vit"]
+    image_size, batch = args.image_size or preset["image_size"], args.batch_size or preset["batch_size"]
+    out_dim = args.out_dim or (65536 if args.gpu else 4096)
+    params = step_params(
+        cnn, vit, image_size, batch, embed_dim=args.embed_dim, precision=args.precision, device=args.device,
+        local_crops=args.local_crops, out_dim=out_dim,
+    )
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = environment(device)
+    torch.manual_seed(0)
+    steps = {
+        "cass": cass_step_fn(params, device, precision),
+        "dino_cnn": dino_step_fn(params, "cnn", device, precision),
+        "dino_vit": dino_step_fn(params, "vit", device, precision),
+    }
+    times = interleaved_times(steps, device, args.warmup, args.steps)
+    per_image = {k: median(v) / batch for k, v in times.items()}
+    per_image["dino_both"] = per_image["dino_cnn"] + per_image["dino_vit"]
+    ratio = per_image["cass"] / per_image["dino_both"]
+    emit({
+        "benchmark": "pretrain_step",
+        "settings": {
+            "cnn": cnn, "vit": vit, "image_size": image_size, "batch_size": batch, "precision": precision.name,
+            "embed_dim": args.embed_dim, "dino_global_crops": 2, "dino_local_crops": args.local_crops,
+            "dino_local_crop_size": dino_local_size(params), "dino_out_dim": out_dim,
+            "warmup_rounds": args.warmup, "measured_rounds": args.steps,
+        },
+        "seconds_per_image": per_image,
+        "images_per_second": {k: 1.0 / v for k, v in per_image.items()},
+        "step_seconds": {k: spread(v) for k, v in times.items()},
+        "ratio_cass_over_dino": ratio,
+        "ratio_cass_over_dino_vit_only": per_image["cass"] / per_image["dino_vit"],
+        "target": f"ratio_cass_over_dino <= {TARGET}",
+        "target_met": ratio <= TARGET,
+        **env,
+    })
+
+
+if __name__ == "__main__":
+    main()
