@@ -1,0 +1,326 @@
+"""Data versioning and the DVC pipeline, with the real `dvc`, `git` and `cass` commands in temporary repositories.
+
+One project is built once per module (tiny settings: 64 images of 32 px, one pretraining epoch) with the
+project's own dvc.yaml; the tests then rerun, change and move it. S3 is a real moto_server on loopback.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cass.errors import VersioningError
+from tests.conftest import free_port, tiny_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = {"prepare", "validate_data", "pretrain", "tune@cnn", "tune@vit", "finetune@cnn", "finetune@vit",
+          "evaluate@cnn", "evaluate@vit"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org", GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.org", DVC_NO_ANALYTICS="1", PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def init_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    sh("git", "init", "-q", "-b", "main", cwd=path)
+    sh("dvc", "init", "-q", cwd=path)
+    sh("dvc", "config", "core.analytics", "false", cwd=path)
+    return path
+
+
+def tracked_files(root: Path, *folders: str) -> dict[str, bytes]:
+    out = {}
+    for folder in folders:
+        for f in sorted((root / folder).rglob("*")):
+            if f.is_file():
+                out[f.relative_to(root).as_posix()] = f.read_bytes()
+    return out
+
+
+def pipeline_outputs(root: Path) -> list[str]:
+    """Every output path recorded in dvc.lock."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return sorted(out["path"] for stage in lock["stages"].values() for out in stage.get("outs", []))
+
+
+slow = pytest.mark.slow  # the module's project is built with a real `dvc repro` (about a minute on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The project's dvc.yaml, code and .gitignore in a fresh git+DVC repository, built once with `dvc repro`."""
+    root = init_repo(tmp_path_factory.mktemp("dvc-project") / "repo")
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    shutil.copytree(REPO / "cass", root / "cass", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = tiny_mapping(Path("data/demo"))
+    raw["data"]["max_image_pixels"] = 89_478_485
+    raw["finetune"].update(device="cpu", lr=0.001)
+    raw["augment"] = {}
+    raw["quality"] = {"min_images_per_class": 5}
+    raw["tune"] = {"n_trials": 2, "epochs": 1, "startup_trials": 1, "pruner": {"type": "none"},
+                   "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sh("cass", "data", "demo", "-q", cwd=root)
+    sh("cass", "data", "add", "data/demo", "--layout", "imagefolder", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "project with the demo data", cwd=root)
+    first = sh("dvc", "repro", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "pipeline run", cwd=root)
+    root.joinpath(".git", "first-repro.log").write_text(first.stdout)  # inside .git: not a project file
+    yield root
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@slow
+def test_repro_builds_every_stage_and_records_lineage(project: Path) -> None:
+    assert ran_stages((project / ".git" / "first-repro.log").read_text()) == STAGES
+    for path in pipeline_outputs(project):
+        assert (project / path).exists(), f"dvc.lock lists {path} but it is missing"
+    md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    commit = sh("git", "rev-parse", "HEAD~1", cwd=project).stdout.strip()  # the commit the stages ran at
+    lineage = {
+        "outputs/data/dataset.json": json.loads((project / "outputs/data/dataset.json").read_text()),
+        "outputs/pretrain/metrics.json": json.loads((project / "outputs/pretrain/metrics.json").read_text()),
+    }
+    for net in ("cnn", "vit"):
+        for stage in ("finetune", "evaluate"):
+            path = f"outputs/{stage}/{net}/metrics.json"
+            lineage[path] = json.loads((project / path).read_text())
+    for path, doc in lineage.items():
+        assert doc["data_version"] == md5, f"{path} does not record the data version of data.dvc"
+        assert doc["git_commit"] == commit, f"{path} does not record the commit it was built from"
+
+
+@slow
+def test_git_ignores_exactly_what_dvc_tracks(project: Path) -> None:
+    """data/.gitignore (written by DVC) and the project .gitignore keep data and outputs out of git."""
+    assert (project / "data" / ".gitignore").read_text().split() == ["/demo"]
+    status = sh("git", "status", "--porcelain", "--ignored", cwd=project).stdout
+    assert "!! data/demo/" in status and "!! outputs/" in status
+    assert not [line for line in status.splitlines() if not line.startswith("!!")], status
+
+
+@slow
+def test_second_repro_reruns_nothing(project: Path) -> None:
+    out = sh("dvc", "repro", cwd=project).stdout
+    assert ran_stages(out) == set(), out
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=project).stdout
+
+
+@slow
+def test_finetune_setting_reruns_only_what_depends_on_it(project: Path) -> None:
+    before = {p: (project / p).read_bytes() for p in pipeline_outputs(project) if p.startswith("outputs/pretrain")}
+    out = sh("dvc", "exp", "run", "-S", "finetune.epochs=3", cwd=project).stdout
+    # tune@* searches around the finetune settings, so it reruns too; prepare, the gates and pretraining do not.
+    # (finetune.lr would be a poor probe: the tuned lr overrides it, so the final model would not change.)
+    assert ran_stages(out) == {"tune@cnn", "tune@vit", "finetune@cnn", "finetune@vit", "evaluate@cnn",
+                               "evaluate@vit"}, out
+    assert all((project / p).read_bytes() == b for p, b in before.items()), "pretraining outputs changed"
+    shown = sh("dvc", "exp", "show", "--json", cwd=project).stdout
+    assert '"epochs": 3' in shown and "outputs/evaluate/cnn/metrics.json" in shown
+
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
+    files = next(iter(metrics.values()))["data"]
+    for net in ("cnn", "vit"):
+        m = files[f"outputs/evaluate/{net}/metrics.json"]["data"]
+        assert 0.0 <= m["macro_f1"] <= 1.0 and 0.0 <= m["balanced_accuracy"] <= 1.0
+    html = project.parent / "plots"
+    sh("dvc", "plots", "show", "-o", str(html), cwd=project)
+    page = (html / "index.html").read_text()
+    assert "val_loss" in page and "confusion_matrix.png" in page
+
+    sh("git", "checkout", "-q", "--", "params.yaml", "dvc.lock", cwd=project)
+    sh("dvc", "checkout", "-q", "--force", cwd=project)
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+
+
+@slow
+def test_data_change_marks_every_stage_changed(project: Path) -> None:
+    extra = project / "data/demo/tumor/extra.png"
+    shutil.copy(project / "data/demo/tumor/tumor_0000.png", extra)
+    try:
+        status = json.loads(sh("dvc", "status", "--json", cwd=project).stdout)
+        assert STAGES | {"data.dvc"} <= set(status), status
+    finally:
+        extra.unlink()
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Remote: push, pull into a fresh clone, faults
+
+
+@slow
+def test_push_then_pull_into_fresh_clone_restores_identical_files(
+    project: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    # The remote URL is committed; the endpoint and the credentials come from the environment (s3_env).
+    sh("cass", "data", "remote", f"s3://{s3_bucket}/cass", cwd=project)
+    assert "endpointurl" not in (project / ".dvc/config").read_text()
+    out = sh("cass", "data", "push", cwd=project)
+    assert "pushed" in out.stdout, out.stdout
+    sh("git", "commit", "-qam", "remote", cwd=project)
+
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    assert not (clone / "data/demo").exists()
+    sh("cass", "data", "pull", cwd=clone)
+    paths = ["data/demo", *pipeline_outputs(project)]
+    for path in paths:
+        a, b = project / path, clone / path
+        if a.is_dir():
+            cmp = filecmp.dircmp(a, b)
+            assert not (cmp.left_only or cmp.right_only or cmp.diff_files), path
+            assert tracked_files(project, path) == tracked_files(clone, path), path
+        else:
+            assert a.read_bytes() == b.read_bytes(), path
+    assert "up to date" in sh("dvc", "status", cwd=clone).stdout
+
+
+@slow
+def test_demo_regenerated_in_a_clone_without_remote_matches_data_dvc(project: Path, tmp_path: Path) -> None:
+    """No cache, no remote: the demo data is generated again, byte for byte, so data.dvc still matches."""
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    sh("cass", "data", "demo", "-q", cwd=clone)
+    status = json.loads(sh("dvc", "status", "--json", "data.dvc", cwd=clone).stdout)
+    assert status == {"data.dvc": [{"changed outs": {"data/demo": "not in cache"}}]}, status  # not "modified"
+    sh("dvc", "commit", "--force", "data.dvc", cwd=clone)
+    assert (clone / "data.dvc").read_text() == (project / "data.dvc").read_text()
+    assert json.loads(sh("dvc", "status", "--json", "data.dvc", cwd=clone).stdout) == {}
+
+
+def _corrupt(path: Path) -> None:
+    """Change a file's bytes but not its size or mtime: what DVC's own change detection cannot see."""
+    st = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@slow
+def test_corrupted_cache_object_is_detected_refused_and_replaced(project: Path, s3_bucket: str) -> None:
+    sh("dvc", "remote", "add", "-f", "good", f"s3://{s3_bucket}/cass", cwd=project)
+    sh("cass", "data", "push", "-r", "good", "-q", cwd=project)
+    image = project / "data/demo/stroma/stroma_0003.png"
+    md5 = hashlib.md5(image.read_bytes()).hexdigest()
+    cache = Path(sh("dvc", "cache", "dir", cwd=project).stdout.strip())
+    obj = cache / "files" / "md5" / md5[:2] / md5[2:]
+    original = obj.read_bytes()
+    _corrupt(obj)
+
+    verify = sh("cass", "data", "verify", cwd=project, check=False)
+    assert verify.returncode == 1 and "data/demo/stroma/stroma_0003.png" in verify.stderr, verify.stderr
+    push = sh("cass", "data", "push", "-r", "good", cwd=project, check=False)
+    assert push.returncode == VersioningError.exit_code and "refusing to push" in push.stderr, push.stderr
+
+    sh("cass", "data", "pull", "-r", "good", cwd=project)
+    assert obj.read_bytes() == original
+    assert sh("cass", "data", "verify", cwd=project).returncode == 0
+
+
+def test_no_remote_says_how_to_configure_one(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "repo")
+    out = sh("cass", "data", "push", cwd=repo, check=False)
+    assert out.returncode == VersioningError.exit_code
+    assert "no DVC remote is configured" in out.stderr and "cass data remote s3://" in out.stderr
+
+
+def test_unreachable_endpoint_is_retried_then_named(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "repo")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    sh("cass", "data", "remote", "s3://bucket/cass", "--endpoint-url", endpoint, "--local", cwd=repo)
+    assert endpoint not in (repo / ".dvc/config").read_text()  # --local keeps it out of git
+    out = sh("cass", "data", "pull", cwd=repo, check=False)
+    assert out.returncode == VersioningError.exit_code
+    assert f"S3 endpoint {endpoint} is unreachable" in out.stderr and "tried 3 times" in out.stderr
+    assert "attempt 2/3" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# cass data add
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Path:
+    repo = init_repo(tmp_path / "repo")
+    raw = tiny_mapping(Path("data/demo"))
+    raw["data"]["classes"] = ["adipose", "lymphocytes", "stroma", "tumor"]
+    (repo / "params.yaml").write_text("# settings\n" + yaml.safe_dump(raw, sort_keys=False))
+    return repo
+
+
+def test_add_copies_an_outside_folder_tracks_it_and_points_params_at_it(
+    small_repo: Path, demo_root: Path
+) -> None:
+    out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "tissue", cwd=small_repo)
+    assert "64 images, 4 classes" in out.stdout
+    assert _files(small_repo / "data/tissue") == _files(demo_root)
+    doc = yaml.safe_load((small_repo / "data.dvc").read_text())["outs"][0]
+    assert doc["path"] == "data/tissue" and doc["md5"].endswith(".dir")
+    params = (small_repo / "params.yaml").read_text()
+    data = yaml.safe_load(params)["data"]
+    assert (data["root"], data["name"], data["layout"]) == ("data/tissue", "tissue", "imagefolder")
+    assert "classes" not in data, "the previous dataset's class list must not carry over"
+    assert params.startswith("# settings\n")
+    assert (small_repo / "data/.gitignore").read_text().split() == ["/tissue"]
+    assert sh("dvc", "status", cwd=small_repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_add_rejects_a_folder_without_images_and_changes_nothing(small_repo: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "scans"
+    (empty / "tumor").mkdir(parents=True)
+    (empty / "tumor" / "notes.txt").write_text("no images here")
+    params = (small_repo / "params.yaml").read_text()
+    out = sh("cass", "data", "add", str(empty), "--layout", "imagefolder", cwd=small_repo, check=False)
+    assert out.returncode != 0 and "scans" in out.stderr
+    assert not (small_repo / "data").exists() and not (small_repo / "data.dvc").exists()
+    assert (small_repo / "params.yaml").read_text() == params
+
+
+def test_add_outside_a_dvc_repository_says_so(tmp_path: Path, demo_root: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_mapping(demo_root)))
+    out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", cwd=tmp_path, check=False)
+    assert out.returncode == VersioningError.exit_code
+    assert "not inside a DVC repository" in out.stderr and "dvc init" in out.stderr
