@@ -1,0 +1,334 @@
+"""The Prefect retraining flow on a real Prefect server (prefect_test_harness) and a real `mlflow server`.
+
+One retraining run on the tiny demo is shared: during it, the MLflow server is killed right after the
+model gate and restarted seconds later, so registration meets a real outage and must be retried. Then a
+worse configuration must not replace the champion (and reuses the pretraining), a rerun with nothing
+changed must train nothing, planted bad data must stop at the gate, and prefect.yaml must deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import free_port, tiny_mapping
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "cass-flow"
+EXPERIMENT = "cass-flow"
+WORSE = ["finetune.lr=1e-8", "finetune.epochs=1"]  # a head that barely moves from its random start
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (temporary database) for the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield PREFECT_API_URL.value()
+
+
+class MlflowServer:
+    """`mlflow server` on a loopback port (SQLite backend, proxied artifacts), which a test can crash and restart."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        exe = Path(sys.executable).parent / "mlflow"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        with open(self.folder / "server.log", "a") as out:
+            self.proc = subprocess.Popen(
+                [str(exe), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"mlflow server not healthy after {timeout}s")
+
+    def kill(self) -> None:
+        """A crash: the server and its workers (one process group, started by this test) die at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def _write_params(path: Path, data: Path, server: MlflowServer) -> Path:
+    mapping = tiny_mapping(data)
+    mapping["mlflow"] = {"tracking_uri": server.url, "experiment": EXPERIMENT, "model_prefix": PREFIX,
+                         "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5}
+    # One-epoch tiny networks score low (the tiny ViT predicts one class): the model gate only warns here.
+    mapping["quality"] = {"min_macro_f1": 0.0, "min_balanced_accuracy": 0.0,
+                          "severity": {"class_recall_nonzero": "warn"}}
+    # Short retry delays, long enough in total (1+2+4+8x5 = 47 s) for the server to come back.
+    mapping["retrain"] = {"io_retries": 8, "io_retry_delay_s": 1, "io_retry_max_delay_s": 8}
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def _outage_after_model_gate(server: MlflowServer, trigger: Path, done: threading.Event, seen: dict) -> None:
+    """Crash the tracking server as soon as the model gate has written its last report (right before the
+    quality reports are uploaded and the models registered), and bring it back a few seconds later."""
+    while not trigger.is_file():
+        if done.wait(0.05):
+            return
+    server.kill()
+    seen["killed"] = True
+    time.sleep(3)
+    server.start()
+    seen["restarted"] = True
+
+
+@pytest.fixture(scope="module")
+def retraining(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One flow run on the tiny demo against a real MLflow server that crashes before registration."""
+    import mlflow
+
+    from cass.tracking import reset_client
+    from flows.retrain import retrain
+
+    root = tmp_path_factory.mktemp("flows")
+    (root / "mlflow").mkdir()
+    server = MlflowServer(root / "mlflow")
+    server.start()
+    params_file = _write_params(root / "params.yaml", demo_root, server)
+    outputs = root / "outputs"
+    done, seen = threading.Event(), {}
+    fault = threading.Thread(target=_outage_after_model_gate,
+                             args=(server, outputs / "quality" / "model" / "vit" / "result.json", done, seen))
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "CASS_TUNE_STORAGE"):
+            mp.delenv(name, raising=False)
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an outage reaches the task at once, not after minutes
+        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        fault.start()
+        try:
+            state = retrain(params_file=str(params_file), outputs=str(outputs), tune_trials=0, return_state=True)
+        finally:
+            done.set()
+            fault.join(timeout=240)
+        try:
+            yield SimpleNamespace(root=root, data=demo_root, params_file=params_file, outputs=outputs, state=state,
+                                  server=server, outage=seen, client=mlflow.MlflowClient(server.url), retrain=retrain)
+        finally:
+            reset_client()
+            server.stop()
+
+
+def _flow_run_id(state) -> str:
+    return state.state_details.flow_run_id
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def _champions(r) -> dict[str, str]:
+    return {n: str(r.client.get_registered_model(f"{PREFIX}-{n}").aliases["champion"]) for n in ("cnn", "vit")}
+
+
+def _runs(r) -> list:
+    experiment = r.client.get_experiment_by_name(EXPERIMENT)
+    return r.client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_flow_completes_on_the_demo_and_both_networks_get_a_champion(retraining) -> None:
+    assert retraining.state.is_completed(), retraining.state.message
+    result = retraining.state.result()
+    assert result["outcome"] == "completed" and set(result["versions"]) == {"cnn", "vit"}
+    assert _champions(retraining) == {"cnn": "1", "vit": "1"}  # the first champion of each network
+    parent = retraining.client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["outcome"] == "completed"
+    children = {r.info.run_name for r in _runs(retraining)
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"pretrain", "finetune-cnn", "finetune-vit", "evaluate-cnn", "evaluate-vit"} <= children
+
+    summary = _artifacts(_flow_run_id(retraining.state))["retrain-summary"].data
+    assert "# Retraining completed" in summary
+    assert "| cnn | 1 |" in summary and "| vit | 1 |" in summary  # metrics per network and label fraction
+    assert f"{PREFIX}-cnn v1 | promoted" in summary and "first champion" in summary
+    assert parent.info.run_id in summary and retraining.server.url in summary  # links to the MLflow runs
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # one retraining at a time: the limit the run held
+        limit = client.read_global_concurrency_limit_by_name("cass-retrain")
+    assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_mlflow_outage_during_registration_is_retried_and_the_flow_completes(retraining) -> None:
+    assert retraining.outage == {"killed": True, "restarted": True}
+    assert retraining.state.is_completed(), retraining.state.message
+    runs = {t.name: t for t in _task_runs(_flow_run_id(retraining.state))}
+    io_after_gate = [t for name, t in runs.items() if name.startswith(("log quality reports", "register-"))]
+    assert any(t.run_count > 1 for t in io_after_gate), {t.name: t.run_count for t in io_after_gate}
+    # Training tasks are never retried: a real training failure would only fail again.
+    assert all(t.run_count == 1 for name, t in runs.items() if name.startswith(("pretrain", "fine-tune", "evaluate")))
+    # Registered once each, although an attempt may have died mid-request.
+    for network in ("cnn", "vit"):
+        assert len(retraining.client.search_model_versions(f"name = '{PREFIX}-{network}'")) == 1
+
+
+def test_worse_configuration_does_not_replace_the_champion_and_reuses_pretraining(retraining) -> None:
+    first = retraining.state.result()
+    before = _champions(retraining)
+    # The two fine-tunings run at the same time here (as on a GPU): each task logs its own MLflow child run.
+    state = retraining.retrain(params_file=str(retraining.params_file),
+                               overrides=[*WORSE, "retrain.parallel_finetune=always"],
+                               outputs=str(retraining.outputs), tune_trials=0, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["outcome"] == "completed" and result["run_id"] != first["run_id"]
+    assert _champions(retraining) == before
+    for network, version in result["versions"].items():
+        assert version != before[network] and not result["promotions"][network]["promoted"]
+        tags = retraining.client.get_model_version(f"{PREFIX}-{network}", version).tags
+        assert "does not beat" in tags["promotion_refused_reason"]
+    # Only fine-tuning changed: the finished pretraining of the first run is reused, not trained again.
+    assert result["pretraining"] == {"run_id": first["pretraining"]["run_id"], "reused": True}
+    assert [r.info.run_name for r in _runs(retraining)].count("pretrain") == 1
+    assert "reused" in _artifacts(_flow_run_id(state))["retrain-summary"].data
+    for network in ("cnn", "vit"):  # each concurrent fine-tuning logged into its own run, under this pipeline
+        run = retraining.client.get_run(retraining.client.get_model_version(
+            f"{PREFIX}-{network}", result["versions"][network]).tags["finetune_run_id"])
+        assert run.info.run_name == f"finetune-{network}" and run.data.tags["mlflow.parentRunId"] == result["run_id"]
+        assert run.data.params["finetune.lr"] == "1e-08"
+        assert len(retraining.client.get_metric_history(run.info.run_id, "val_loss")) == 1
+
+
+def test_rerun_with_nothing_changed_trains_nothing(retraining) -> None:
+    first = retraining.state.result()
+    runs_before = len(_runs(retraining))
+    state = retraining.retrain(params_file=str(retraining.params_file), outputs=str(retraining.outputs),
+                               tune_trials=0, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["outcome"] == "unchanged" and result["run_id"] == first["run_id"]
+    assert len(_runs(retraining)) == runs_before  # no parent, pretraining or fine-tuning run
+    names = [t.name for t in _task_runs(_flow_run_id(state))]
+    assert not [n for n in names if n.startswith(("pretrain", "fine-tune", "evaluate", "register", "promote"))]
+    summary = _artifacts(_flow_run_id(state))["retrain-summary"].data
+    assert "Nothing changed, nothing trained" in summary and first["run_id"] in summary
+
+
+def test_planted_bad_data_stops_the_flow_at_the_gate_before_training(retraining, tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    shutil.copytree(retraining.data, data)
+    # The same picture filed under two classes: prepare accepts it, the manifest gate must not.
+    shutil.copy(data / "adipose" / "adipose_0000.png", data / "tumor" / "copied.png")
+    params_file = _write_params(tmp_path / "params.yaml", data, retraining.server)
+    versions = {n: len(retraining.client.search_model_versions(f"name = '{PREFIX}-{n}'")) for n in ("cnn", "vit")}
+    outputs = tmp_path / "outputs"
+    state = retraining.retrain(params_file=str(params_file), outputs=str(outputs), tune_trials=0, return_state=True)
+    assert state.is_failed()
+    assert "hash_label_conflict" in state.message
+    assert not (outputs / "pretrain").exists() and not (outputs / "finetune").exists()  # nothing trained
+    table = json.loads(_artifacts(_flow_run_id(state))["data-quality-gate"].data)
+    failed = {row["check"]: row for row in table}
+    assert "hash_label_conflict" in failed and failed["hash_label_conflict"]["severity"] == "fail"
+    assert "tumor/copied.png" in failed["hash_label_conflict"]["examples"]
+    after = {n: len(retraining.client.search_model_versions(f"name = '{PREFIX}-{n}'")) for n in ("cnn", "vit")}
+    assert after == versions  # nothing registered
+    failed_runs = [r for r in _runs(retraining) if r.info.status == "FAILED" and r.data.tags.get("stage") == "pipeline"]
+    assert failed_runs, "the failed pipeline run (with its gate report) should be in MLflow"
+
+
+def test_prefect_yaml_deploys_the_schedule_the_on_demand_run_and_the_gpu_pool(prefect_api: str, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((ROOT / "infra" / "k8s-work-pool-base-job-template.json").read_text())
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="cass-process", type="process"), overwrite=True)
+        client.create_work_pool(WorkPoolCreate(name="cass-kubernetes", type="kubernetes",
+                                               base_job_template=template), overwrite=True)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "CASS_PROJECT_DIR": str(ROOT), "PREFECT_HOME": str(tmp_path)}
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        weekly = client.read_deployment_by_name("cass-retrain/retrain-weekly")
+        on_demand = client.read_deployment_by_name("cass-retrain/retrain-on-demand")
+        gpu = client.read_deployment_by_name("cass-retrain/retrain-on-demand-k8s")
+    assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"] and weekly.schedules[0].active
+    assert weekly.work_pool_name == on_demand.work_pool_name == "cass-process"
+    assert gpu.work_pool_name == "cass-kubernetes" and gpu.job_variables["gpus"] == 1
+    for deployment in (weekly, on_demand, gpu):
+        assert deployment.global_concurrency_limit.limit == 1  # one retraining at a time
+        assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+    properties = on_demand.parameter_openapi_schema["properties"]
+    assert {"dataset", "label_fraction", "pretrain_epochs", "tune_trials"} <= set(properties)
+    assert set(yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][1]["parameters"]) <= set(properties)
+
+
+def test_run_key_follows_data_and_result_settings_not_where_things_run(demo_root: Path, prepared_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    from cass.config import params_from_mapping
+    from cass.retraining import run_key
+
+    def key(data: Path = prepared_dir, tuning: bool = False, **sections) -> str:
+        mapping = tiny_mapping(demo_root)
+        for section, values in sections.items():
+            mapping.setdefault(section, {}).update(values)
+        return run_key(params_from_mapping(mapping), data, tuning=tuning)
+
+    base = key()
+    assert key(pretrain={"num_workers": 3, "device": "cpu"}, mlflow={"experiment": "x"},
+               retrain={"io_retries": 0}, tune={"n_trials": 3}) == base
+    assert key(finetune={"lr": 0.01}) != base
+    assert key(quality={"min_macro_f1": 0.9}) != base
+    assert key(tuning=True) != base
+    changed = tmp_path / "data"
+    shutil.copytree(prepared_dir, changed)
+    manifest = changed / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",train,", ",val,", 1))  # one image moved to another split
+    assert key(data=changed) != base
