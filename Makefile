@@ -27,4 +27,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf outputs mlruns .pytest_cache
+	rm -rf outputs mlruns mlflow.db .prefect .pytest_cache dvc_plots

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -140,11 +140,51 @@ class TrainerConfig(_Section):
     precision: Precision = Field(default="auto", description="auto = bf16 on CUDA where supported, else fp32")
     channels_last: bool = Field(default=True, description="channels_last memory format for the CNN on CUDA")
     compile: bool = False
+    sync_batchnorm: bool = Field(
+        default=False, description="several CUDA processes: CNN BatchNorm statistics over the global batch"
+    )
     num_workers: int = Field(default=2, ge=0)
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
 
 
+class DinoConfig(_Section):
+    """The DINO baseline (Caron et al. 2021); defaults are the official ones. Epochs, batch size, warm-up,
+    min_lr, precision and workers come from ``pretrain``; the optimiser is always AdamW."""
+
+    out_dim: int = Field(default=65536, ge=2, description="prototypes of the DINO head; reduce for small data")
+    hidden_dim: int = Field(default=2048, ge=1)
+    bottleneck_dim: int = Field(default=256, ge=1)
+    head_layers: int = Field(default=3, ge=1)
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = Field(default=True, description="fix the weight-normalised last layer's norm at 1")
+    local_crops: int = Field(default=8, ge=0, description="local crops per image (2 global crops always)")
+    local_crop_size: int | None = Field(
+        default=None, ge=8, description="default: image_size x 96/224, rounded to the ViT patch size"
+    )
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    teacher_temp: float = Field(default=0.04, gt=0.0)
+    warmup_teacher_temp: float = Field(default=0.04, gt=0.0)
+    warmup_teacher_temp_epochs: int = Field(default=0, ge=0)
+    student_temp: float = Field(default=0.1, gt=0.0)
+    center_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    momentum_teacher: float = Field(default=0.996, ge=0.0, le=1.0, description="EMA start; cosine to 1")
+    lr: float | None = Field(default=None, gt=0.0, description="default: 5e-4 x batch_size x accumulate / 256")
+    weight_decay: float = Field(default=0.04, ge=0.0)
+    weight_decay_end: float = Field(default=0.4, ge=0.0)
+    clip_grad: float = Field(default=3.0, ge=0.0, description="per-parameter gradient norm clip; 0 = off")
+    freeze_last_layer_epochs: int = Field(default=1, ge=0)
+
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"crop scale {list(v)} must satisfy 0 < low <= high <= 1")
+        return v
+
+
 class PretrainConfig(TrainerConfig):
+    method: Literal["cass", "dino"] = Field(default="cass", description="cass, or the DINO baseline (pretrain.dino)")
     epochs: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     pool: Literal["train", "train+val"] = Field(
@@ -153,6 +193,11 @@ class PretrainConfig(TrainerConfig):
     collapse_warn_fraction: float = Field(
         default=0.2, gt=0.0, le=1.0, description="warn when embedding std < this x 1/sqrt(embed_dim)"
     )
+    anti_collapse: Literal["none", "vicreg"] = Field(
+        default="none", description="CASS only, beyond the paper: vicreg adds a variance-covariance term per network"
+    )
+    anti_collapse_weight: float = Field(default=1.0, gt=0.0, description="weight of the anti-collapse term")
+    dino: DinoConfig = DinoConfig()
 
 
 ClassWeights = Literal["inverse_frequency", "authors", "none"]
@@ -189,6 +234,294 @@ class MlflowConfig(_Section):
     )
     experiment: str = "cass"
     model_prefix: str = Field(default="cass-demo", description="registered models are <prefix>-cnn, <prefix>-vit")
+    server_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="how long to wait for the tracking server before giving up (before training)"
+    )
+    artifact_retries: int = Field(default=3, ge=1, description="attempts per artifact/model upload")
+    artifact_retry_delay_s: float = Field(default=2.0, ge=0.0, description="first retry delay; doubles each time")
+    promotion_metric: Literal["macro_f1", "balanced_accuracy", "accuracy", "macro_auroc"] = Field(
+        default="macro_f1", description="test metric a candidate must improve to become champion"
+    )
+    promotion_margin: float = Field(
+        default=0.01, gt=0.0, le=1.0, description="candidate - champion must be at least this on the same test set"
+    )
+    lock_timeout_s: float = Field(default=120.0, gt=0.0, description="wait this long for another promotion")
+    lock_stale_s: float = Field(
+        default=900.0, gt=0.0, description="a promotion lock older than this was left by a dead process; broken"
+    )
+
+
+Severity = Literal["warn", "fail"]
+
+# Every check of the data and model gates (cass.quality) with its default severity. A failed "fail" check stops
+# the pipeline; a failed "warn" check is reported and the run goes on. quality.severity overrides these.
+QUALITY_CHECKS: dict[str, Severity] = {
+    # manifest gate (before any training)
+    "rows_present": "fail",
+    "inside_root": "fail",
+    "file_exists": "fail",
+    "decodes": "fail",
+    "file_unchanged": "fail",
+    "width_in_bounds": "fail",
+    "height_in_bounds": "fail",
+    "mode_allowed": "fail",
+    "has_label": "fail",
+    "labels_known": "fail",
+    "single_label": "fail",
+    "hash_label_conflict": "fail",
+    "min_images_per_class": "fail",
+    "imbalance_warn": "warn",
+    "imbalance_fail": "fail",
+    # split gate (before fine-tuning)
+    "split_known": "fail",
+    "hash_one_split": "fail",
+    "group_one_split": "fail",
+    "class_in_every_split": "fail",
+    "subset_in_train": "fail",
+    # model gate (before registration and promotion)
+    "metric_present": "fail",
+    "metric_not_nan": "fail",
+    "metric_in_range": "fail",
+    "macro_f1_floor": "fail",
+    "balanced_accuracy_floor": "fail",
+    "class_recall_nonzero": "fail",
+}
+
+
+class QualityConfig(_Section):
+    """Thresholds and severities of the Great Expectations gates (``cass validate manifest|splits|model``)."""
+
+    min_width: int = Field(default=16, ge=1, description="narrowest image accepted, in pixels")
+    max_width: int = Field(default=16384, ge=1)
+    min_height: int = Field(default=16, ge=1)
+    max_height: int = Field(default=16384, ge=1)
+    allowed_modes: tuple[str, ...] = Field(
+        default=("RGB", "RGBA", "L", "LA", "P", "I;16", "I;16B", "I;16L", "I", "F"),
+        description="Pillow modes accepted (those the loader converts to 8-bit RGB faithfully)",
+    )
+    min_images_per_class: int = Field(default=5, ge=1, description="fewer images than this in a class fails")
+    imbalance_warn_ratio: float = Field(default=10.0, ge=1.0, description="largest/smallest class count: warn above")
+    imbalance_fail_ratio: float = Field(default=100.0, ge=1.0, description="largest/smallest class count: fail above")
+    expected_metrics: tuple[str, ...] = Field(
+        default=("macro_f1", "balanced_accuracy", "macro_auroc"),
+        description="keys the evaluation metrics.json must hold, each a number in [0, 1]",
+    )
+    min_macro_f1: float = Field(default=0.5, ge=0.0, le=1.0, description="test macro F1 floor")
+    min_balanced_accuracy: float = Field(default=0.5, ge=0.0, le=1.0, description="test balanced accuracy floor")
+    severity: dict[str, Severity] = Field(
+        default_factory=dict, description="check name -> warn | fail, overriding the defaults (QUALITY_CHECKS)"
+    )
+    max_examples: int = Field(default=5, ge=1, le=100, description="offending rows shown per failed check")
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, v: dict[str, Severity]) -> dict[str, Severity]:
+        for name in v:
+            if name not in QUALITY_CHECKS:
+                close = difflib.get_close_matches(name, QUALITY_CHECKS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown check '{name}'{hint} Known: {', '.join(QUALITY_CHECKS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QualityConfig:
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("quality.min_width/min_height must not exceed max_width/max_height")
+        if self.imbalance_warn_ratio > self.imbalance_fail_ratio:
+            raise ValueError(
+                f"quality.imbalance_warn_ratio {self.imbalance_warn_ratio} exceeds imbalance_fail_ratio "
+                f"{self.imbalance_fail_ratio}; the warning level must come first"
+            )
+        return self
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, QUALITY_CHECKS[check])
+
+
+class FloatSpec(_Section):
+    """A float drawn from [low, high], on a log scale when ``log`` (learning rates, weight decay)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(default=None, gt=0.0, description="grid step; not with log")
+
+
+class IntSpec(_Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(default=1, ge=1)
+
+
+class CategoricalSpec(_Section):
+    type: Literal["categorical"]
+    choices: tuple[bool | int | float | str | None, ...]
+
+
+SearchSpec = Annotated[FloatSpec | IntSpec | CategoricalSpec, Field(discriminator="type")]
+
+TUNABLE_FINETUNE_KEYS = (
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "warmup_epochs",
+    "optimizer",
+    "focal_gamma",
+    "focal_alpha",
+    "class_weights",
+    "batch_size",
+    "accumulate",
+    "freeze_epochs",
+    "augment_strength",
+    "patience",
+)
+"""finetune.* keys a study may search. The rest choose what is trained (networks, init, label_fraction)
+or where (device, workers): searching them would compare different experiments, not settings."""
+
+
+def _default_space() -> dict[str, FloatSpec | IntSpec | CategoricalSpec]:
+    return {
+        "lr": FloatSpec(type="float", low=1e-5, high=1e-2, log=True),
+        "weight_decay": FloatSpec(type="float", low=1e-6, high=1e-2, log=True),
+        "focal_gamma": FloatSpec(type="float", low=0.0, high=3.0),
+        "class_weights": CategoricalSpec(type="categorical", choices=("inverse_frequency", "authors", "none")),
+        "batch_size": CategoricalSpec(type="categorical", choices=(8, 16, 32)),
+        "freeze_epochs": IntSpec(type="int", low=0, high=2),
+        "augment_strength": FloatSpec(type="float", low=0.5, high=1.5),
+    }
+
+
+def _check_search_param(name: str, spec: FloatSpec | IntSpec | CategoricalSpec) -> None:
+    """Reject one entry of tune.space that no trial could use, naming it."""
+    key = f"tune.space.{name}"
+    fields = FinetuneConfig.model_fields
+    if name not in fields:
+        close = difflib.get_close_matches(name, TUNABLE_FINETUNE_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"{key}: '{name}' is not a finetune setting{hint}; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}"
+        )
+    if name not in TUNABLE_FINETUNE_KEYS:
+        raise ValueError(f"{key}: finetune.{name} cannot be tuned; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}")
+    annotation = fields[name].annotation
+    if isinstance(spec, CategoricalSpec):
+        if not spec.choices:
+            raise ValueError(f"{key}: the choice list is empty; give at least one value")
+        values: tuple[Any, ...] = spec.choices
+    else:
+        if spec.low > spec.high:
+            raise ValueError(f"{key}: low ({spec.low}) is greater than high ({spec.high})")
+        if spec.log and spec.low <= 0:
+            raise ValueError(f"{key}: a log scale needs low > 0 (got {spec.low})")
+        fixed_grid = spec.step is not None if isinstance(spec, FloatSpec) else spec.step != 1
+        if spec.log and fixed_grid:
+            raise ValueError(f"{key}: use either log or step, not both")
+        if annotation is int and isinstance(spec, FloatSpec):
+            raise ValueError(f"{key}: finetune.{name} is a whole number; use type: int or categorical")
+        if annotation not in (int, float):
+            raise ValueError(f"{key}: finetune.{name} takes named values; use type: categorical with choices")
+        values = (spec.low, spec.high)
+    for value in values:
+        try:
+            FinetuneConfig.model_validate({name: value})
+        except ValidationError as err:
+            reason = "; ".join(e["msg"] for e in err.errors())
+            raise ValueError(f"{key}: {value!r} is not a valid finetune.{name} ({reason})") from None
+
+
+class PrunerConfig(_Section):
+    """Stops a trial early when its per-epoch validation value trails the other trials at that epoch."""
+
+    type: Literal["median", "percentile", "none"] = "median"
+    n_startup_trials: int = Field(default=5, ge=0, description="finished trials before any pruning")
+    n_warmup_steps: int = Field(default=1, ge=0, description="epochs of a trial that are never pruned")
+    percentile: float = Field(default=50.0, gt=0.0, lt=100.0, description="percentile pruner: keep the top share")
+
+
+class TuneConfig(_Section):
+    """Optuna search over fine-tuning settings (``cass tune``). ``space`` maps finetune keys to ranges."""
+
+    n_trials: int = Field(default=20, ge=1, description="finished trials the study aims at, over all workers")
+    timeout: float | None = Field(default=None, gt=0.0, description="seconds after which a worker starts no trial")
+    seed: int | None = Field(default=None, description="sampler seed; default: the top-level seed")
+    objective: Literal["val_macro_f1", "val_balanced_accuracy", "val_loss"] = "val_macro_f1"
+    direction: Literal["maximize", "minimize"] | None = Field(
+        default=None, description="default: minimize for val_loss, else maximize"
+    )
+    epochs: int | None = Field(default=None, ge=1, description="epochs per trial; default: finetune.epochs")
+    startup_trials: int = Field(default=10, ge=0, description="random trials before TPE models the space")
+    pruner: PrunerConfig = PrunerConfig()
+    storage: str | None = Field(
+        default=None, description="sqlite:///... or postgresql://...; default: <outputs>/tune/optuna_<net>.db"
+    )
+    study_name: str = Field(default="cass-finetune", min_length=1, description="one study per network: <name>-<net>")
+    heartbeat_interval: int = Field(default=60, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int | None = Field(
+        default=None, ge=1, description="silence after which a trial's worker counts as dead; default 2 x heartbeat"
+    )
+    max_retry: int = Field(default=3, ge=0, description="re-runs of a trial whose worker died")
+    space: dict[str, SearchSpec] = Field(default_factory=_default_space)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _typed(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            for name, spec in v.items():
+                if isinstance(spec, Mapping) and spec.get("type") not in ("float", "int", "categorical"):
+                    raise ValueError(
+                        f"tune.space.{name}: set type: float, int or categorical (got {spec.get('type')!r}), "
+                        "e.g. {type: float, low: 1.0e-5, high: 1.0e-2, log: true}"
+                    )
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, FloatSpec | IntSpec | CategoricalSpec]) -> dict:
+        if not v:
+            raise ValueError("tune.space is empty; give at least one finetune key to search, e.g. lr")
+        for name, spec in v.items():
+            _check_search_param(name, spec)
+        return v
+
+    @model_validator(mode="after")
+    def _settings(self) -> TuneConfig:
+        natural = "minimize" if self.objective == "val_loss" else "maximize"
+        if self.direction is not None and self.direction != natural:
+            raise ValueError(
+                f"tune.direction '{self.direction}' does not fit tune.objective {self.objective}: "
+                f"it should be {natural}d; leave tune.direction unset"
+            )
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period}) must exceed tune.heartbeat_interval "
+                f"({self.heartbeat_interval}), or a live worker's trial is taken for dead"
+            )
+        return self
+
+    @property
+    def study_direction(self) -> Literal["maximize", "minimize"]:
+        return self.direction or ("minimize" if self.objective == "val_loss" else "maximize")
+
+
+class RetrainConfig(_Section):
+    """The Prefect retraining flow (``flows/retrain.py``): retries of its I/O tasks and its concurrency slot.
+
+    Only I/O is retried (``dvc pull``, MLflow run creation, uploads, registration, promotion): a training
+    step that failed for a real reason would fail again and waste GPU hours."""
+
+    io_retries: int = Field(default=4, ge=0, description="retries of an I/O task after its first attempt")
+    io_retry_delay_s: float = Field(default=10.0, ge=0.0, description="delay before the first retry; doubles")
+    io_retry_max_delay_s: float = Field(default=300.0, ge=0.0, description="cap on one retry delay")
+    concurrency_limit: str | None = Field(
+        default="cass-retrain",
+        description="Prefect global concurrency limit held by a retraining run (create it with limit 1); null = none",
+    )
+    parallel_finetune: Literal["auto", "always", "never"] = Field(
+        default="auto", description="fine-tune the networks at the same time; auto = when finetune.device is CUDA"
+    )
 
 
 class Params(_Section):
@@ -201,6 +534,9 @@ class Params(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    quality: QualityConfig = QualityConfig()
+    tune: TuneConfig = TuneConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _fraction_listed(self) -> Params:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cass.quality.gate import GateResult
+
 
 class CassError(Exception):
     """Base class: the CLI prints the message and exits non-zero without a traceback."""
@@ -25,3 +30,19 @@ class TrainingError(CassError):
     """Training cannot go on (non-finite loss, missing checkpoint, ...)."""
 
     exit_code = 4
+
+
+class GateFailed(CassError):
+    """A data-quality or model gate found a failed check of severity "fail"; the stage must not run."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, result: GateResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result  # the cass.quality.GateResult, for callers that want the details
+
+
+class VersioningError(CassError):
+    """DVC cannot version, push or pull the data: no DVC repository or remote, unreachable endpoint, corrupt cache."""
+
+    exit_code = 8

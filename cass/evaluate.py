@@ -16,6 +16,7 @@ from cass.data.manifest import atomic_write_text, label_lists, read_manifest
 from cass.data.transforms import eval_transform
 from cass.errors import DataError
 from cass.finetune import load_classifier, predict_probs
+from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
 from cass.training import atomic_path, resolve_device
 
@@ -65,7 +66,13 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
     )
     probs = predict_probs(model, loader, info.multilabel, device)
     metrics = classification_metrics(y, probs, info.classes, info.multilabel, params.evaluate.threshold)
-    metrics = {"network": spec.network, "arch": spec.arch, "data_version": info.data_version, **metrics}
+    metrics = {
+        "network": spec.network,
+        "arch": spec.arch,
+        "data_version": info.data_version,
+        "git_commit": git_commit(),
+        **metrics,
+    }
 
     out.out_dir.mkdir(parents=True, exist_ok=True)
     pred = pd.DataFrame(probs, columns=[f"p_{c}" for c in info.classes])

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cass import distributed
 from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import atomic_write_text, label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
 from cass.errors import DataError, TrainingError
+from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
 from cass.metrics import classification_metrics
 from cass.models import create_network, head_parameters, reset_head
@@ -155,6 +157,14 @@ def _initial_model(params: Params, network: Network, num_classes: int, pretrain_
     return create_network(arch, num_classes, network, m.image_size, pretrained=m.pretrained, key=key)
 
 
+def _pretrain_method(init: str, pretrain_dir: Path | None) -> str:
+    """``cass`` or ``dino`` (from networks.json) when starting from a pretraining output, else ``none``."""
+    if init != "cass" or pretrain_dir is None:
+        return "none"
+    spec = PretrainOutputs(Path(pretrain_dir)).networks
+    return str(json.loads(spec.read_text()).get("method", "cass")) if spec.is_file() else "cass"
+
+
 def finetune(
     params: Params,
     data_dir: Path,
@@ -182,7 +192,8 @@ def finetune(
         missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
         raise DataError(f"label-fraction subset {cfg.label_fraction:g} has no example of {missing}")
 
-    device = resolve_device(cfg.device)
+    ctx = distributed.setup(resolve_device(cfg.device))
+    device = ctx.device
     precision = resolve_precision(cfg.precision, device)
     seed_everything(params.seed)
     model = _initial_model(params, network, len(classes), pretrain_dir).to(device)
@@ -197,7 +208,12 @@ def finetune(
         cfg, [{"params": [p for p in model.parameters() if id(p) not in head]}, {"params": head_parameters(model)}]
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    step_model = torch.compile(model) if cfg.compile else model
+    # Several processes: DDP averages the gradients (frozen-backbone epochs leave parameters unused).
+    model, ddp_model = distributed.wrap(
+        model, device, sync_batchnorm=cfg.sync_batchnorm and network == "cnn", key="finetune.sync_batchnorm",
+        find_unused_parameters=cfg.freeze_epochs > 0,
+    )
+    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     image_size = params.model.image_size
     train_set = ImageDataset(
@@ -214,8 +230,12 @@ def finetune(
         y_val,
         params.data.max_image_pixels,
     )
-    drop_last = len(train_set) > cfg.batch_size and len(train_set) % cfg.batch_size == 1
-    batches = len(train_set) // cfg.batch_size if drop_last else math.ceil(len(train_set) / cfg.batch_size)
+    # batch_size is the global batch: each process loads its share (padded to equal shares) per epoch.
+    local_batch = distributed.local_batch_size(cfg.batch_size, "finetune.batch_size")
+    sampler = distributed.sampler(train_set, shuffle=True, seed=params.seed, drop_last=False)
+    shard = len(sampler)
+    drop_last = shard > local_batch and shard % local_batch == 1  # a last batch of one breaks BatchNorm
+    batches = shard // local_batch if drop_last else math.ceil(shard / local_batch)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
     schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
     val_loader = make_loader(val_set, params.evaluate.batch_size, shuffle=False, num_workers=cfg.num_workers, seed=0)
@@ -244,20 +264,26 @@ def finetune(
         frozen = epoch < cfg.freeze_epochs
         for p in model.parameters():
             p.requires_grad_(not frozen or id(p) in head)
-        torch.manual_seed(epoch_seed(params.seed, epoch))
+        torch.manual_seed(epoch_seed(params.seed, epoch) + ctx.rank)
+        sampler.set_epoch(epoch)
+        train_set.reseed(epoch_seed(params.seed, epoch))
         loader = make_loader(
             train_set,
-            cfg.batch_size,
+            local_batch,
             shuffle=True,
             num_workers=cfg.num_workers,
             seed=epoch_seed(params.seed, epoch),
             drop_last=drop_last,
+            sampler=sampler,
         )
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         bar = tqdm(
-            loader, desc=f"finetune {network} {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False
+            loader,
+            desc=f"finetune {network} {epoch + 1}/{cfg.epochs}",
+            disable=None if progress and ctx.main else True,
+            leave=False,
         )
         for i, (x, y) in enumerate(bar):
             group_size = min(cfg.accumulate, batches - (i // cfg.accumulate) * cfg.accumulate)
@@ -265,12 +291,14 @@ def finetune(
             x, y = x.to(device), y.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = step_model(x)
-            loss = criterion(logits, y)
-            check_finite(loss, f"fine-tuning {network}, epoch {epoch + 1}, batch {i + 1}")
-            scaler.scale(loss / group_size).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == batches:
+            last_of_group = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
+            with distributed.no_sync((ddp_model,), enabled=not last_of_group):
+                with autocast(device, precision):
+                    logits = step_model(x)
+                loss = criterion(logits, y)
+                check_finite(loss, f"fine-tuning {network}, epoch {epoch + 1}, batch {i + 1}")
+                scaler.scale(loss / group_size).backward()
+            if last_of_group:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -278,7 +306,14 @@ def finetune(
             seen += len(x)
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
-        val_loss, val_metrics = _validate(model, val_loader, criterion, spec, device, precision)
+        totals = torch.tensor([total, seen], dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(totals)
+        total, seen = float(totals[0]), int(totals[1])
+        # Rank 0 validates; every rank follows its loss, so early stopping cannot diverge.
+        val_loss, val_metrics = math.nan, {"macro_f1": math.nan, "balanced_accuracy": math.nan}
+        if ctx.main:
+            val_loss, val_metrics = _validate(model, val_loader, criterion, spec, device, precision)
+        val_loss = distributed.broadcast_float(val_loss, device)
         record = {
             "epoch": epoch + 1,
             "train_loss": total / max(seen, 1),
@@ -302,7 +337,7 @@ def finetune(
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             stale += 1
-        for cb in callbacks:
+        for cb in callbacks if ctx.main else ():
             cb(epoch + 1, record)
         if stale >= cfg.patience:
             log.info("early stop: validation loss has not improved for %d epochs", stale)
@@ -312,6 +347,9 @@ def finetune(
         raise TrainingError(f"fine-tuning {network} produced no finite validation loss")
     model.load_state_dict(best_state)
     best = history[best_epoch - 1]
+    if not ctx.main:
+        distributed.barrier()  # return once rank 0 has written the outputs
+        return out
     out.out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out.weights)
     atomic_write_text(out.spec, spec.to_json())
@@ -320,6 +358,7 @@ def finetune(
         "network": network,
         "arch": spec.arch,
         "init": cfg.init,
+        "pretrain_method": _pretrain_method(cfg.init, pretrain_dir),
         "label_fraction": cfg.label_fraction,
         "labelled_images": len(train_set),
         "class_weights": cfg.class_weights,
@@ -330,8 +369,11 @@ def finetune(
         "best_val_macro_f1": best["val_macro_f1"],
         "best_val_balanced_accuracy": best["val_balanced_accuracy"],
         "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "data_version": info.data_version,
+        "git_commit": git_commit(),
     }
     atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
     return out
 
 

@@ -47,14 +47,20 @@ def create_network(
     pretrained: bool = False,
     weights: str | None = None,
     key: str = "model",
+    dynamic_size: bool = False,
 ) -> nn.Module:
-    """Build ``name`` with a ``num_classes``-wide head; ViTs are built for ``image_size`` inputs."""
+    """Build ``name`` with a ``num_classes``-wide head; ViTs are built for ``image_size`` inputs.
+
+    ``dynamic_size`` lets a ViT also take other input sizes (multiples of its patch size) by resampling
+    its position embedding, as DINO's local crops need; the state_dict is the same either way."""
     import timm
 
     check_model_name(name, key)
     kwargs: dict = {"num_classes": num_classes, "pretrained": pretrained}
     if role == "vit" and image_size is not None:
         kwargs["img_size"] = image_size
+    if role == "vit" and dynamic_size:
+        kwargs["dynamic_img_size"] = True
     try:
         model = timm.create_model(name, **kwargs)
     except TypeError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from cass.data.prepare import prepare_data
 from cass.evaluate import evaluate
 from cass.finetune import finetune
 from cass.pretrain import pretrain
+from cass.quality import validate_manifest, validate_model, validate_splits
+
+log = logging.getLogger(__name__)
 
 NETWORKS = ("cnn", "vit")
 
@@ -37,11 +41,31 @@ class Layout:
     def evaluate(self, network: str) -> Path:
         return self.root / "evaluate" / network
 
+    def quality(self, gate: str) -> Path:
+        """Report folder of a gate (Data Docs, result.json): manifest, splits, model[/<network>]."""
+        return self.root / "quality" / gate
+
+    @property
+    def decode_cache(self) -> Path:
+        """Decode results by content hash, kept beside (not inside) the gate reports that tools may delete."""
+        return self.root / "quality" / "decode-cache.json"
+
 
 def ensure_demo_data(params: Params) -> None:
     """Generate the embedded demo dataset at ``data.root`` when the settings point at it."""
     if params.data.name == "demo" and params.data.layout == "imagefolder":
         generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+
+
+def validate_data(params: Params, layout: Layout, on_stage: Callable[[str], None] = lambda stage: None) -> None:
+    """The data gates, manifest then splits; :class:`cass.errors.GateFailed` stops the run before any training.
+
+    Both run before pretraining (not only the split gate before fine-tuning): pretraining reads the splits too.
+    """
+    on_stage("validate manifest")
+    validate_manifest(params, layout.data, layout.quality("manifest"), cache_path=layout.decode_cache)
+    on_stage("validate splits")
+    validate_splits(params, layout.data, layout.quality("splits"))
 
 
 def run_pipeline(
@@ -51,10 +75,14 @@ def run_pipeline(
     progress: bool = True,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict[str, dict]:
-    """prepare -> pretrain -> fine-tune and evaluate each network; returns test metrics per network."""
+    """prepare -> pretrain -> fine-tune and evaluate each network; returns test metrics per network.
+
+    Untracked; :func:`cass.tracking.tracked_pipeline` and the Prefect flow run the same stages with MLflow.
+    """
     on_stage("prepare")
     ensure_demo_data(params)
     prepare_data(params, layout.data)
+    validate_data(params, layout, on_stage)
     pre_dir = None
     if params.finetune.init == "cass":
         on_stage("pretrain")
@@ -66,4 +94,8 @@ def run_pipeline(
         on_stage(f"evaluate {network}")
         metrics_path = evaluate(params, layout.data, model_dir, layout.evaluate(network)).metrics
         results[network] = json.loads(metrics_path.read_text())
+        # Reported only: the demo registers nothing; registration and promotion stop on this gate.
+        gate = validate_model(params, metrics_path, layout.quality("model") / network, raise_on_failure=False)
+        if not gate.success:
+            log.warning("%s", gate.summary())
     return results

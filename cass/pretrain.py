@@ -20,12 +20,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cass import distributed
 from cass.config import Params
 from cass.data.dataset import ImageDataset, make_loader
 from cass.data.manifest import MANIFEST_FILE, atomic_write_text, read_manifest
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
-from cass.losses import CASSLoss
+from cass.lineage import git_commit
+from cass.losses import AntiCollapseCASSLoss, CASSLoss
 from cass.models import create_network
 from cass.training import (
     EpochCallback,
@@ -88,7 +90,7 @@ def networks_spec(params: Params) -> dict:
 
 def _fingerprint(params: Params, data_dir: Path) -> str:
     """What the checkpoint depends on; a checkpoint with another fingerprint is not resumed."""
-    keep = params.pretrain.model_dump(exclude={"num_workers", "device", "compile"})
+    keep = params.pretrain.model_dump(exclude={"num_workers", "device", "compile", "sync_batchnorm"})
     payload = json.dumps(
         {
             "seed": params.seed,
@@ -145,7 +147,13 @@ def pretrain(
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
 ) -> PretrainOutputs:
-    """Train both networks with the CASS objective; returns where the weights and metrics are."""
+    """Train both networks with the CASS objective; returns where the weights and metrics are.
+
+    ``pretrain.method: dino`` runs the DINO baseline instead (same outputs; see cass.baselines.dino)."""
+    if params.pretrain.method == "dino":
+        from cass.baselines.dino import pretrain_dino
+
+        return pretrain_dino(params, data_dir, out_dir, resume=resume, callbacks=callbacks, progress=progress)
     cfg = params.pretrain
     out = PretrainOutputs(Path(out_dir))
     out.out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,8 @@ def pretrain(
         raise DataError(f"{data_dir}: only {len(rows)} image(s) in the pretraining pool {pool}")
     fingerprint = _fingerprint(params, Path(data_dir))
 
-    device = resolve_device(cfg.device)
+    ctx = distributed.setup(resolve_device(cfg.device))
+    device = ctx.device
     precision = resolve_precision(cfg.precision, device)
     seed_everything(params.seed)
     m = params.model
@@ -167,11 +176,14 @@ def pretrain(
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         cnn.to(memory_format=torch.channels_last)
+    # Several processes: DDP averages the gradients; cnn/vit stay the plain modules (saved, resumed).
+    cnn, cnn_ddp = distributed.wrap(cnn, device, sync_batchnorm=cfg.sync_batchnorm, key="pretrain.sync_batchnorm")
+    vit, vit_ddp = distributed.wrap(vit, device)
     optimizer = make_optimizer(cfg, [{"params": list(cnn.parameters())}, {"params": list(vit.parameters())}])
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    cnn_step = torch.compile(cnn) if cfg.compile else cnn
-    vit_step = torch.compile(vit) if cfg.compile else vit
-    criterion = CASSLoss()
+    cnn_step = torch.compile(cnn_ddp) if cfg.compile else cnn_ddp
+    vit_step = torch.compile(vit_ddp) if cfg.compile else vit_ddp
+    criterion = CASSLoss() if cfg.anti_collapse == "none" else AntiCollapseCASSLoss(cfg.anti_collapse_weight)
 
     dataset = ImageDataset(
         Path(info.root),
@@ -180,7 +192,10 @@ def pretrain(
         max_pixels=params.data.max_image_pixels,
     )
     drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
-    batches = len(dataset) // cfg.batch_size if drop_last else math.ceil(len(dataset) / cfg.batch_size)
+    # batch_size is the global batch: each process loads its share of one permutation per epoch.
+    local_batch = distributed.local_batch_size(cfg.batch_size, "pretrain.batch_size")
+    sampler = distributed.sampler(dataset, shuffle=True, seed=params.seed, drop_last=drop_last)
+    batches = len(sampler) // local_batch if drop_last else math.ceil(len(sampler) / local_batch)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
     schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
 
@@ -210,15 +225,18 @@ def pretrain(
         device,
     )
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(params.seed, epoch))
+        torch.manual_seed(epoch_seed(params.seed, epoch) + ctx.rank)
+        sampler.set_epoch(epoch)
+        dataset.reseed(epoch_seed(params.seed, epoch))  # per-image views: the same for any process count
         loader = make_loader(
             dataset,
-            cfg.batch_size,
+            local_batch,
             shuffle=True,
             num_workers=cfg.num_workers,
             seed=epoch_seed(params.seed, epoch),
             drop_last=drop_last,
             pin_memory=device.type == "cuda",
+            sampler=sampler,
         )
         cnn.train()
         vit.train()
@@ -230,7 +248,7 @@ def pretrain(
         bar = tqdm(
             loader,
             desc=f"pretrain {epoch + 1}/{cfg.epochs}",
-            disable=None if progress else True,
+            disable=None if progress and ctx.main else True,
             leave=False,
             unit="batch",
         )
@@ -241,12 +259,14 @@ def pretrain(
             step = epoch * steps_per_epoch + i // cfg.accumulate
             set_lr(optimizer, float(schedule[min(step, len(schedule) - 1)]))
             x = x.to(device, non_blocking=True)
-            loss, z_cnn, z_vit = cass_step(
-                cnn_step, vit_step, x, criterion, scaler, device=device, precision=precision,
-                channels_last=channels_last, loss_divisor=group_size,
-            )
+            last_of_group = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
+            with distributed.no_sync((cnn_ddp, vit_ddp), enabled=not last_of_group):
+                loss, z_cnn, z_vit = cass_step(
+                    cnn_step, vit_step, x, criterion, scaler, device=device, precision=precision,
+                    channels_last=channels_last, loss_divisor=group_size,
+                )
             check_finite(loss, f"pretraining epoch {epoch + 1}, batch {i + 1}")
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == batches:
+            if last_of_group:
                 optimizer_step(optimizer, scaler)
             with torch.no_grad():
                 for key, z in (("cnn", z_cnn), ("vit", z_vit)):
@@ -257,6 +277,10 @@ def pretrain(
             sums["n"] += len(x)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{sums['n'] / (time.perf_counter() - started):.0f}")
         seconds = time.perf_counter() - started
+        # Metrics over the global epoch: sum the per-process sums (the loss itself stayed local).
+        totals = torch.tensor([sums["loss"], sums["n"]], dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(totals, *(t for pair in emb.values() for t in pair))
+        sums["loss"], sums["n"] = float(totals[0]), int(totals[1])
         n = sums["n"]
         stds = {}
         for key, (s1, s2) in emb.items():
@@ -293,6 +317,8 @@ def pretrain(
                     cfg.collapse_warn_fraction,
                     healthy,
                 )
+        if not ctx.main:
+            continue  # rank 0 alone checkpoints (plain state_dicts: resumable with any process count)
         save_checkpoint(
             {
                 "cnn": unwrap(cnn).state_dict(),
@@ -308,6 +334,9 @@ def pretrain(
         for cb in callbacks:
             cb(epoch + 1, record)
 
+    if not ctx.main:
+        distributed.barrier()  # return once rank 0 has written the outputs
+        return out
     save_weights(cnn, out.cnn)
     save_weights(vit, out.vit)
     atomic_write_text(out.networks, json.dumps(networks_spec(params), indent=2) + "\n")
@@ -328,7 +357,10 @@ def pretrain(
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "precision": precision.name,
         "device": str(device),
+        "processes": ctx.world_size,
         "data_version": info.data_version,
+        "git_commit": git_commit(),
     }
     atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
     return out

@@ -7,6 +7,7 @@ failure. An S3 endpoint is started with moto_server on a free loopback port for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -133,9 +134,9 @@ def s3_bucket(s3_env: str) -> str:
 PG_ADMIN_URL = os.environ.get("CASS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(prefix: str = "cass_test") -> Iterator[str]:
+    """Create a database on the local PostgreSQL server, yield its URL, drop it afterwards."""
     try:
         import psycopg2
     except ImportError:
@@ -145,12 +146,11 @@ def postgres_url() -> Iterator[str]:
     except psycopg2.OperationalError as exc:
         service_unavailable(f"no PostgreSQL server at {PG_ADMIN_URL} ({str(exc).strip()})")
     admin.autocommit = True
-    name = f"cass_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         with admin.cursor() as cur:
             cur.execute(
@@ -159,3 +159,10 @@ def postgres_url() -> Iterator[str]:
             )
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server for one test."""
+    with fresh_database() as url:
+        yield url

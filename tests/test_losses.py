@@ -39,7 +39,7 @@ def test_cass_loss_decreases_under_training_and_trains_both() -> None:
     first = None
     for _ in range(50):
         loss = CASSLoss()(cnn(x), vit(x))
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         assert cnn.weight.grad.abs().sum() > 0 and vit.weight.grad.abs().sum() > 0

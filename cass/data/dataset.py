@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cass.data.images import DEFAULT_MAX_PIXELS, load_rgb
 
@@ -34,15 +34,32 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.targets = targets
         self.max_pixels = max_pixels
+        self.seed: int | None = None
+
+    def reseed(self, seed: int | None) -> None:
+        """Seed the augmentations per image: image ``i`` gets the same random view for the same
+        ``seed`` whichever process, worker or batch position loads it (``None``: torch's global RNG)."""
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.transform(load_rgb(self.root / self.paths[i], self.max_pixels))
+        rgb = load_rgb(self.root / self.paths[i], self.max_pixels)
+        if self.seed is None:
+            image = self.transform(rgb)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, i))
+                image = self.transform(rgb)
         if self.targets is None:
             return image, torch.tensor(-1)
         return image, torch.as_tensor(self.targets[i])
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for image ``index`` in the epoch seeded ``seed``."""
+    return int(np.random.SeedSequence([seed % 2**63, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], multilabel: bool) -> np.ndarray:
@@ -63,13 +80,16 @@ def make_loader(
     seed: int,
     drop_last: bool = False,
     pin_memory: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader whose order and augmentations depend only on ``seed`` (one seed per epoch)."""
+    """A DataLoader whose order and augmentations depend only on ``seed`` (one seed per epoch); a
+    ``sampler`` (e.g. this process's DistributedSampler shard) replaces ``shuffle``."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=num_workers,
         generator=generator,
         drop_last=drop_last,

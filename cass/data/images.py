@@ -30,7 +30,8 @@ class ImageInfo:
     mode: str
 
 
-def _open_checked(data: bytes, where: str, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode image bytes with the bomb check first; ``where`` names the source in errors."""
     if not data:
         raise DataError(f"{where}: the file is empty (0 bytes); replace it or remove its row")
     try:
@@ -73,13 +74,13 @@ def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, where: str |
     """Hash and fully decode one file; raise :class:`DataError` naming the file if it is unusable."""
     where = where or str(path)
     data = read_bytes(path, where)
-    img = _open_checked(data, where, max_pixels)
+    img = decode_image(data, where, max_pixels)
     return ImageInfo(hashlib.sha256(data).hexdigest(), img.width, img.height, img.mode)
 
 
 def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image for training or inference as 8-bit RGB."""
-    return to_rgb8(_open_checked(read_bytes(path), str(path), max_pixels))
+    return to_rgb8(decode_image(read_bytes(path), str(path), max_pixels))
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:

@@ -41,3 +41,51 @@ def eval_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
     ])
+
+
+class MultiCropTransform:
+    """DINO's multi-crop views (Caron et al. 2021): 2 global crops then ``local_crops`` local crops.
+
+    Per crop: random resized crop (bicubic), horizontal flip, colour jitter 0.4/0.4/0.2/0.1 (p 0.8),
+    grayscale (p 0.2), Gaussian blur (p 1.0 / 0.1 on the global crops, 0.5 on local ones) and solarisation
+    (p 0.2, second global crop only), then normalisation. The blur's sigma range (0.1-2.0 px at 224 px)
+    is scaled with the crop size so small images are not blurred out. Returns a list of tensors.
+    """
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        local_crops: int,
+        global_scale: tuple[float, float],
+        local_scale: tuple[float, float],
+        aug: AugmentConfig,
+    ) -> None:
+        self.local_crops = local_crops
+        self.sizes = [global_size, global_size] + [local_size] * local_crops
+        self.global_views = [
+            self._view(global_size, global_scale, blur_p=1.0, solarize_p=0.0, aug=aug),
+            self._view(global_size, global_scale, blur_p=0.1, solarize_p=0.2, aug=aug),
+        ]
+        self.local_view = self._view(local_size, local_scale, blur_p=0.5, solarize_p=0.0, aug=aug)
+
+    @staticmethod
+    def _view(
+        size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, aug: AugmentConfig
+    ) -> v2.Compose:
+        sigma = (0.1 * size / 224, 2.0 * size / 224)
+        kernel = 2 * max(1, round(3 * sigma[1])) + 1
+        return v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=blur_p),
+            v2.RandomSolarize(threshold=128, p=solarize_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
+        ])
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [view(image) for view in self.global_views] + [self.local_view(image) for _ in range(self.local_crops)]

@@ -1,6 +1,16 @@
-"""Objectives: the CASS loss and focal loss."""
+"""Objectives: the CASS loss, focal loss, the DINO baseline's loss and the opt-in anti-collapse term."""
 
 from cass.losses.cass import CASSLoss, embedding_std
+from cass.losses.dino import DINOLoss
 from cass.losses.focal import FocalLoss, class_weights
+from cass.losses.vicreg import AntiCollapseCASSLoss, VarianceCovarianceLoss
 
-__all__ = ["CASSLoss", "FocalLoss", "class_weights", "embedding_std"]
+__all__ = [
+    "AntiCollapseCASSLoss",
+    "CASSLoss",
+    "DINOLoss",
+    "FocalLoss",
+    "VarianceCovarianceLoss",
+    "class_weights",
+    "embedding_std",
+]
