@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import Params
-from cass.data.dataset import ImageDataset, encode_targets, make_loader
+from cass.data.dataset import ImageDataset, encode_targets, epoch_loader, make_loader
 from cass.data.manifest import atomic_write_text, label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
@@ -264,18 +264,8 @@ def finetune(
         frozen = epoch < cfg.freeze_epochs
         for p in model.parameters():
             p.requires_grad_(not frozen or id(p) in head)
-        torch.manual_seed(epoch_seed(params.seed, epoch) + ctx.rank)
-        sampler.set_epoch(epoch)
-        train_set.reseed(epoch_seed(params.seed, epoch))
-        loader = make_loader(
-            train_set,
-            local_batch,
-            shuffle=True,
-            num_workers=cfg.num_workers,
-            seed=epoch_seed(params.seed, epoch),
-            drop_last=drop_last,
-            sampler=sampler,
-        )
+        loader = epoch_loader(train_set, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
+                              cfg.num_workers, drop_last)
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import Params
-from cass.data.dataset import ImageDataset, make_loader
+from cass.data.dataset import ImageDataset, epoch_loader
 from cass.data.manifest import MANIFEST_FILE, atomic_write_text, read_manifest
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
@@ -225,19 +225,8 @@ def pretrain(
         device,
     )
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(params.seed, epoch) + ctx.rank)
-        sampler.set_epoch(epoch)
-        dataset.reseed(epoch_seed(params.seed, epoch))  # per-image views: the same for any process count
-        loader = make_loader(
-            dataset,
-            local_batch,
-            shuffle=True,
-            num_workers=cfg.num_workers,
-            seed=epoch_seed(params.seed, epoch),
-            drop_last=drop_last,
-            pin_memory=device.type == "cuda",
-            sampler=sampler,
-        )
+        loader = epoch_loader(dataset, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
+                              cfg.num_workers, drop_last, pin_memory=device.type == "cuda")
         cnn.train()
         vit.train()
         sums = {"loss": 0.0, "n": 0}

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import DinoConfig, Params
-from cass.data.dataset import ImageDataset, make_loader
+from cass.data.dataset import ImageDataset, epoch_loader
 from cass.data.manifest import atomic_write_text, read_manifest
 from cass.data.transforms import MultiCropTransform
 from cass.errors import DataError
@@ -385,19 +385,8 @@ def pretrain_dino(
         device,
     )
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(params.seed, epoch) + ctx.rank)
-        sampler.set_epoch(epoch)
-        dataset.reseed(epoch_seed(params.seed, epoch))  # per-image crops: the same for any process count
-        loader = make_loader(
-            dataset,
-            local_batch,
-            shuffle=True,
-            num_workers=cfg.num_workers,
-            seed=epoch_seed(params.seed, epoch),
-            drop_last=drop_last,
-            pin_memory=device.type == "cuda",
-            sampler=sampler,
-        )
+        loader = epoch_loader(dataset, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
+                              cfg.num_workers, drop_last, pin_memory=device.type == "cuda")
         for learner in learners.values():
             learner.train()
         teacher_temp = float(sched.teacher_temp[epoch])

@@ -96,3 +96,28 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def epoch_loader(
+    dataset: ImageDataset,
+    sampler: Sampler,
+    epoch_seed: int,
+    epoch: int,
+    rank: int,
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Seed everything one training epoch depends on, then build its loader.
+
+    Model randomness (dropout) follows ``epoch_seed + rank``, the sampler's order ``epoch``, each image's
+    augmentation ``epoch_seed`` and its index, so an epoch is replayed exactly after a resume and gives
+    every image the same view whatever the number of processes.
+    """
+    torch.manual_seed(epoch_seed + rank)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    dataset.reseed(epoch_seed)
+    return make_loader(dataset, batch_size, shuffle=True, num_workers=num_workers, seed=epoch_seed,
+                       drop_last=drop_last, pin_memory=pin_memory, sampler=sampler)
