@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from cass import distributed
 from cass.config import Params
 from cass.data.dataset import ImageDataset, epoch_loader
-from cass.data.manifest import MANIFEST_FILE, atomic_write_text, read_manifest
+from cass.data.manifest import MANIFEST_FILE, DatasetInfo, atomic_write_text, read_manifest
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
 from cass.lineage import git_commit
@@ -105,6 +105,17 @@ def _fingerprint(params: Params, data_dir: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def pretraining_pool(params: Params, data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
+    """The unlabelled images self-supervised pretraining uses: every image of ``pretrain.pool``'s splits
+    (never the test split, never only a label-fraction subset)."""
+    df, info = read_manifest(Path(data_dir))
+    pool = ("train",) if params.pretrain.pool == "train" else ("train", "val")
+    rows = df[df["split"].isin(pool)]
+    if len(rows) < 2:
+        raise DataError(f"{data_dir}: only {len(rows)} image(s) in the pretraining pool {pool}")
+    return rows, info
+
+
 def cass_step(
     cnn: torch.nn.Module,
     vit: torch.nn.Module,
@@ -157,11 +168,7 @@ def pretrain(
     cfg = params.pretrain
     out = PretrainOutputs(Path(out_dir))
     out.out_dir.mkdir(parents=True, exist_ok=True)
-    df, info = read_manifest(Path(data_dir))
-    pool = ("train",) if cfg.pool == "train" else ("train", "val")
-    rows = df[df["split"].isin(pool)]
-    if len(rows) < 2:
-        raise DataError(f"{data_dir}: only {len(rows)} image(s) in the pretraining pool {pool}")
+    rows, info = pretraining_pool(params, Path(data_dir))
     fingerprint = _fingerprint(params, Path(data_dir))
 
     ctx = distributed.setup(resolve_device(cfg.device))

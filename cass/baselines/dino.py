@@ -37,12 +37,11 @@ from tqdm.auto import tqdm
 from cass import distributed
 from cass.config import DinoConfig, Params
 from cass.data.dataset import ImageDataset, epoch_loader
-from cass.data.manifest import atomic_write_text, read_manifest
+from cass.data.manifest import atomic_write_text
 from cass.data.transforms import MultiCropTransform
-from cass.errors import DataError
 from cass.losses import DINOLoss
 from cass.models import Role, create_network
-from cass.pretrain import PretrainOutputs, _fingerprint, networks_spec
+from cass.pretrain import PretrainOutputs, _fingerprint, networks_spec, pretraining_pool
 from cass.training import (
     EpochCallback,
     Precision,
@@ -329,11 +328,7 @@ def pretrain_dino(
     cfg, dino, m = params.pretrain, params.pretrain.dino, params.model
     out = PretrainOutputs(Path(out_dir))
     out.out_dir.mkdir(parents=True, exist_ok=True)
-    df, info = read_manifest(Path(data_dir))
-    pool = ("train",) if cfg.pool == "train" else ("train", "val")
-    rows = df[df["split"].isin(pool)]
-    if len(rows) < 2:
-        raise DataError(f"{data_dir}: only {len(rows)} image(s) in the pretraining pool {pool}")
+    rows, info = pretraining_pool(params, Path(data_dir))
     fingerprint = _fingerprint(params, Path(data_dir))
 
     ctx = distributed.setup(resolve_device(cfg.device))
