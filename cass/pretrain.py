@@ -105,6 +105,35 @@ def _fingerprint(params: Params, data_dir: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def write_outputs(
+    out: PretrainOutputs,
+    params: Params,
+    info: DatasetInfo,
+    networks: dict[str, torch.nn.Module],
+    history: list[dict],
+    details: dict,
+    method: str = "cass",
+) -> None:
+    """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json,
+    history.csv and metrics.json (loss and speed summaries, lineage, then the method's ``details``)."""
+    for net, module in networks.items():
+        save_weights(module, out.weights(net))
+    atomic_write_text(out.networks, json.dumps({**networks_spec(params), "method": method}, indent=2) + "\n")
+    atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
+    summary = {
+        "method": method,
+        "final_loss": history[-1]["loss"],
+        "best_loss": min(h["loss"] for h in history),
+        "epochs": len(history),
+        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "data_version": info.data_version,
+        "git_commit": git_commit(),
+        **details,
+    }
+    atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+
+
 def pretraining_pool(params: Params, data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
     """The unlabelled images self-supervised pretraining uses: every image of ``pretrain.pool``'s splits
     (never the test split, never only a label-fraction subset)."""
@@ -333,15 +362,8 @@ def pretrain(
     if not ctx.main:
         distributed.barrier()  # return once rank 0 has written the outputs
         return out
-    save_weights(cnn, out.cnn)
-    save_weights(vit, out.vit)
-    atomic_write_text(out.networks, json.dumps(networks_spec(params), indent=2) + "\n")
-    atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
     last = history[-1]
-    summary = {
-        "final_loss": last["loss"],
-        "best_loss": min(h["loss"] for h in history),
-        "epochs": len(history),
+    write_outputs(out, params, info, {"cnn": cnn, "vit": vit}, history, {
         "images": len(dataset),
         "cnn_embedding_std": last["cnn_embedding_std"],
         "vit_embedding_std": last["vit_embedding_std"],
@@ -349,14 +371,9 @@ def pretrain(
         "collapsed": bool(
             min(last["cnn_embedding_std"], last["vit_embedding_std"]) < cfg.collapse_warn_fraction * healthy
         ),
-        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "train_seconds": sum(h["epoch_seconds"] for h in history),
         "precision": precision.name,
         "device": str(device),
         "processes": ctx.world_size,
-        "data_version": info.data_version,
-        "git_commit": git_commit(),
-    }
-    atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+    })
     distributed.barrier()
     return out

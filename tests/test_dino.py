@@ -276,6 +276,7 @@ def test_cli_method_dino_writes_cass_format_that_resumes_and_finetune_loads(
     assert json.loads((pre / "networks.json").read_text())["method"] == "dino"
     metrics = json.loads((pre / "metrics.json").read_text())
     assert metrics["method"] == "dino" and metrics["epochs"] == 1
+    assert "data_version" in metrics and "git_commit" in metrics  # the same lineage as CASS pretraining
     assert math.isfinite(metrics["cnn_final_loss"]) and math.isfinite(metrics["vit_final_loss"])
     assert {"cnn_loss", "vit_loss", "cnn_embedding_std", "teacher_momentum"} <= set(
         (pre / "history.csv").read_text().splitlines()[0].split(",")

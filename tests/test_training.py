@@ -55,6 +55,7 @@ def test_pretraining_writes_weights_metrics_and_collapse_indicator(prepared_dir:
     assert 0 <= metrics["cnn_embedding_std"] <= 1 and 0 <= metrics["vit_embedding_std"] <= 1
     assert set(load_file(str(out.cnn))) and set(load_file(str(out.vit)))
     assert "cnn_embedding_std" in out.history.read_text()
+    assert json.loads(out.networks.read_text())["method"] == metrics["method"] == "cass"
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path, demo_root: Path,

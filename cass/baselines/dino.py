@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,11 +35,10 @@ from tqdm.auto import tqdm
 from cass import distributed
 from cass.config import DinoConfig, Params
 from cass.data.dataset import ImageDataset, epoch_loader
-from cass.data.manifest import atomic_write_text
 from cass.data.transforms import MultiCropTransform
 from cass.losses import DINOLoss
 from cass.models import Role, create_network
-from cass.pretrain import PretrainOutputs, _fingerprint, networks_spec, pretraining_pool
+from cass.pretrain import PretrainOutputs, _fingerprint, pretraining_pool, write_outputs
 from cass.training import (
     EpochCallback,
     Precision,
@@ -53,7 +50,6 @@ from cass.training import (
     resolve_device,
     resolve_precision,
     save_checkpoint,
-    save_weights,
     seed_everything,
 )
 
@@ -465,34 +461,23 @@ def pretrain_dino(
     if not ctx.main:
         distributed.barrier()  # return once rank 0 has written the outputs
         return out
-    for net, learner in learners.items():
-        save_weights(learner.student.backbone, out.weights(net))
-    atomic_write_text(out.networks, json.dumps({**networks_spec(params), "method": "dino"}, indent=2) + "\n")
-    atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
     last = history[-1]
     collapsed = any(last[f"{net}_embedding_std"] < cfg.collapse_warn_fraction * healthy[net] for net in NETWORKS)
-    summary = {
-        "method": "dino",
-        "final_loss": last["loss"],
-        "best_loss": min(h["loss"] for h in history),
+    backbones = {net: learner.student.backbone for net, learner in learners.items()}
+    write_outputs(out, params, info, backbones, history, {
         "cnn_final_loss": last["cnn_loss"],
         "vit_final_loss": last["vit_loss"],
-        "epochs": len(history),
         "images": len(dataset),
         "cnn_embedding_std": last["cnn_embedding_std"],
         "vit_embedding_std": last["vit_embedding_std"],
         "cnn_healthy_embedding_std": healthy["cnn"],
         "vit_healthy_embedding_std": healthy["vit"],
         "collapsed": collapsed,
-        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "train_seconds": sum(h["epoch_seconds"] for h in history),
         "local_crop_size": local_size,
         "base_lr": lr,
         "precision": precision.name,
         "device": str(device),
         "processes": ctx.world_size,
-        "data_version": info.data_version,
-    }
-    atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+    }, method="dino")
     distributed.barrier()
     return out
