@@ -143,8 +143,19 @@ class TrainerConfig(_Section):
     sync_batchnorm: bool = Field(
         default=False, description="several CUDA processes: CNN BatchNorm statistics over the global batch"
     )
-    num_workers: int = Field(default=2, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes per training process; auto = none when training on the CPU "
+        "(the model already uses every core), else one per spare core, at most 8",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("must be a number of worker processes (0 or more) or auto")
 
 
 class DinoConfig(_Section):

@@ -104,6 +104,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def local_world_size() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without a process group)."""
+    return _env_int("LOCAL_WORLD_SIZE", 1) if world_size() > 1 else 1
+
+
 def is_main() -> bool:
     """Rank 0 (or a single process): the one that logs, shows progress and writes files."""
     return rank() == 0

@@ -18,7 +18,7 @@ from cass.errors import DataError
 from cass.finetune import load_classifier, predict_probs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
-from cass.training import atomic_path, resolve_device
+from cass.training import atomic_path, resolve_device, resolve_num_workers
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,8 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
         y,
         params.data.max_image_pixels,
     )
-    loader = make_loader(
-        dataset, params.evaluate.batch_size, shuffle=False, num_workers=params.finetune.num_workers, seed=0
-    )
+    workers = resolve_num_workers(params.finetune.num_workers, device)
+    loader = make_loader(dataset, params.evaluate.batch_size, shuffle=False, num_workers=workers, seed=0)
     probs = predict_probs(model, loader, info.multilabel, device)
     metrics = classification_metrics(y, probs, info.classes, info.multilabel, params.evaluate.threshold)
     metrics = {

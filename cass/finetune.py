@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import Params
-from cass.data.dataset import ImageDataset, encode_targets, epoch_loader, make_loader
+from cass.data.dataset import EpochLoader, ImageDataset, encode_targets, make_loader
 from cass.data.manifest import atomic_write_text, label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
@@ -44,6 +44,7 @@ from cass.training import (
     load_weights_file,
     make_optimizer,
     resolve_device,
+    resolve_num_workers,
     resolve_precision,
     save_weights,
     seed_everything,
@@ -232,13 +233,15 @@ def finetune(
     )
     # batch_size is the global batch: each process loads its share (padded to equal shares) per epoch.
     local_batch = distributed.local_batch_size(cfg.batch_size, "finetune.batch_size")
+    workers = resolve_num_workers(cfg.num_workers, device, distributed.local_world_size())
     sampler = distributed.sampler(train_set, shuffle=True, seed=params.seed, drop_last=False)
     shard = len(sampler)
     drop_last = shard > local_batch and shard % local_batch == 1  # a last batch of one breaks BatchNorm
     batches = shard // local_batch if drop_last else math.ceil(shard / local_batch)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
     schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
-    val_loader = make_loader(val_set, params.evaluate.batch_size, shuffle=False, num_workers=cfg.num_workers, seed=0)
+    val_loader = make_loader(val_set, params.evaluate.batch_size, shuffle=False, num_workers=workers, seed=0,
+                             persistent_workers=True)
 
     spec = ClassifierSpec(
         network,
@@ -260,12 +263,12 @@ def finetune(
     )
     history: list[dict] = []
     best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
+    loaders = EpochLoader(train_set, sampler, local_batch, workers, drop_last)
     for epoch in range(cfg.epochs):
         frozen = epoch < cfg.freeze_epochs
         for p in model.parameters():
             p.requires_grad_(not frozen or id(p) in head)
-        loader = epoch_loader(train_set, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
-                              cfg.num_workers, drop_last)
+        loader = loaders.for_epoch(epoch_seed(params.seed, epoch), epoch, ctx.rank)
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         optimizer.zero_grad(set_to_none=True)

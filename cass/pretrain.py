@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import Params
-from cass.data.dataset import ImageDataset, epoch_loader
+from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.manifest import MANIFEST_FILE, DatasetInfo, atomic_write_text, read_manifest
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
@@ -39,6 +39,7 @@ from cass.training import (
     load_checkpoint,
     make_optimizer,
     resolve_device,
+    resolve_num_workers,
     resolve_precision,
     save_checkpoint,
     save_weights,
@@ -230,6 +231,7 @@ def pretrain(
     drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
     # batch_size is the global batch: each process loads its share of one permutation per epoch.
     local_batch = distributed.local_batch_size(cfg.batch_size, "pretrain.batch_size")
+    workers = resolve_num_workers(cfg.num_workers, device, distributed.local_world_size())
     sampler = distributed.sampler(dataset, shuffle=True, seed=params.seed, drop_last=drop_last)
     batches = len(sampler) // local_batch if drop_last else math.ceil(len(sampler) / local_batch)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
@@ -260,9 +262,9 @@ def pretrain(
         precision.name,
         device,
     )
+    loaders = EpochLoader(dataset, sampler, local_batch, workers, drop_last, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
-        loader = epoch_loader(dataset, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
-                              cfg.num_workers, drop_last, pin_memory=device.type == "cuda")
+        loader = loaders.for_epoch(epoch_seed(params.seed, epoch), epoch, ctx.rank)
         cnn.train()
         vit.train()
         sums = {"loss": 0.0, "n": 0}

@@ -39,6 +39,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_num_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
+    """DataLoader workers for ``num_workers: auto`` (an integer is kept as it is).
+
+    Training on the CPU already keeps every core busy with the model's own threads: loader workers would
+    only take cores from it, so auto loads in the main process. On an accelerator the cores are free for
+    decoding and augmenting: auto gives each of the ``processes`` training processes on this machine its
+    share of the cores, one left for the training process itself, at most MAX_AUTO_WORKERS.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(processes, 1) - 1))
+
+
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype | None  # autocast dtype, None = full fp32

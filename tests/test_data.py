@@ -8,16 +8,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
 
 from cass.config import params_from_mapping
 from cass.data import adapters
+from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.demo import CLASSES, generate_demo, render
 from cass.data.images import inspect_image, load_rgb, to_rgb8
 from cass.data.manifest import label_lists, read_manifest
 from cass.data.prepare import prepare_data
 from cass.data.splits import assign_splits, label_fraction_subset, read_subset
-from cass.errors import DataError
+from cass.data.transforms import cass_transform
+from cass.errors import ConfigError, DataError
+from cass.training import epoch_seed, resolve_num_workers
 from tests.conftest import tiny_mapping
 
 
@@ -278,3 +283,45 @@ def test_csv_path_escaping_the_root_is_refused(tmp_path: Path) -> None:
     layout = params_from_mapping({"data": {"layout": "csv", "csv": {"file": "gt.csv"}}}).data.csv
     with pytest.raises(DataError, match=r"row 2: path '\./\.\./secret.jpg' escapes the data root|row 2: path.*escapes"):
         adapters.csv_onehot(root, layout)
+
+
+def _epoch_batches(loaders, epoch: int) -> list[torch.Tensor]:
+    return [x for x, _ in loaders.for_epoch(epoch_seed(5, epoch), epoch, rank=0)]
+
+
+def test_persistent_loader_workers_follow_each_epochs_seed(prepared_dir: Path, tiny_params) -> None:
+    # Workers started once keep their copy of the dataset, so each epoch's seed must reach them with the
+    # indices: with 2 workers every epoch must match the in-process loader image for image.
+    df, info = read_manifest(prepared_dir)
+    strong = tiny_params.augment.model_copy(update={"affine_p": 1.0, "color_jitter_p": 1.0, "perspective_p": 1.0})
+    ds = ImageDataset(Path(info.root), df["path"].tolist()[:12], cass_transform(32, strong))
+    runs = {}
+    for workers in (0, 2):
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)  # fixed order: views only
+        loaders = EpochLoader(ds, sampler, batch_size=4, num_workers=workers, drop_last=False)
+        runs[workers] = [_epoch_batches(loaders, epoch) for epoch in range(3)]
+        if workers:
+            assert loaders.loader._iterator is not None and loaders.loader.persistent_workers
+    for epoch in range(3):
+        for a, b in zip(runs[0][epoch], runs[2][epoch], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    first, second = torch.cat(runs[0][0]), torch.cat(runs[0][1])
+    assert not torch.equal(first, second)  # the next epoch: other views of the same images
+
+
+def test_num_workers_auto_loads_in_process_on_cpu_and_spreads_spare_cores_otherwise(monkeypatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_num_workers(3, cpu) == 3
+    assert resolve_num_workers("auto", cpu) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert resolve_num_workers("auto", gpu) == 8
+    assert resolve_num_workers("auto", gpu, processes=4) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert resolve_num_workers("auto", gpu) == 1
+    assert resolve_num_workers("auto", gpu, processes=2) == 0
+
+
+@pytest.mark.parametrize("value", [-1, "many", 1.5])
+def test_num_workers_must_be_a_count_or_auto(value) -> None:
+    with pytest.raises(ConfigError, match="num_workers"):
+        params_from_mapping({"pretrain": {"num_workers": value}})

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.config import DinoConfig, Params
-from cass.data.dataset import ImageDataset, epoch_loader
+from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.transforms import MultiCropTransform
 from cass.losses import DINOLoss
 from cass.models import Role, create_network
@@ -48,6 +48,7 @@ from cass.training import (
     epoch_seed,
     load_checkpoint,
     resolve_device,
+    resolve_num_workers,
     resolve_precision,
     save_checkpoint,
     seed_everything,
@@ -342,6 +343,7 @@ def pretrain_dino(
     drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
     # batch_size is the global batch: each process loads its share of one permutation per epoch.
     local_batch = distributed.local_batch_size(cfg.batch_size, "pretrain.batch_size")
+    workers = resolve_num_workers(cfg.num_workers, device, distributed.local_world_size())
     sampler = distributed.sampler(dataset, shuffle=True, seed=params.seed, drop_last=drop_last)
     batches = len(sampler) // local_batch if drop_last else math.ceil(len(sampler) / local_batch)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
@@ -375,9 +377,9 @@ def pretrain_dino(
         precision.name,
         device,
     )
+    loaders = EpochLoader(dataset, sampler, local_batch, workers, drop_last, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
-        loader = epoch_loader(dataset, sampler, epoch_seed(params.seed, epoch), epoch, ctx.rank, local_batch,
-                              cfg.num_workers, drop_last, pin_memory=device.type == "cuda")
+        loader = loaders.for_epoch(epoch_seed(params.seed, epoch), epoch, ctx.rank)
         for learner in learners.values():
             learner.train()
         teacher_temp = float(sched.teacher_temp[epoch])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,9 @@ class ImageDataset(Dataset):
     """Images from ``root``/``paths`` as 8-bit RGB through ``transform``, with optional targets.
 
     Targets are class indices (single-label, int64) or multi-hot float vectors (multi-label); without
-    targets (self-supervised pretraining) the target is -1.
+    targets (self-supervised pretraining) the target is -1. ``dataset[i]`` draws the augmentation from
+    torch's global RNG; ``dataset[(i, seed)]`` seeds it from ``seed`` and ``i``, so image ``i`` gets the same
+    random view for the same ``seed`` whichever process, worker or batch position loads it.
     """
 
     def __init__(
@@ -34,23 +36,18 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.targets = targets
         self.max_pixels = max_pixels
-        self.seed: int | None = None
-
-    def reseed(self, seed: int | None) -> None:
-        """Seed the augmentations per image: image ``i`` gets the same random view for the same
-        ``seed`` whichever process, worker or batch position loads it (``None``: torch's global RNG)."""
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         rgb = load_rgb(self.root / self.paths[i], self.max_pixels)
-        if self.seed is None:
+        if seed is None:
             image = self.transform(rgb)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, i))
+            with torch.random.fork_rng(devices=[]):  # the transforms draw from the CPU generator only
+                torch.default_generator.manual_seed(sample_seed(seed, i))
                 image = self.transform(rgb)
         if self.targets is None:
             return image, torch.tensor(-1)
@@ -81,6 +78,7 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     sampler: Sampler | None = None,
+    persistent_workers: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order and augmentations depend only on ``seed`` (one seed per epoch); a
     ``sampler`` (e.g. this process's DistributedSampler shard) replaces ``shuffle``."""
@@ -94,30 +92,59 @@ def make_loader(
         generator=generator,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 
-def epoch_loader(
-    dataset: ImageDataset,
-    sampler: Sampler,
-    epoch_seed: int,
-    epoch: int,
-    rank: int,
-    batch_size: int,
-    num_workers: int,
-    drop_last: bool,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """Seed everything one training epoch depends on, then build its loader.
+class SeededSampler(Sampler[tuple[int, int]]):
+    """``sampler``'s indices paired with the epoch's augmentation seed: ``(index, seed)``.
 
-    Model randomness (dropout) follows ``epoch_seed + rank``, the sampler's order ``epoch``, each image's
-    augmentation ``epoch_seed`` and its index, so an epoch is replayed exactly after a resume and gives
-    every image the same view whatever the number of processes.
+    The seed travels with each index from the main process, so DataLoader workers that live across
+    epochs (and keep the dataset object they started with) still augment each epoch with its own seed.
     """
-    torch.manual_seed(epoch_seed + rank)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    dataset.reseed(epoch_seed)
-    return make_loader(dataset, batch_size, shuffle=True, num_workers=num_workers, seed=epoch_seed,
-                       drop_last=drop_last, pin_memory=pin_memory, sampler=sampler)
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.seed = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed = self.seed
+        return ((int(i), seed) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class EpochLoader:
+    """The training loader of every epoch of one loop, with its workers started once.
+
+    ``for_epoch`` seeds everything the epoch depends on: model randomness (dropout) follows
+    ``epoch_seed + rank``, the sampler's order ``epoch``, each image's augmentation ``epoch_seed`` and its
+    index; so an epoch is replayed exactly after a resume and gives every image the same view whatever
+    the number of processes or loader workers. The workers persist across epochs (no restart, no
+    re-import, the next epoch's first batches prefetched as soon as it begins).
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        sampler: Sampler[int],
+        batch_size: int,
+        num_workers: int,
+        drop_last: bool,
+        pin_memory: bool = False,
+    ) -> None:
+        self.sampler = SeededSampler(sampler)
+        self.loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0,
+                                  drop_last=drop_last, pin_memory=pin_memory, sampler=self.sampler,
+                                  persistent_workers=True)
+
+    def for_epoch(self, epoch_seed: int, epoch: int, rank: int) -> DataLoader:
+        torch.manual_seed(epoch_seed + rank)
+        self.sampler.set_epoch(epoch, epoch_seed)
+        return self.loader
