@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,52 @@ log = logging.getLogger("benchmarks")
 CPU_PRESET = {"cnn": "resnet18", "vit": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16}
 # GPU preset: the paper's networks at 224 px (the paper used 384 px for the ViT).
 GPU_PRESET = {"cnn": "resnet50", "vit": "vit_base_patch16_224", "image_size": 224, "batch_size": 32}
+
+
+@dataclass(frozen=True)
+class SpeedSetup:
+    """What a speed benchmark runs: the networks, image size and batch, and where."""
+
+    cnn: str
+    vit: str
+    image_size: int
+    batch: int
+    device: torch.device
+    precision: Any  # cass.training.Precision
+    env: dict[str, Any]
+
+
+def add_speed_arguments(ap: Any) -> None:
+    """The options every speed benchmark shares: preset, networks, size, batch, precision, device, threads."""
+    ap.add_argument("--gpu", action="store_true", help="GPU preset: resnet50 + vit_base_patch16_224, 224 px, batch 32")
+    ap.add_argument("--cnn", help="timm CNN (default: the preset's)")
+    ap.add_argument("--vit", help="timm ViT (default: the preset's)")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    ap.add_argument("--device", default="auto")
+    add_threads_argument(ap)
+
+
+def speed_setup(args: Any) -> SpeedSetup:
+    """Logging, threads, the preset with the command line's changes, the device and its precision."""
+    from cass.training import resolve_device, resolve_precision
+
+    setup_logging()
+    apply_threads(args.threads)
+    preset = GPU_PRESET if args.gpu else CPU_PRESET
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return SpeedSetup(
+        cnn=args.cnn or preset["cnn"],
+        vit=args.vit or preset["vit"],
+        image_size=args.image_size or preset["image_size"],
+        batch=args.batch_size or preset["batch_size"],
+        device=device,
+        precision=resolve_precision(args.precision, device),
+        env=environment(device),
+    )
 
 
 def add_threads_argument(ap: Any) -> None:

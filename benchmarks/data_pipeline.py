@@ -1,14 +1,15 @@
 """Training DataLoader throughput (decode + CASS augmentations) vs raw decoding, vs what the model consumes.
 
-For each worker count (0 = in the main process, 1, and the default, ``pretrain.num_workers`` = 2 in
-params.yaml) it measures, over the same files:
+For each worker count (0 = in the main process, 1, 2, and the default, ``pretrain.num_workers: auto``
+resolved for the device: 0 on a CPU, the spare cores on a GPU) it measures, over the same files:
   - raw decode: the image file to an 8-bit RGB tensor, nothing else;
-  - the CASS training loader: the ``ImageDataset`` + ``cass_transform`` + ``make_loader`` the pretrain
+  - the CASS training loader: the ``ImageDataset`` + ``cass_transform`` + ``EpochLoader`` the pretrain
     stage builds (decode, resize, colour jitter, perspective, affine, flips, normalisation, batching);
   - the DINO loader (2 global + 8 local crops per image), for reference.
-Throughput counts whole epochs, worker start-up included (the stage starts workers every epoch);
-``steady`` leaves out each epoch's first batch. The model's consumption rate is the CASS training step
-(both networks) on the same device; the target is loader >= 1.2 x model at the default worker count.
+Throughput counts whole epochs of one loader whose workers live across epochs, as in the stage (their
+start-up falls in the first epoch); ``steady`` leaves out each epoch's first batch. The model's
+consumption rate is the CASS training step (both networks) on the same device; the target is
+loader >= 1.2 x model at the default worker count.
 
     python benchmarks/data_pipeline.py              # demo data at 64 px, model resnet18 + vit_tiny
     python benchmarks/data_pipeline.py --gpu        # demo data at 224 px, model resnet50 + ViT-B/16
@@ -24,30 +25,27 @@ from pathlib import Path
 
 import torch
 from _common import (
-    CPU_PRESET,
-    GPU_PRESET,
-    add_threads_argument,
-    apply_threads,
+    add_speed_arguments,
     cass_step_fn,
     demo_mapping,
     dino_local_size,
     emit,
-    environment,
     interleaved_times,
     log,
     median,
     prepare_demo,
-    setup_logging,
+    speed_setup,
     step_params,
 )
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
 from cass.config import AugmentConfig, DinoConfig
-from cass.data.dataset import ImageDataset, make_loader
+from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.manifest import read_manifest
 from cass.data.transforms import MultiCropTransform, cass_transform
-from cass.training import resolve_device, resolve_precision
+from cass.training import resolve_num_workers
 
 TARGET = 1.2
 
@@ -84,33 +82,23 @@ def _decode_collate(batch: list) -> tuple[list, list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="GPU preset: 224 px, resnet50 + vit_base_patch16_224, batch 32")
-    ap.add_argument("--cnn")
-    ap.add_argument("--vit")
-    ap.add_argument("--image-size", type=int)
-    ap.add_argument("--batch-size", type=int)
+    add_speed_arguments(ap)
     ap.add_argument("--workers", default="0,1,2", help="worker counts to measure (default: %(default)s)")
-    ap.add_argument("--default-workers", type=int, default=2, help="the default worker count (params.yaml: 2)")
+    ap.add_argument("--default-workers", default="auto",
+                    help="the stage's worker count (params.yaml: auto, resolved for the device)")
     ap.add_argument("--images-per-class", type=int, default=100, help="demo dataset size (4 classes)")
     ap.add_argument("--min-images", type=int, default=600, help="images per measurement, whole epochs")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per setting (median reported)")
     ap.add_argument("--data-dir", type=Path, help="a prepared data folder to read instead of the demo dataset")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto")
     ap.add_argument("--steps", type=int, default=30, help="measured model steps")
     ap.add_argument("--skip-dino", action="store_true", help="do not measure the DINO multi-crop loader")
-    add_threads_argument(ap)
     args = ap.parse_args()
-    setup_logging()
-    apply_threads(args.threads)
-
-    preset = GPU_PRESET if args.gpu else CPU_PRESET
-    cnn, vit = args.cnn or preset["cnn"], args.vit or preset["vit"]
-    image_size, batch = args.image_size or preset["image_size"], args.batch_size or preset["batch_size"]
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    env = environment(device)
-    workers = sorted({int(w) for w in args.workers.split(",")} | {args.default_workers})
+    run = speed_setup(args)
+    cnn, vit, image_size, batch = run.cnn, run.vit, run.image_size, run.batch
+    device, precision, env = run.device, run.precision, run.env
+    default_workers = resolve_num_workers(args.default_workers if args.default_workers == "auto"
+                                          else int(args.default_workers), device)
+    workers = sorted({int(w) for w in args.workers.split(",")} | {default_workers})
     pin = device.type == "cuda"
 
     with tempfile.TemporaryDirectory(prefix="cass-data-") as tmp:
@@ -139,14 +127,14 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so that a change in background load hits every setting
             for w in workers:
                 for name, ds in datasets.items():
-                    def make(epoch: int, ds: ImageDataset = ds, name: str = name, w: int = w) -> DataLoader:
-                        if name == "raw_decode" and not same_size:  # files differ in size: no stacking
-                            return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=w,
-                                              collate_fn=_decode_collate,
-                                              generator=torch.Generator().manual_seed(epoch))
-                        return make_loader(ds, batch, shuffle=True, num_workers=w, seed=epoch, drop_last=True,
-                                           pin_memory=pin)
-
+                    if name == "raw_decode" and not same_size:  # files differ in size: no stacking
+                        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=w,
+                                            collate_fn=_decode_collate, persistent_workers=w > 0)
+                        make: Callable[[int], DataLoader] = lambda _epoch, loader=loader: loader  # noqa: E731
+                    else:
+                        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+                        epochs = EpochLoader(ds, sampler, batch, w, drop_last=True, pin_memory=pin)
+                        make = lambda epoch, epochs=epochs: epochs.for_epoch(epoch, epoch, rank=0)  # noqa: E731
                     runs[name][str(w)].append(measure(make, args.min_images))
                     log.info("%s, %d worker(s): %.0f images/s", name, w, runs[name][str(w)][-1]["images_per_second"])
         loaders = {
@@ -157,7 +145,7 @@ def main() -> None:
     torch.manual_seed(0)
     times = interleaved_times({"cass": cass_step_fn(step, device, precision)}, device, 5, args.steps)
     model_rate = batch / median(times["cass"])
-    default = loaders["cass_loader"][str(args.default_workers)]["images_per_second"]
+    default = loaders["cass_loader"][str(default_workers)]["images_per_second"]
     per_worker = {
         name: {w: r["images_per_second"] / max(int(w), 1) for w, r in by_w.items()} for name, by_w in loaders.items()
     }
@@ -166,8 +154,8 @@ def main() -> None:
         "settings": {
             "images": len(paths), "image_size": image_size, "batch_size": batch, "cnn": cnn, "vit": vit,
             "files": str(args.data_dir) if args.data_dir else f"demo dataset, {image_size} px PNG",
-            "precision": precision.name, "default_workers": args.default_workers, "min_images": args.min_images,
-            "repeats": args.repeats, "raw_decode_batches_stacked": same_size,
+            "precision": precision.name, "default_workers": f"{args.default_workers} = {default_workers}",
+            "min_images": args.min_images, "repeats": args.repeats, "raw_decode_batches_stacked": same_size,
         },
         "loaders": loaders,
         "images_per_second_per_worker": per_worker,

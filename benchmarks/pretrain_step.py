@@ -21,59 +21,38 @@ import argparse
 
 import torch
 from _common import (
-    CPU_PRESET,
-    GPU_PRESET,
-    add_threads_argument,
-    apply_threads,
+    add_speed_arguments,
     cass_step_fn,
     dino_local_size,
     dino_step_fn,
     emit,
-    environment,
     interleaved_times,
     median,
-    setup_logging,
+    speed_setup,
     spread,
     step_params,
 )
-
-from cass.training import resolve_device, resolve_precision
 
 TARGET = 0.35
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="GPU preset: resnet50 + vit_base_patch16_224, 224 px, batch 32")
-    ap.add_argument("--cnn")
-    ap.add_argument("--vit")
-    ap.add_argument("--image-size", type=int)
-    ap.add_argument("--batch-size", type=int)
+    add_speed_arguments(ap)
     ap.add_argument("--embed-dim", type=int, default=1000, help="CASS embedding width (paper: 1000)")
     ap.add_argument("--local-crops", type=int, default=8, help="DINO local crops (official: 8)")
     ap.add_argument("--out-dim", type=int, help="DINO head output (official 65536; CPU default 4096)")
-    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--warmup", type=int, default=5, help="rounds discarded before measuring")
     ap.add_argument("--steps", type=int, default=30, help="measured rounds (one step of each method per round)")
-    add_threads_argument(ap)
     args = ap.parse_args()
-    setup_logging()
-    apply_threads(args.threads)
-
-    preset = GPU_PRESET if args.gpu else CPU_PRESET
-    cnn, vit = args.cnn or preset["cnn"], args.vit or preset["vit"]
-    image_size, batch = args.image_size or preset["image_size"], args.batch_size or preset["batch_size"]
+    run = speed_setup(args)
+    cnn, vit, image_size, batch = run.cnn, run.vit, run.image_size, run.batch
+    device, precision, env = run.device, run.precision, run.env
     out_dim = args.out_dim or (65536 if args.gpu else 4096)
     params = step_params(
         cnn, vit, image_size, batch, embed_dim=args.embed_dim, precision=args.precision, device=args.device,
         local_crops=args.local_crops, out_dim=out_dim,
     )
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    env = environment(device)
     torch.manual_seed(0)
     steps = {
         "cass": cass_step_fn(params, device, precision),
