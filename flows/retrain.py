@@ -366,9 +366,21 @@ def _run_in_parallel(params: Params) -> bool:
     return mode == "always" or (mode == "auto" and resolve_device(params.finetune.device).type == "cuda")
 
 
+def _share_loader_cores(params: Params, trainings: int) -> Params:
+    """``finetune.num_workers: auto`` for ``trainings`` fine-tunings at once: the spare cores split among them."""
+    from cass.training import resolve_device, resolve_num_workers
+
+    cfg = params.finetune
+    if cfg.num_workers != "auto":
+        return params
+    workers = resolve_num_workers("auto", resolve_device(cfg.device), processes=trainings)
+    return params.model_copy(update={"finetune": cfg.model_copy(update={"num_workers": workers})})
+
+
 def _finetune_all(params, layout, parent, pretraining, best, stages: Callable[[str], None]) -> dict[str, Any]:
     networks = list(params.finetune.networks)
     if _run_in_parallel(params):
+        params = _share_loader_cores(params, len(networks))
         futures = {}
         for network in networks:
             stages(f"fine-tune {network}")

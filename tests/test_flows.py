@@ -332,3 +332,20 @@ def test_run_key_follows_data_and_result_settings_not_where_things_run(demo_root
     manifest = changed / "manifest.csv"
     manifest.write_text(manifest.read_text().replace(",train,", ",val,", 1))  # one image moved to another split
     assert key(data=changed) != base
+
+
+def test_concurrent_fine_tunings_split_the_loader_cores(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cass.config import params_from_mapping
+    from flows.retrain import _share_loader_cores
+
+    mapping = tiny_mapping(demo_root)
+    mapping["finetune"]["num_workers"] = "auto"
+    params = params_from_mapping(mapping)
+    monkeypatch.setattr("cass.training.resolve_device", lambda _name: torch.device("cuda"))
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert _share_loader_cores(params, 2).finetune.num_workers == 7  # 16 cores / 2 trainings - 1 each
+    assert _share_loader_cores(params, 1).finetune.num_workers == 8  # the cap
+    mapping["finetune"]["num_workers"] = 3  # a number is the user's choice: kept
+    assert _share_loader_cores(params_from_mapping(mapping), 2).finetune.num_workers == 3
