@@ -80,8 +80,9 @@ def make_loader(
     sampler: Sampler | None = None,
     persistent_workers: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose order and augmentations depend only on ``seed`` (one seed per epoch); a
-    ``sampler`` (e.g. this process's DistributedSampler shard) replaces ``shuffle``."""
+    """A DataLoader whose shuffled order depends only on ``seed``; a ``sampler`` (e.g. this process's
+    DistributedSampler shard) replaces ``shuffle``. ``persistent_workers`` keeps the worker processes
+    between passes over the data (training loops: see :class:`EpochLoader`, which also seeds the views)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
