@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from cass.data.manifest import MANIFEST_FILE, DatasetInfo, atomic_write_text, re
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
 from cass.lineage import git_commit
-from cass.losses import AntiCollapseCASSLoss, CASSLoss
+from cass.losses import AntiCollapseCASSLoss, CASSLoss, EmbeddingSpread
 from cass.models import create_network
 from cass.training import (
     EpochCallback,
@@ -133,6 +133,22 @@ def write_outputs(
         **details,
     }
     atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+
+
+def collapsed_networks(record: Mapping[str, float], healthy: Mapping[str, float], fraction: float) -> list[str]:
+    """The networks whose embedding spread in an epoch ``record`` (``<net>_embedding_std``) is under
+    ``fraction`` x its healthy value (see :class:`cass.losses.EmbeddingSpread`)."""
+    return [net for net, ok in healthy.items() if record[f"{net}_embedding_std"] < fraction * ok]
+
+
+def warn_collapse(method: str, record: Mapping[str, float], healthy: Mapping[str, float], fraction: float) -> None:
+    """Warn for each network whose embeddings collapsed in the epoch ``record``."""
+    for net in collapsed_networks(record, healthy, fraction):
+        log.warning(
+            "possible collapse: %s %s embedding std %.4f < %.2f x healthy %.4f. From random init %s tends to "
+            "collapse; start from pretrained weights (model.pretrained or *_weights).",
+            method, net.upper(), record[f"{net}_embedding_std"], fraction, healthy[net], method,
+        )
 
 
 def pretraining_pool(params: Params, data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
@@ -251,7 +267,8 @@ def pretrain(
         else:
             log.warning("%s was made with other settings or data; starting from scratch", ckpt_path)
 
-    healthy = 1.0 / math.sqrt(m.embed_dim)
+    healthy = 1.0 / math.sqrt(m.embed_dim)  # both networks embed into m.embed_dim
+    healthy_of = {"cnn": healthy, "vit": healthy}
     log.info(
         "CASS pretraining: %s + %s, %d images, batch %d x %d, %s on %s",
         m.cnn,
@@ -268,9 +285,7 @@ def pretrain(
         cnn.train()
         vit.train()
         sums = {"loss": 0.0, "n": 0}
-        emb = {
-            k: [torch.zeros(m.embed_dim, dtype=torch.float64, device=device) for _ in range(2)] for k in ("cnn", "vit")
-        }
+        spread = {net: EmbeddingSpread(m.embed_dim, device) for net in ("cnn", "vit")}
         started = time.perf_counter()
         bar = tqdm(
             loader,
@@ -295,24 +310,18 @@ def pretrain(
             check_finite(loss, f"pretraining epoch {epoch + 1}, batch {i + 1}")
             if last_of_group:
                 optimizer_step(optimizer, scaler)
-            with torch.no_grad():
-                for key, z in (("cnn", z_cnn), ("vit", z_vit)):
-                    zn = torch.nn.functional.normalize(z.detach().double(), dim=-1)
-                    emb[key][0] += zn.sum(0)
-                    emb[key][1] += (zn * zn).sum(0)
+            spread["cnn"].add(z_cnn)
+            spread["vit"].add(z_vit)
             sums["loss"] += loss.item() * len(x)
             sums["n"] += len(x)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{sums['n'] / (time.perf_counter() - started):.0f}")
         seconds = time.perf_counter() - started
         # Metrics over the global epoch: sum the per-process sums (the loss itself stayed local).
         totals = torch.tensor([sums["loss"], sums["n"]], dtype=torch.float64, device=device)
-        distributed.all_reduce_sum(totals, *(t for pair in emb.values() for t in pair))
+        distributed.all_reduce_sum(totals, *(sp.sums for sp in spread.values()))
         sums["loss"], sums["n"] = float(totals[0]), int(totals[1])
         n = sums["n"]
-        stds = {}
-        for key, (s1, s2) in emb.items():
-            var = (s2 / n - (s1 / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
-            stds[key] = float(var.sqrt().mean())
+        stds = {net: sp.std(n) for net, sp in spread.items()}
         record = {
             "epoch": epoch + 1,
             "loss": sums["loss"] / n,
@@ -334,16 +343,7 @@ def pretrain(
             healthy,
             record["images_per_second"],
         )
-        for key in ("cnn", "vit"):
-            if stds[key] < cfg.collapse_warn_fraction * healthy:
-                log.warning(
-                    "possible collapse: %s embedding std %.4f < %.2f x healthy %.4f. From random init CASS "
-                    "tends to collapse; start from pretrained weights (model.pretrained or *_weights).",
-                    key.upper(),
-                    stds[key],
-                    cfg.collapse_warn_fraction,
-                    healthy,
-                )
+        warn_collapse("CASS", record, healthy_of, cfg.collapse_warn_fraction)
         if not ctx.main:
             continue  # rank 0 alone checkpoints (plain state_dicts: resumable with any process count)
         save_checkpoint(
@@ -370,9 +370,7 @@ def pretrain(
         "cnn_embedding_std": last["cnn_embedding_std"],
         "vit_embedding_std": last["vit_embedding_std"],
         "healthy_embedding_std": healthy,
-        "collapsed": bool(
-            min(last["cnn_embedding_std"], last["vit_embedding_std"]) < cfg.collapse_warn_fraction * healthy
-        ),
+        "collapsed": bool(collapsed_networks(last, healthy_of, cfg.collapse_warn_fraction)),
         "precision": precision.name,
         "device": str(device),
         "processes": ctx.world_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -358,3 +359,18 @@ def test_cass_pretraining_with_anti_collapse_is_opt_in(prepared_dir: Path, demo_
     assert m_spread["final_loss"] != m_plain["final_loss"]
     assert m_spread["cnn_embedding_std"] > m_plain["cnn_embedding_std"]
     assert m_spread["vit_embedding_std"] > m_plain["vit_embedding_std"]
+
+
+@pytest.mark.parametrize("method", ["cass", "dino"])
+def test_both_methods_flag_and_warn_collapse_alike(method: str, prepared_dir: Path, demo_root: Path,
+                                                   tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The mean per-dimension std of unit vectors never exceeds 1/sqrt(d), so a warning threshold of 1 x the
+    # healthy value must flag every network of either method, in the log and in metrics.json.
+    raw = tiny_mapping(demo_root)
+    raw["pretrain"].update(method=method, collapse_warn_fraction=1.0, dino={**SMALL_DINO, "local_crops": 1})
+    with caplog.at_level(logging.WARNING, logger="cass"):
+        out = pretrain(params_from_mapping(raw), prepared_dir, tmp_path / "pre", progress=False)
+    assert json.loads(out.metrics.read_text())["collapsed"] is True
+    warned = [r.getMessage() for r in caplog.records if "possible collapse" in r.getMessage()]
+    assert [m.split()[3] for m in warned] == ["CNN", "VIT"], warned
+    assert all(m.split()[2] == method.upper() for m in warned)

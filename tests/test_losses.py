@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cass.losses import CASSLoss, FocalLoss, class_weights, embedding_std
+from cass.losses import CASSLoss, EmbeddingSpread, FocalLoss, class_weights, embedding_std
 
 
 def test_cass_loss_range_zero_and_symmetry() -> None:
@@ -53,6 +54,17 @@ def test_embedding_std_detects_collapse() -> None:
     assert float(spread) == pytest.approx(1 / math.sqrt(64), rel=0.05)
     collapsed = embedding_std(torch.ones(256, 64) + 1e-4 * torch.randn(256, 64))
     assert float(collapsed) < 0.01 / math.sqrt(64)
+
+
+def test_embedding_spread_over_an_epoch_equals_the_whole_batch() -> None:
+    # The loops add batch by batch (and processes sum their running sums): same figure as one big batch.
+    torch.manual_seed(1)
+    z = torch.randn(300, 32) + torch.linspace(0, 2, 32)
+    spread = EmbeddingSpread(32)
+    for chunk in z.split(64):
+        spread.add(chunk)
+    assert spread.std(len(z)) == pytest.approx(float(F.normalize(z.double(), dim=-1).std(dim=0).mean()), rel=1e-9)
+    assert spread.healthy == pytest.approx(1 / math.sqrt(32))
 
 
 def test_softmax_focal_loss_hand_computed() -> None:

@@ -36,9 +36,16 @@ from cass import distributed
 from cass.config import DinoConfig, Params
 from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.transforms import MultiCropTransform
-from cass.losses import DINOLoss
+from cass.losses import DINOLoss, EmbeddingSpread
 from cass.models import Role, create_network
-from cass.pretrain import PretrainOutputs, _fingerprint, pretraining_pool, write_outputs
+from cass.pretrain import (
+    PretrainOutputs,
+    _fingerprint,
+    collapsed_networks,
+    pretraining_pool,
+    warn_collapse,
+    write_outputs,
+)
 from cass.training import (
     EpochCallback,
     Precision,
@@ -385,7 +392,7 @@ def pretrain_dino(
         teacher_temp = float(sched.teacher_temp[epoch])
         freeze = epoch < dino.freeze_last_layer_epochs
         losses = {net: 0.0 for net in NETWORKS}
-        emb = {net: [0.0, 0.0] for net in NETWORKS}  # running sums of normalised features and squares
+        spread = {net: EmbeddingSpread(lrn.student.backbone.num_features, device) for net, lrn in learners.items()}
         n = 0
         started = time.perf_counter()
         bar = tqdm(
@@ -409,23 +416,19 @@ def pretrain_dino(
                     learner.step(
                         float(sched.lr[step]), float(sched.weight_decay[step]), float(sched.momentum[step]), freeze
                     )
-                zn = F.normalize(feats.double(), dim=-1)
-                emb[net][0] = emb[net][0] + zn.sum(0)
-                emb[net][1] = emb[net][1] + (zn * zn).sum(0)
+                spread[net].add(feats)
                 losses[net] += loss.item() * len(crops[0])
             n += len(crops[0])
             bar.set_postfix(loss=f"{losses['vit'] / n:.3f}", img_s=f"{n / (time.perf_counter() - started):.0f}")
         seconds = time.perf_counter() - started
         # Metrics over the global epoch: sum the per-process sums (each loss itself stayed local).
         totals = torch.tensor([losses["cnn"], losses["vit"], n], dtype=torch.float64, device=device)
-        distributed.all_reduce_sum(totals, *(t for pair in emb.values() for t in pair))
+        distributed.all_reduce_sum(totals, *(sp.sums for sp in spread.values()))
         losses["cnn"], losses["vit"], n = float(totals[0]), float(totals[1]), int(totals[2])
         record: dict[str, float] = {"epoch": epoch + 1}
         for net in NETWORKS:
-            s1, s2 = emb[net]
-            var = (s2 / n - (s1 / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
             record[f"{net}_loss"] = losses[net] / n
-            record[f"{net}_embedding_std"] = float(var.sqrt().mean())
+            record[f"{net}_embedding_std"] = spread[net].std(n)
             record[f"{net}_healthy_embedding_std"] = healthy[net]
         record.update(
             loss=(record["cnn_loss"] + record["vit_loss"]) / 2,
@@ -446,6 +449,7 @@ def pretrain_dino(
             record["vit_embedding_std"],
             record["images_per_second"],
         )
+        warn_collapse("DINO", record, healthy, cfg.collapse_warn_fraction)
         if not ctx.main:
             continue  # rank 0 alone checkpoints (plain state_dicts: resumable with any process count)
         save_checkpoint(
@@ -464,7 +468,6 @@ def pretrain_dino(
         distributed.barrier()  # return once rank 0 has written the outputs
         return out
     last = history[-1]
-    collapsed = any(last[f"{net}_embedding_std"] < cfg.collapse_warn_fraction * healthy[net] for net in NETWORKS)
     backbones = {net: learner.student.backbone for net, learner in learners.items()}
     write_outputs(out, params, info, backbones, history, {
         "cnn_final_loss": last["cnn_loss"],
@@ -474,7 +477,7 @@ def pretrain_dino(
         "vit_embedding_std": last["vit_embedding_std"],
         "cnn_healthy_embedding_std": healthy["cnn"],
         "vit_healthy_embedding_std": healthy["vit"],
-        "collapsed": collapsed,
+        "collapsed": bool(collapsed_networks(last, healthy, cfg.collapse_warn_fraction)),
         "local_crop_size": local_size,
         "base_lr": lr,
         "precision": precision.name,

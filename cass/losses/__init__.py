@@ -1,6 +1,6 @@
 """Objectives: the CASS loss, focal loss, the DINO baseline's loss and the opt-in anti-collapse term."""
 
-from cass.losses.cass import CASSLoss, embedding_std
+from cass.losses.cass import CASSLoss, EmbeddingSpread, embedding_std
 from cass.losses.dino import DINOLoss
 from cass.losses.focal import FocalLoss, class_weights
 from cass.losses.vicreg import AntiCollapseCASSLoss, VarianceCovarianceLoss
@@ -9,6 +9,7 @@ __all__ = [
     "AntiCollapseCASSLoss",
     "CASSLoss",
     "DINOLoss",
+    "EmbeddingSpread",
     "FocalLoss",
     "VarianceCovarianceLoss",
     "class_weights",

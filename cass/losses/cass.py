@@ -31,7 +31,34 @@ class CASSLoss(nn.Module):
         return (2.0 - 2.0 * (a * b).sum(dim=-1)).mean()
 
 
-def embedding_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean per-dimension std of l2-normalised embeddings: 1/sqrt(d) when spread, 0 when collapsed."""
-    zn = F.normalize(z.float(), dim=-1)
-    return zn.std(dim=0).mean()
+class EmbeddingSpread:
+    """The collapse indicator of self-supervised pretraining, over a whole epoch.
+
+    The per-dimension standard deviation of the L2-normalised embeddings, averaged over the ``dim``
+    dimensions: about ``healthy`` = 1/sqrt(dim) when the embeddings spread over the sphere, 0 when every
+    image maps to the same point. It keeps running sums (two vector additions per batch), so several
+    processes add theirs with one all-reduce of :attr:`sums` before :meth:`std`.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
+        self.sums = torch.zeros(2, dim, dtype=torch.float64, device=device)  # sum of z and of z**2
+        self.healthy = dim**-0.5
+
+    @torch.no_grad()
+    def add(self, z: torch.Tensor) -> None:
+        zn = F.normalize(z.detach().double(), dim=-1)
+        self.sums[0] += zn.sum(0)
+        self.sums[1] += zn.square().sum(0)
+
+    def std(self, n: int) -> float:
+        """The indicator over the ``n`` embeddings added (by every process, once their sums are reduced)."""
+        mean, mean_sq = self.sums / n
+        var = (mean_sq - mean**2).clamp_min(0) * n / max(n - 1, 1)
+        return float(var.sqrt().mean())
+
+
+def embedding_std(z: torch.Tensor) -> float:
+    """:class:`EmbeddingSpread` of one batch of embeddings: 1/sqrt(d) when spread, 0 when collapsed."""
+    spread = EmbeddingSpread(z.shape[-1], z.device)
+    spread.add(z)
+    return spread.std(len(z))
