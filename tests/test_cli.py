@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cass.cli import build_parser, main
-from tests.conftest import tiny_mapping
+from tests.conftest import LENIENT_MODEL_GATE, tiny_mapping
 
 
 def _subparsers(parser):
@@ -77,8 +77,7 @@ def test_unknown_model_lists_choices(tmp_path: Path, demo_root: Path, capsys: py
 def test_demo_end_to_end_through_the_console_script(tmp_path: Path, demo_root: Path) -> None:
     # Two-epoch tiny networks score low: the model gate (which fails the retraining flow) only warns here.
     params = _write_params(tmp_path, demo_root, finetune={"epochs": 2},
-                           quality={"min_macro_f1": 0.0, "min_balanced_accuracy": 0.0,
-                                    "severity": {"class_recall_nonzero": "warn"}})
+                           quality=LENIENT_MODEL_GATE)
     exe = Path(sys.executable).parent / "cass"
     proc = subprocess.run([str(exe), "demo", "--params", str(params), "--outputs", str(tmp_path / "out"), "-q"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
