@@ -40,8 +40,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cass-batch-") as tmp:
         work = args.work or Path(tmp)
-        raw = experiment_settings(args, work / "demo")
-        raw["split"]["label_fractions"] = [args.fraction]
+        raw = experiment_settings(args, work / "demo", [args.fraction])
         data_dir = prepare_demo(raw, work)
         rows = []
         for seed in seeds:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -59,12 +60,15 @@ def add_experiment_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def experiment_settings(args: argparse.Namespace, root: Path) -> dict:
+def experiment_settings(args: argparse.Namespace, root: Path, fractions: Sequence[float]) -> dict:
+    """The demo settings of the F1 benchmarks, preparing the label subsets of ``fractions``."""
     raw = demo_mapping(root, images_per_class=args.images_per_class, image_size=args.image_size, cnn=args.cnn,
                        vit=args.vit)
     raw["pretrain"].update(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size,
                            dino={"local_crops": args.dino_local_crops, "out_dim": args.dino_out_dim})
-    raw["finetune"]["epochs"] = args.finetune_epochs
+    raw["split"]["label_fractions"] = list(fractions)
+    # finetune.label_fraction must name a prepared subset; each run then sets its own fraction.
+    raw["finetune"].update(epochs=args.finetune_epochs, label_fraction=fractions[0])
     return raw
 
 
@@ -127,8 +131,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cass-labels-") as tmp:
         work = args.work or Path(tmp)
-        raw = experiment_settings(args, work / "demo")
-        raw["split"]["label_fractions"] = fractions
+        raw = experiment_settings(args, work / "demo", fractions)
         data_dir = prepare_demo(raw, work)
         rows = []
         for seed in seeds:
