@@ -446,7 +446,7 @@ def _validate(args: argparse.Namespace, params, layout) -> int:
         results = [
             validate_model(
                 params,
-                layout.evaluate(network) / "metrics.json",
+                layout.evaluate_metrics(network),
                 (report or layout.quality("model")) / network,
                 raise_on_failure=False,
             )
@@ -461,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command in ("add", "remote", "push", "pull", "verify"):
         return _run_data_versioning(args)  # DVC around the data: no need to import the training stack
     from cass.config import load_params
-    from cass.pipeline import Layout
+    from cass.layout import Layout
 
     if args.command == "models":
         import fnmatch
@@ -533,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
             params = load_params(args.params, [*args.overrides, *extra])
         route_optuna_logging()
         pre = layout.pretrain if params.finetune.init == "cass" else None
-        out_dir = layout.root / "tune"
+        out_dir = layout.tune
         for network in _networks(args, params):
             if args.worker:
                 index = default_worker_index() if args.worker_index is None else args.worker_index
@@ -689,7 +689,7 @@ def _registry_command(args: argparse.Namespace, params, layout) -> int:
             print(f"registered {mv.name} version {mv.version}")
         return 0
     if args.command == "predict":
-        from cass.data.manifest import atomic_write_text
+        from cass.io import atomic_write_text
         from cass.serving import predict_files
 
         tracking.configure_client(params.mlflow)

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cass.errors import ConfigError
 
+Network = Literal["cnn", "vit"]
+"""The two networks CASS pretrains together: the CNN and the Vision Transformer."""
+NETWORKS: tuple[Network, ...] = ("cnn", "vit")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -215,7 +219,7 @@ ClassWeights = Literal["inverse_frequency", "authors", "none"]
 
 
 class FinetuneConfig(TrainerConfig):
-    networks: tuple[Literal["cnn", "vit"], ...] = ("cnn", "vit")
+    networks: tuple[Network, ...] = NETWORKS
     init: Literal["cass", "random", "weights"] = Field(
         default="cass", description="cass = the pretraining checkpoint; weights = model.*_weights"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,34 +11,15 @@ import pandas as pd
 
 from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
-from cass.data.manifest import atomic_write_text, label_lists, read_manifest
+from cass.data.manifest import label_lists, read_manifest
 from cass.data.transforms import eval_transform
 from cass.errors import DataError
 from cass.finetune import load_classifier, predict_probs
+from cass.io import atomic_path, atomic_write_text
+from cass.layout import EvaluateOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
-from cass.training import atomic_path, resolve_device, resolve_num_workers
-
-
-@dataclass(frozen=True)
-class EvaluateOutputs:
-    out_dir: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.json"
-
-    @property
-    def confusion_matrix(self) -> Path:
-        return self.out_dir / "confusion_matrix.png"
-
-    @property
-    def roc(self) -> Path:
-        return self.out_dir / "roc_curves.png"
-
-    @property
-    def predictions(self) -> Path:
-        return self.out_dir / "predictions.csv"
+from cass.training import resolve_device, resolve_num_workers
 
 
 def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> EvaluateOutputs:

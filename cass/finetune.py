@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,17 +23,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cass import distributed
-from cass.config import Params
+from cass.config import Network, Params
 from cass.data.dataset import EpochLoader, ImageDataset, encode_targets, make_loader
-from cass.data.manifest import atomic_write_text, label_lists, read_manifest
+from cass.data.manifest import label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
 from cass.errors import DataError, TrainingError
+from cass.io import atomic_write_text
+from cass.layout import FinetuneOutputs, PretrainOutputs
 from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
 from cass.metrics import classification_metrics
 from cass.models import create_network, head_parameters, reset_head
-from cass.pretrain import PretrainOutputs
 from cass.training import (
     EpochCallback,
     autocast,
@@ -53,9 +53,6 @@ from cass.training import (
 
 log = logging.getLogger(__name__)
 
-Network = Literal["cnn", "vit"]
-SPEC_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -87,27 +84,6 @@ class ClassifierSpec:
     def build(self) -> nn.Module:
         role: Network = "vit" if self.network == "vit" else "cnn"
         return create_network(self.arch, len(self.classes), role, self.image_size)
-
-
-@dataclass(frozen=True)
-class FinetuneOutputs:
-    out_dir: Path
-
-    @property
-    def weights(self) -> Path:
-        return self.out_dir / WEIGHTS_FILE
-
-    @property
-    def spec(self) -> Path:
-        return self.out_dir / SPEC_FILE
-
-    @property
-    def history(self) -> Path:
-        return self.out_dir / "history.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.json"
 
 
 def load_classifier(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ClassifierSpec]:

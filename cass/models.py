@@ -9,17 +9,14 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from cass.config import Network
 from cass.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
-
-Role = Literal["cnn", "vit"]
-
 
 def known_models() -> list[str]:
     import timm
@@ -42,7 +39,7 @@ def check_model_name(name: str, key: str = "model") -> None:
 def create_network(
     name: str,
     num_classes: int,
-    role: Role,
+    role: Network,
     image_size: int | None = None,
     pretrained: bool = False,
     weights: str | None = None,

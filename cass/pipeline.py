@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cass.config import Params
@@ -13,43 +12,11 @@ from cass.data.demo import generate_demo
 from cass.data.prepare import prepare_data
 from cass.evaluate import evaluate
 from cass.finetune import finetune
+from cass.layout import Layout
 from cass.pretrain import pretrain
 from cass.quality import validate_manifest, validate_model, validate_splits
 
 log = logging.getLogger(__name__)
-
-NETWORKS = ("cnn", "vit")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stage writes, under one root (``outputs/`` by default)."""
-
-    root: Path = Path("outputs")
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "pretrain"
-
-    def finetune(self, network: str) -> Path:
-        return self.root / "finetune" / network
-
-    def evaluate(self, network: str) -> Path:
-        return self.root / "evaluate" / network
-
-    def quality(self, gate: str) -> Path:
-        """Report folder of a gate (Data Docs, result.json): manifest, splits, model[/<network>]."""
-        return self.root / "quality" / gate
-
-    @property
-    def decode_cache(self) -> Path:
-        """Decode results by content hash, kept beside (not inside) the gate reports that tools may delete."""
-        return self.root / "quality" / "decode-cache.json"
-
 
 def ensure_demo_data(params: Params) -> None:
     """Generate the embedded demo dataset at ``data.root`` when the settings point at it."""

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +22,11 @@ from tqdm.auto import tqdm
 from cass import distributed
 from cass.config import Params
 from cass.data.dataset import EpochLoader, ImageDataset
-from cass.data.manifest import MANIFEST_FILE, DatasetInfo, atomic_write_text, read_manifest
+from cass.data.manifest import DatasetInfo, read_manifest
 from cass.data.transforms import cass_transform
 from cass.errors import DataError
+from cass.io import atomic_write_text
+from cass.layout import MANIFEST_FILE, PretrainOutputs
 from cass.lineage import git_commit
 from cass.losses import AntiCollapseCASSLoss, CASSLoss, EmbeddingSpread
 from cass.models import create_network
@@ -49,40 +50,6 @@ from cass.training import (
 )
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-NETWORKS_FILE = "networks.json"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.csv"
-
-
-@dataclass(frozen=True)
-class PretrainOutputs:
-    out_dir: Path
-
-    @property
-    def cnn(self) -> Path:
-        return self.out_dir / "cnn.safetensors"
-
-    @property
-    def vit(self) -> Path:
-        return self.out_dir / "vit.safetensors"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / METRICS_FILE
-
-    @property
-    def history(self) -> Path:
-        return self.out_dir / HISTORY_FILE
-
-    @property
-    def networks(self) -> Path:
-        return self.out_dir / NETWORKS_FILE
-
-    def weights(self, network: str) -> Path:
-        return self.out_dir / f"{network}.safetensors"
-
 
 def networks_spec(params: Params) -> dict:
     m = params.model
@@ -254,7 +221,7 @@ def pretrain(
     schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
 
     start_epoch, history = 0, []
-    ckpt_path = out.out_dir / CHECKPOINT
+    ckpt_path = out.checkpoint
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         if state.get("fingerprint") == fingerprint:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import Params, params_to_flat_dict
-from cass.data.manifest import MANIFEST_FILE
+from cass.layout import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
 
 def finished_checkpoint(params: Params, data_dir: Path, pretrain_dir: Path) -> bool:
     """True when ``pretrain_dir`` holds the weights of a pretraining that finished with the current settings."""
-    from cass.pretrain import CHECKPOINT, PretrainOutputs
+    from cass.layout import PretrainOutputs
     from cass.training import load_checkpoint
 
     out = PretrainOutputs(Path(pretrain_dir))
-    checkpoint = out.out_dir / CHECKPOINT
+    checkpoint = out.checkpoint
     if not all(p.is_file() for p in (checkpoint, out.cnn, out.vit, out.networks, out.metrics)):
         return False
     state = load_checkpoint(checkpoint)

@@ -744,7 +744,7 @@ def tracked_pipeline(
             on_stage(f"evaluate {network}")
             candidates[network] = tracked_evaluate(params, layout, network, run_id, finetuned, pre_id)
             results[network] = dict(candidates[network].metrics)
-            gate = validate_model(params, layout.evaluate(network) / "metrics.json", layout.quality("model") / network,
+            gate = validate_model(params, layout.evaluate_metrics(network), layout.quality("model") / network,
                                   raise_on_failure=False)
             if not gate.success:  # the promotion applies the same gate and refuses the version
                 gates_passed = False
@@ -777,12 +777,12 @@ def register_outputs(params: Params, layout, networks: tuple[str, ...], params_f
 
     from cass import registry
     from cass.data.manifest import read_manifest
-    from cass.finetune import FinetuneOutputs
+    from cass.layout import FinetuneOutputs
     from cass.serving import log_classifier
 
     cfg = params.mlflow
     for network in networks:
-        for path in (FinetuneOutputs(layout.finetune(network)).weights, layout.evaluate(network) / "metrics.json"):
+        for path in (FinetuneOutputs(layout.finetune(network)).weights, layout.evaluate_metrics(network)):
             if not path.is_file():
                 raise TrainingError(f"{path}: not found; run `cass finetune` and `cass evaluate` for {network} first")
     configure(cfg)

@@ -6,8 +6,7 @@ import contextlib
 import math
 import os
 import random
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from cass.config import TrainerConfig
 from cass.errors import ConfigError, TrainingError
+from cass.io import atomic_path
 
 EpochCallback = Callable[[int, Mapping[str, float]], None]
 """Called after every epoch with (epoch, metrics); MLflow logging and Optuna pruning plug in here."""
@@ -129,20 +129,6 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unwrap(model: nn.Module) -> nn.Module:

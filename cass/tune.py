@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cass.config import CategoricalSpec, FloatSpec, IntSpec, Params, TuneConfig, params_from_mapping
-from cass.data.manifest import atomic_write_text
+from cass.config import CategoricalSpec, FloatSpec, IntSpec, Network, Params, TuneConfig, params_from_mapping
 from cass.errors import CassError, ConfigError, TrainingError
-from cass.finetune import Network, finetune
+from cass.finetune import finetune
+from cass.io import atomic_write_text
+from cass.layout import best_params_path, optuna_storage_file
 from cass.tracking import redact
 from cass.training import EpochCallback
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "CASS_TUNE_STORAGE"
-STORAGE_FILE = "optuna_{network}.db"  # one file per network: one DVC output per tune stage
 SETTINGS_ATTR = "cass_settings"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
@@ -76,10 +76,6 @@ def study_name(cfg: TuneConfig, network: str) -> str:
     return f"{cfg.study_name}-{network}"
 
 
-def best_params_path(out_dir: Path, network: str) -> Path:
-    return Path(out_dir) / f"best_{network}.yaml"
-
-
 def resolve_storage(params: Params, out_dir: Path, network: str, storage: str | None = None) -> str:
     """The study's database URL: ``storage`` (--storage), then $CASS_TUNE_STORAGE, then tune.storage,
     else a SQLite file per network under ``out_dir``. Keep passwords in the variable, not in params.yaml."""
@@ -87,7 +83,7 @@ def resolve_storage(params: Params, out_dir: Path, network: str, storage: str | 
     if url:
         return url
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(Path(out_dir) / STORAGE_FILE.format(network=network)).resolve()}"
+    return f"sqlite:///{optuna_storage_file(out_dir, network).resolve()}"
 
 
 def database_url(url: str) -> str:

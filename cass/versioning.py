@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import yaml
 
 from cass.errors import DataError, VersioningError
+from cass.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +234,14 @@ def track_dataset(
     previous = dvc_file.read_text() if dvc_file.is_file() else None
     try:
         if previous is None or dvc_out(dvc_file).get("path") != rel_path:
-            _atomic_write(dvc_file, f"outs:\n- path: {rel_path}\n")
+            atomic_write_text(dvc_file, f"outs:\n- path: {rel_path}\n")
         log.info("hashing %s into the DVC cache", rel_path)
         _dvc_checked(root, "commit", "--force", DATA_DVC, what=f"tracking {rel_path} in {DATA_DVC}")
     except BaseException:
         if previous is None:
             dvc_file.unlink(missing_ok=True)
         else:
-            _atomic_write(dvc_file, previous)
+            atomic_write_text(dvc_file, previous)
         if copied:
             shutil.rmtree(dest, ignore_errors=True)
         elif move and not inside:
@@ -257,12 +258,6 @@ def track_dataset(
         classes=tuple(classes),
         copied=copied or (move and not inside),
     )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    from cass.data.manifest import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[str]) -> None:
@@ -290,7 +285,7 @@ def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[st
             section[key] = value
     buf = io.StringIO()
     rt.dump(doc, buf)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cass.config import Params, RetrainConfig, load_params
 from cass.errors import ConfigError, DataError, GateFailed, VersioningError
-from cass.pipeline import Layout
+from cass.layout import Layout
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
 FLOW_NAME = "cass-retrain"
@@ -225,7 +225,7 @@ def tune_stage(params: Params, layout: Layout, network: str, parent: str) -> str
     from cass.tune import PARENT_RUN_ATTR, resolve_storage, route_optuna_logging, study_name, tune
 
     route_optuna_logging()
-    out_dir = layout.root / "tune"
+    out_dir = layout.tune
     pre_dir = layout.pretrain if params.finetune.init == "cass" else None
     best = tune(params, layout.data, network, out_dir, pre_dir)
     configure_client(params.mlflow)
@@ -261,7 +261,7 @@ def model_gate(params: Params, layout: Layout, networks: Sequence[str]) -> None:
     from cass.quality import validate_model
 
     results = [
-        (network, validate_model(params, layout.evaluate(network) / "metrics.json", layout.quality("model") / network,
+        (network, validate_model(params, layout.evaluate_metrics(network), layout.quality("model") / network,
                                  raise_on_failure=False))
         for network in networks
     ]

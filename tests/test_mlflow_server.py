@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cass.config import params_from_mapping
-from cass.pipeline import Layout
+from cass.layout import Layout
 from tests.conftest import LENIENT_MODEL_GATE, MlflowServer, fresh_database, tiny_mapping
 
 pytestmark = pytest.mark.slow

@@ -24,8 +24,8 @@ from PIL import Image
 from cass.cli import main
 from cass.config import QUALITY_CHECKS, Params, params_from_mapping
 from cass.data.manifest import read_manifest, write_manifest
-from cass.data.splits import subset_file
 from cass.errors import ConfigError, GateFailed
+from cass.layout import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
 from tests.conftest import tiny_mapping

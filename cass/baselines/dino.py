@@ -33,13 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cass import distributed
-from cass.config import DinoConfig, Params
+from cass.config import NETWORKS, DinoConfig, Network, Params
 from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.transforms import MultiCropTransform
+from cass.layout import PretrainOutputs
 from cass.losses import DINOLoss, EmbeddingSpread
-from cass.models import Role, create_network
+from cass.models import create_network
 from cass.pretrain import (
-    PretrainOutputs,
     _fingerprint,
     collapsed_networks,
     pretraining_pool,
@@ -63,8 +63,6 @@ from cass.training import (
 
 log = logging.getLogger(__name__)
 
-NETWORKS: tuple[Role, ...] = ("cnn", "vit")
-DINO_CHECKPOINT = "checkpoint-dino.pt"
 
 
 class DINOHead(nn.Module):
@@ -257,7 +255,7 @@ class DinoLearner:
 
     @classmethod
     def from_params(
-        cls, params: Params, network: Role, device: torch.device, precision: Precision
+        cls, params: Params, network: Network, device: torch.device, precision: Precision
     ) -> DinoLearner:
         m, cfg = params.model, params.pretrain
         arch, weights = (m.cnn, m.cnn_weights) if network == "cnn" else (m.vit, m.vit_weights)
@@ -358,7 +356,7 @@ def pretrain_dino(
     sched = DinoSchedules.build(dino, lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs)
 
     start_epoch, history = 0, []
-    ckpt_path = out.out_dir / DINO_CHECKPOINT
+    ckpt_path = out.dino_checkpoint
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         if state.get("fingerprint") == fingerprint:

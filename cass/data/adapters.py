@@ -17,8 +17,9 @@ from PIL import Image
 
 from cass.config import CsvLayout
 from cass.data.images import IMAGE_EXTENSIONS
-from cass.data.manifest import LABEL_SEP, atomic_write_text
+from cass.data.manifest import LABEL_SEP
 from cass.errors import DataError
+from cass.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,9 @@ def medmnist(npz_path: Path, out_dir: Path, classes: tuple[str, ...] | None = No
     records = []
     for split, (images, labels) in arrays.items():
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DataError(f"{npz_path}: {split}_images must be uint8 (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
+            raise DataError(
+                f"{npz_path}: {split}_images must be uint8 (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}"
+            )
         labels = labels.reshape(len(labels), -1)
         for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
             rel = f"{split}/{i:06d}.png"

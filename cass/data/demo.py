@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cass.data.manifest import atomic_write_text
+from cass.io import atomic_write_text
 
 CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
 _MARKER = ".cass-demo"
@@ -63,7 +63,7 @@ def _blobs(size: int, rng: np.random.Generator, count: int, r_lo: float, r_hi: f
 
 
 def _paint_adipose(rng: np.random.Generator, size: int) -> np.ndarray:
-    bg, nucleus, fibre = _stain(rng)
+    bg, _nucleus, fibre = _stain(rng)
     k = int(rng.integers(5, 10))
     seeds = rng.uniform(0, size, size=(k, 2))
     yy, xx = _grid(size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,12 +19,12 @@ import pandas as pd
 
 from cass.data.images import ImageInfo, inspect_image
 from cass.errors import DataError
+from cass.io import atomic_write_text
+from cass.layout import INFO_FILE, MANIFEST_FILE
 
 COLUMNS = ("path", "labels", "split", "sha256", "width", "height", "mode", "group")
 SPLITS = ("train", "val", "test")
 LABEL_SEP = "|"
-MANIFEST_FILE = "manifest.csv"
-INFO_FILE = "dataset.json"
 
 
 @dataclass(frozen=True)
@@ -62,21 +61,6 @@ def join_labels(labels: Iterable[str]) -> str:
 
 def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see either the old or the whole new content, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(df: pd.DataFrame, info: DatasetInfo, out_dir: Path) -> Path:

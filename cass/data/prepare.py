@@ -64,7 +64,9 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
         result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist")
         classes = check_labels(result.rows, result.classes, params.data.classes)
         log.info("inspecting %d images under %s", len(result.rows), result.root)
-        infos = inspect_files(result.root, result.rows["path"].tolist(), params.data.max_image_pixels, params.data.workers)
+        infos = inspect_files(
+            result.root, result.rows["path"].tolist(), params.data.max_image_pixels, params.data.workers
+        )
         df = result.rows.copy()
         df["sha256"] = [i.sha256 for i in infos]
         df["width"] = [i.width for i in infos]
@@ -106,7 +108,8 @@ def summarize(data_dir: Path) -> str:
     for labels, split in zip(label_lists(df), df["split"], strict=True):
         rows.extend((c, split) for c in labels)
     table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().unstack(fill_value=0)
-    table = table.reindex(index=list(info.classes), columns=[s for s in ("train", "val", "test") if s in table.columns], fill_value=0)
+    splits = [s for s in ("train", "val", "test") if s in table.columns]
+    table = table.reindex(index=list(info.classes), columns=splits, fill_value=0)
     table["total"] = table.sum(axis=1)
     lines = [
         f"dataset {info.name}: {info.num_images} images, {len(info.classes)} classes, "

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cass.data.manifest import atomic_write_text, label_lists
+from cass.data.manifest import label_lists
 from cass.errors import DataError
-
-SUBSET_DIR = "subsets"
+from cass.io import atomic_write_text
+from cass.layout import subset_file
 
 
 def _stratum(labels: list[str], frequency: dict[str, int]) -> str:
@@ -126,10 +126,6 @@ def label_fraction_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd
             chosen.append(first)
             present.update(labels[first])
     return train.iloc[sorted(set(chosen))].reset_index(drop=True)
-
-
-def subset_file(data_dir: Path, fraction: float) -> Path:
-    return data_dir / SUBSET_DIR / f"fraction-{fraction:g}.csv"
 
 
 def write_subsets(df: pd.DataFrame, fractions: tuple[float, ...], seed: int, data_dir: Path) -> list[Path]:

@@ -25,7 +25,9 @@ def cass_transform(image_size: int, aug: AugmentConfig, strength: float = 1.0) -
         v2.ToImage(),
         v2.Resize((image_size, image_size), antialias=True),
         v2.RandomApply([v2.ColorJitter(cj, cj, cj, min(0.5, cj))], p=_p(aug.color_jitter_p, strength)),
-        v2.RandomApply([v2.RandomPerspective(distortion_scale=aug.perspective, p=1.0)], p=_p(aug.perspective_p, strength)),
+        v2.RandomApply(
+            [v2.RandomPerspective(distortion_scale=aug.perspective, p=1.0)], p=_p(aug.perspective_p, strength)
+        ),
         v2.RandomApply([v2.RandomAffine(degrees=aug.affine_degrees)], p=_p(aug.affine_p, strength)),
         v2.RandomHorizontalFlip(p=_p(aug.hflip_p, strength)),
         v2.RandomVerticalFlip(p=_p(aug.vflip_p, strength)),
