@@ -78,3 +78,15 @@ def test_flat_dict_has_dotted_keys() -> None:
     assert flat["pretrain.lr"] == 1e-3
     assert flat["model.cnn"] == "resnet50"
     assert flat["split.label_fractions"] == [0.01, 0.1, 1.0]
+
+
+FLOAT_KEYS = ["finetune.lr", "pretrain.min_lr", "pretrain.anti_collapse_weight", "evaluate.threshold"]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_rejected_in_every_setting(key: str, value: str) -> None:
+    # Guards: a non-finite number passed validation and stopped training later with a non-finite loss.
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", [f"{key}={value}"])
+    assert key in str(err.value) and "finite" in str(err.value)
