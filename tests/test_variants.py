@@ -1,4 +1,4 @@
-"""The CASS variants (cass.variants), their views and their settings.
+"""The CASS variants (cass.variants), their views, the kNN monitor and their settings.
 
 The collapse tests run a minimal pretraining loop (plain Adam, demo images through the real seeded views)
 and read the collapse indicator the engine logs: the paper's recipe from random weights collapses within
@@ -13,6 +13,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -22,12 +23,15 @@ from torch.utils.data import default_collate
 import cass.losses.prediction
 from cass.config import AugmentConfig, Params, params_from_mapping
 from cass.data.dataset import ImageDataset
+from cass.data.manifest import read_manifest
 from cass.data.transforms import TwoViewTransform, cass_transform, pretrain_transform
 from cass.errors import ConfigError
 from cass.losses import AntiCollapseCASSLoss, CASSLoss, CrossPredictionLoss, EmbeddingSpread
 from cass.models import create_network
+from cass.monitor import KnnMonitor, embed, knn_accuracy, knn_predict
 from cass.training import load_weights_file, save_weights
 from cass.variants import VARIANTS, CassPair, ema_momentum, resolve_variant
+from tests.conftest import tiny_mapping
 
 SIZE, DIM = 32, 32
 STEPS, LR, BATCH = 40, 2e-3, 32  # measured: the paper's recipe collapses in ~25 of these steps
@@ -299,6 +303,74 @@ def test_paper_recipe_is_the_papers_transform_and_strong_differs(demo_root: Path
     assert isinstance(pretrain_transform(SIZE, AugmentConfig(), 2), TwoViewTransform)
     with pytest.raises(ValueError, match="pretrain.cass.views must be 1 or 2"):
         pretrain_transform(SIZE, AugmentConfig(), 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN monitor
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_matches_scikit_learn_on_a_fixed_embedding(k: int) -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    train_y = rng.integers(0, 4, 200)
+    query_y = rng.integers(0, 4, 120)
+    train = centres[train_y] + 1.5 * rng.normal(size=(200, 16))
+    query = centres[query_y] + 1.5 * rng.normal(size=(120, 16))
+    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(train, train_y)
+    ours = knn_predict(torch.tensor(train), torch.tensor(train_y), torch.tensor(query), k)
+    assert ours.tolist() == ref.predict(query).tolist()
+    accuracy = knn_accuracy(torch.tensor(train), torch.tensor(train_y), torch.tensor(query), torch.tensor(query_y), k)
+    assert accuracy == pytest.approx(ref.score(query, query_y))
+    assert 0.4 < accuracy < 1.0  # neither chance nor trivial: the comparison means something
+
+
+def test_knn_caps_k_and_refuses_empty_input() -> None:
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 1])
+    assert knn_predict(z, y, z, k=50).tolist() == [1, 1, 1]  # k capped at 3: the majority
+    with pytest.raises(ValueError, match="at least one training embedding"):
+        knn_predict(torch.empty(0, 4), torch.empty(0), z, 1)
+
+
+def test_monitor_fits_on_the_labelled_subset_scores_on_val_and_never_reads_test(
+    prepared_dir: Path, demo_root: Path
+) -> None:
+    raw = tiny_mapping(demo_root)
+    raw["pretrain"].update(monitor_every=1, monitor_k=3, monitor_label_fraction=0.25)
+    params = params_from_mapping(raw)
+    monitor = KnnMonitor.from_params(params, prepared_dir)
+    df, _ = read_manifest(prepared_dir)
+    split = dict(zip(df["path"], df["split"], strict=True))
+    assert {split[p] for p in monitor.fit.paths} == {"train"}
+    assert {split[p] for p in monitor.score.paths} == {"val"}
+    assert len(monitor.fit) < (df["split"] == "train").sum()  # the 25 % subset, not every training image
+    pair = CassPair.from_params(params)
+    pair.train()
+    scores = monitor(pair.backbones())
+    assert set(scores) == {"cnn_knn_accuracy", "vit_knn_accuracy"}
+    assert all(net.training for net in pair.backbones().values())  # training mode restored
+    # The figure is the kNN accuracy of each network's pooled features, fit set against val set.
+    for net, backbone in pair.backbones().items():
+        fit_x = torch.stack([monitor.fit[i][0] for i in range(len(monitor.fit))])
+        score_x = torch.stack([monitor.score[i][0] for i in range(len(monitor.score))])
+        fit_z, score_z = embed(backbone, [fit_x]), embed(backbone, [score_x])
+        assert fit_z.shape == (len(monitor.fit), backbone.num_features)
+        expected = knn_accuracy(fit_z, torch.as_tensor(monitor.fit.targets), score_z,
+                                torch.as_tensor(monitor.score.targets), k=3)
+        assert scores[f"{net}_knn_accuracy"] == pytest.approx(expected)
+
+
+def test_monitor_refuses_multilabel_data(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy_dir = tmp_path / "data"
+    shutil.copytree(prepared_dir, copy_dir)
+    info = copy_dir / "dataset.json"
+    info.write_text(info.read_text().replace('"multilabel": false', '"multilabel": true'))
+    with pytest.raises(ConfigError, match="pretrain.monitor_every: the kNN monitor needs single-label data"):
+        KnnMonitor.from_params(params_from_mapping(tiny_mapping(demo_root)), copy_dir)
 
 
 # --------------------------------------------------------------------------------------------------
