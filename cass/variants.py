@@ -97,14 +97,20 @@ class MLP(nn.Sequential):
 
 class Branch(nn.Module):
     """One network as a variant trains it: the timm backbone, then the layer whose output the loss compares,
-    the backbone's own head (the paper) or a projector on the pooled features. Returns (features, embedding)."""
+    the backbone's own head (the paper) or a projector on the pooled features. Returns (features, embedding).
+
+    ``channels_last`` (set by the engine on CUDA, with the backbone converted) makes the branch convert its own
+    input, so a view shared with the other network is left as it is."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         fmap = self.backbone.forward_features(x)
         features = self.backbone.forward_head(fmap, pre_logits=True)
         if self.projector is None:

@@ -148,6 +148,26 @@ def test_paper_variant_is_the_papers_loss_on_the_networks_outputs() -> None:
     assert pair.views == 1
 
 
+def test_channels_last_converts_the_cnn_input_only_and_keeps_the_embeddings() -> None:
+    pair = _pair("paper").eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _, before, _ = pair.forward_loss(x)
+    seen: dict[str, bool] = {}
+
+    def record(name: str):
+        return lambda _module, args: seen.__setitem__(name, args[0].is_contiguous(memory_format=torch.channels_last))
+
+    pair.cnn.backbone.conv1.register_forward_pre_hook(record("cnn"))  # the first layers the input reaches
+    pair.vit.backbone.patch_embed.register_forward_pre_hook(record("vit"))
+    pair.cnn.channels_last = True
+    pair.cnn.backbone.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, after, _ = pair.forward_loss(x)
+    assert seen == {"cnn": True, "vit": False}
+    assert torch.allclose(before, after, atol=1e-5)
+
+
 def test_paper_with_vicreg_is_the_existing_anti_collapse_loss() -> None:
     pair = _pair("paper", vicreg_weight=0.7)
     x = torch.randn(6, 3, SIZE, SIZE)
