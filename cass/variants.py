@@ -148,14 +148,17 @@ class CassPair(nn.Module):
     module itself, e.g. DDP-wrapped) on the device-side views, :meth:`param_groups` for its optimiser,
     :meth:`after_optimizer_step` after every optimiser step (EMA targets), :meth:`backbones` for what it
     saves, and ``state_dict``/``load_state_dict`` (every part, targets and BatchNorm statistics included)
-    to resume exactly. Autocast and memory format are the engine's.
+    to resume exactly. Autocast and memory format are the engine's (``pair.cnn.channels_last`` converts the
+    CNN's input only).
 
     The embeddings returned for the collapse indicator are each network's projection (or, in the paper's
-    recipe, head output): the vectors the objective pulls together, so the ones it can collapse; the
-    projector ends without BatchNorm, so they can. Backbone features are not used for it: their spread
-    at random initialisation is already far below 1/sqrt(dim) (the ViT's class token has one dominant
-    direction, a CNN's pooled ReLU outputs are non-negative), and the kNN monitor (cass.monitor) judges
-    them directly by what they are for.
+    recipe, head output): the vectors the objective pulls together, so the ones it can collapse (the
+    projector ends without BatchNorm, which would keep them spread by construction); their width is
+    :meth:`embedding_dims`. Backbone features are not used for it: measured from random initialisation
+    (test networks, demo images), the ViT's pooled features start near 0.3 x 1/sqrt(dim) (one dominant
+    class-token direction) and the CNN's pooled ReLU features stay near 0.8 x while its head collapses in
+    the paper's recipe, so an indicator on them would both raise false alarms and miss the collapse. The
+    kNN monitor (cass.monitor) judges the kept backbones directly, by what they are for.
 
     >>> import timm
     >>> cnn = timm.create_model("test_resnet", num_classes=16)
