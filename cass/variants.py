@@ -39,12 +39,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cass.config import Params
+from cass.config import NETWORKS, Network, Params
 from cass.errors import ConfigError
 from cass.losses import CASSLoss, CrossPredictionLoss, VarianceCovarianceLoss
 from cass.models import create_network
-
-NETWORKS = ("cnn", "vit")
 
 
 @dataclass(frozen=True)
@@ -272,7 +270,7 @@ class CassPair(nn.Module):
         """``(loss, z_cnn, z_vit)`` of one batch (see :meth:`forward`)."""
         return self(views)
 
-    def embedding_dims(self) -> dict[str, int]:
+    def embedding_dims(self) -> dict[Network, int]:
         """Width of each network's ``z`` (the collapse indicator's healthy value is ``dim ** -0.5``)."""
         return {name: self._embedding_dim(getattr(self, name)) for name in NETWORKS}
 
@@ -302,6 +300,6 @@ class CassPair(nn.Module):
         ema_update(self.cnn_target, self.cnn, momentum)
         ema_update(self.vit_target, self.vit, momentum)
 
-    def backbones(self) -> dict[str, nn.Module]:
+    def backbones(self) -> dict[Network, nn.Module]:
         """The networks that pretraining keeps (``cnn.safetensors``, ``vit.safetensors``)."""
         return {"cnn": self.cnn.backbone, "vit": self.vit.backbone}
