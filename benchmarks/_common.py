@@ -176,15 +176,19 @@ def spread(xs: Sequence[float]) -> dict[str, float]:
 # Settings for the stage-level benchmarks (demo dataset, small models)
 
 
-def demo_mapping(root: Path, *, images_per_class: int, image_size: int, cnn: str, vit: str) -> dict[str, Any]:
+def demo_mapping(
+    root: Path, *, images_per_class: int, image_size: int, cnn: str, vit: str, kind: str = "tissue"
+) -> dict[str, Any]:
+    """Settings over a generated dataset: ``kind`` tissue (the demo) or shapes (cass.data.shapes)."""
     return {
         "seed": 77,
         "data": {
-            "name": "demo",
+            "name": "demo" if kind == "tissue" else f"demo-{kind}",
             "root": str(root),
             "layout": "imagefolder",
             "demo_images_per_class": images_per_class,
             "demo_image_size": image_size,
+            "demo_kind": kind,
             "workers": 2,
         },
         "split": {"val": 0.1, "test": 0.2, "seed": 77, "label_fractions": [0.01, 0.1, 1.0]},
@@ -207,12 +211,45 @@ def with_changes(raw: dict[str, Any], changes: dict[str, Any]) -> Params:
     return params_from_mapping(data, "benchmark settings")
 
 
+def _cass(variant: str, vicreg_weight: float | None = None) -> dict[str, Any]:
+    changes: dict[str, Any] = {"pretrain.method": "cass", "pretrain.variant": variant, "pretrain.anti_collapse": "none"}
+    if vicreg_weight is not None:
+        changes.update({"pretrain.anti_collapse": "vicreg", "pretrain.anti_collapse_weight": vicreg_weight})
+    return changes
+
+
+# Each method is a set of settings (the CASS variants are pretrain.variant values of the one CASS stage).
 METHODS: dict[str, dict[str, Any]] = {
-    "CASS": {"pretrain.method": "cass", "pretrain.anti_collapse": "none"},
+    "CASS": _cass("paper"),
     "DINO": {"pretrain.method": "dino"},
-    "CASS + anti-collapse": {"pretrain.method": "cass", "pretrain.anti_collapse": "vicreg"},
+    "CASS + anti-collapse": _cass("paper", 1.0),
     "no pretraining": {},
+    "CASS + vicreg 25": _cass("paper", 25.0),
+    "CASS projector": _cass("projector"),
+    "CASS projector + vicreg 25": _cass("projector", 25.0),
+    "CASS simsiam": _cass("simsiam"),
+    "CASS simsiam + vicreg": _cass("simsiam", 1.0),
+    "CASS byol": _cass("byol"),
+    "CASS byol + vicreg": _cass("byol", 1.0),
 }
+DEFAULT_METHODS = ("CASS", "DINO", "CASS + anti-collapse", "no pretraining")
+DATASETS = ("tissue", "shapes")
+
+
+def parse_methods(text: str) -> list[str]:
+    """A comma-separated list of METHODS names, or ``all``; an unknown name fails with the known ones."""
+    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)} (or all)")
+    return names
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set section.key=value`` options (values read as YAML), applied to every run after the method's."""
+    from cass.config import parse_override
+
+    return {".".join(parts): value for parts, value in (parse_override(item) for item in items)}
 
 
 def run_method(
@@ -231,7 +268,7 @@ def run_method(
     from cass.finetune import finetune
     from cass.pretrain import pretrain
 
-    changes = {"seed": seed, **(extra or {}), **METHODS[method]}
+    changes = {"seed": seed, **METHODS[method], **(extra or {})}
     pre_dir = None
     pre_seconds = 0.0
     if method != "no pretraining":
@@ -249,6 +286,7 @@ def run_method(
             metrics = json.loads(out.metrics.read_text())
             rows.append(
                 {
+                    "dataset": params.data.demo_kind,
                     "method": method,
                     "seed": seed,
                     "label_fraction": fraction,
@@ -270,8 +308,22 @@ def prepare_demo(raw: dict[str, Any], work: Path) -> Path:
     from cass.data.prepare import prepare_data
 
     params = params_from_mapping(raw)
-    generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+    d = params.data
+    generate_demo(Path(d.root), d.demo_images_per_class, d.demo_image_size, kind=d.demo_kind)
     return prepare_data(params, work / "data")
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], column: str, rows: Sequence[str]) -> str:
+    """A markdown table of ``mean ± sd`` per combination of ``rows`` (one line each) across ``column``'s values."""
+    columns = sorted({r[column] for r in summary})
+    cells: dict[tuple, dict[Any, str]] = {}
+    for r in summary:
+        cells.setdefault(tuple(r[k] for k in rows), {})[r[column]] = f"{r['mean']:.3f} ± {r['sd']:.3f}"
+    header = [*rows, *(f"{column} {c:g}" if isinstance(c, float) else f"{column} {c}" for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in sorted(cells, key=lambda k: tuple(str(x) for x in k)):
+        lines.append("| " + " | ".join([*map(str, key), *(cells[key].get(c, "-") for c in columns)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:

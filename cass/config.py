@@ -61,6 +61,9 @@ class DataConfig(_Section):
     )
     demo_images_per_class: int = Field(default=300, ge=8, description="size of the generated demo dataset")
     demo_image_size: int = Field(default=64, ge=16, le=512)
+    demo_kind: Literal["tissue", "shapes"] = Field(
+        default="tissue", description="generated dataset: tissue (H&E-like colour/texture) or shapes (grayscale, shape)"
+    )
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="decompression-bomb limit (Pillow's default)")
     workers: int = Field(default=0, ge=0, description="processes that hash/decode images; 0 = one per core")
 
@@ -109,6 +112,23 @@ class AugmentConfig(_Section):
     vflip_p: float = Field(default=0.3, ge=0.0, le=1.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    recipe: Literal["paper", "strong"] = Field(
+        default="paper",
+        description="views of self-supervised pretraining: paper (the settings above) or strong (random resized "
+        "crop, stronger colour jitter, grayscale, blur: the keys below); fine-tuning always uses the paper's",
+    )
+    crop_scale: tuple[float, float] = Field(default=(0.25, 1.0), description="strong: area share of the random crop")
+    strong_color_jitter: float = Field(default=0.4, ge=0.0, le=1.0, description="strong: brightness/contrast jitter")
+    strong_color_jitter_p: float = Field(default=0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(default=0.2, ge=0.0, le=1.0, description="strong: drop colour (stain) information")
+    blur_p: float = Field(default=0.5, ge=0.0, le=1.0, description="strong: Gaussian blur (out-of-focus scan)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"crop scale {list(v)} must satisfy 0 < low <= high <= 1")
+        return v
 
 
 class ModelConfig(_Section):
@@ -199,8 +219,40 @@ class DinoConfig(_Section):
         return v
 
 
+CassVariant = Literal["paper", "projector", "simsiam", "byol", "auto"]
+
+
+class CassConfig(_Section):
+    """The parts of the CASS variants beyond the paper (``pretrain.variant``, see cass.variants); each part
+    is used only by the variants that have it, and the paper recipe uses none."""
+
+    views: int | None = Field(
+        default=None, ge=1, le=2,
+        description="views per image: 1 = one view through both networks, 2 = each network its own view; "
+        "default: 1 for paper, 2 for the others",
+    )
+    projector_dim: int | None = Field(default=None, ge=2, description="projection width; default: model.embed_dim")
+    projector_hidden_dim: int = Field(default=512, ge=1)
+    predictor_hidden_dim: int = Field(default=128, ge=1)
+    ema_momentum: float = Field(default=0.99, ge=0.0, le=1.0, description="byol: EMA target momentum, cosine to 1")
+
+
 class PretrainConfig(TrainerConfig):
     method: Literal["cass", "dino"] = Field(default="cass", description="cass, or the DINO baseline (pretrain.dino)")
+    variant: CassVariant = Field(
+        default="paper",
+        description="CASS recipe: paper (unchanged), projector, simsiam, byol (cass.variants); auto = the "
+        "measured choice for the start (pretrained weights: paper)",
+    )
+    cass: CassConfig = CassConfig()
+    monitor_every: int = Field(
+        default=0, ge=0, description="kNN accuracy of each network's embeddings every N epochs; 0 = off"
+    )
+    monitor_k: int = Field(default=20, ge=1, description="neighbours of the kNN monitor")
+    monitor_label_fraction: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="labelled training subset the kNN monitor fits on; default: finetune.label_fraction",
+    )
     epochs: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     pool: Literal["train", "train+val"] = Field(
@@ -556,11 +608,15 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _fraction_listed(self) -> Params:
-        if self.finetune.label_fraction not in self.split.label_fractions:
-            raise ValueError(
-                f"finetune.label_fraction {self.finetune.label_fraction} is not one of split.label_fractions "
-                f"{list(self.split.label_fractions)}; add it there so its subset file is written"
-            )
+        for key, fraction in (
+            ("finetune.label_fraction", self.finetune.label_fraction),
+            ("pretrain.monitor_label_fraction", self.pretrain.monitor_label_fraction),
+        ):
+            if fraction is not None and fraction not in self.split.label_fractions:
+                raise ValueError(
+                    f"{key} {fraction} is not one of split.label_fractions "
+                    f"{list(self.split.label_fractions)}; add it there so its subset file is written"
+                )
         return self
 
 

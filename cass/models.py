@@ -129,6 +129,11 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {names[id(p)] for p in head.parameters() if id(p) in names}
 
 
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features before the head (timm's ``pre_logits``): what fine-tuning builds on."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 def reset_head(model: nn.Module, num_classes: int) -> None:
     model.reset_classifier(num_classes)
 

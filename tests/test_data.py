@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
 from cass.config import params_from_mapping
-from cass.data import adapters
+from cass.data import adapters, shapes
 from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.demo import CLASSES, generate_demo, render
 from cass.data.images import inspect_image, load_rgb, to_rgb8
@@ -51,6 +51,33 @@ def test_demo_is_deterministic_and_classes_differ(tmp_path: Path) -> None:
     before = {p: p.read_bytes() for p in root.rglob("*.png")}
     generate_demo(root, images_per_class=3, size=32, force=True)
     assert before == {p: p.read_bytes() for p in root.rglob("*.png")}  # byte-identical: same DVC md5
+
+
+def test_shapes_dataset_is_deterministic_grayscale_and_classes_differ_by_shape_not_brightness(tmp_path: Path) -> None:
+    a = np.asarray(shapes.render("ring", 3, 32))
+    assert a.ndim == 2 and shapes.render("ring", 3, 32).mode == "L"  # grayscale, as radiology files are
+    assert np.array_equal(a, np.asarray(shapes.render("ring", 3, 32)))
+    assert not np.array_equal(a, np.asarray(shapes.render("ring", 4, 32)))
+    means = {c: np.mean([np.asarray(shapes.render(c, i, 32)).mean() for i in range(40)]) for c in shapes.CLASSES}
+    assert max(means.values()) - min(means.values()) < 8, means  # brightness does not give the class away
+    root = generate_demo(tmp_path / "shapes", images_per_class=3, size=32, kind="shapes")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(shapes.CLASSES)
+    before = {p: p.read_bytes() for p in root.rglob("*.png")}
+    generate_demo(root, images_per_class=3, size=32, kind="shapes", force=True)
+    assert before == {p: p.read_bytes() for p in root.rglob("*.png")}
+    # Switching kind in the same folder leaves one dataset, not a mix of both.
+    generate_demo(root, images_per_class=3, size=32, kind="tissue")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(CLASSES)
+    with pytest.raises(ValueError, match="data.demo_kind: unknown generated dataset 'xray'"):
+        generate_demo(root, images_per_class=3, size=32, kind="xray")
+
+
+def test_shapes_dataset_prepares_like_any_imagefolder(tmp_path: Path) -> None:
+    root = generate_demo(tmp_path / "shapes", images_per_class=10, size=32, kind="shapes")
+    out = _prepare(root, tmp_path / "prepared", demo_kind="shapes")
+    df, info = read_manifest(out)
+    assert info.classes == shapes.CLASSES and set(df["mode"]) == {"L"}
+    assert load_rgb(root / df["path"].iloc[0]).mode == "RGB"  # converted for the networks like any grayscale file
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The embedded demo dataset: synthetic H&E-like tissue patches in four classes.
+"""The embedded demo datasets: synthetic H&E-like tissue patches in four classes (``kind="tissue"``, the
+default), or grayscale radiology-like lesions that differ by shape (``kind="shapes"``, cass.data.shapes).
 
 Each class has its own texture, the way tissue types differ under the microscope: ``adipose`` (large
 pale polygonal cells with thin membranes), ``lymphocytes`` (dense small dark round nuclei),
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cass.data import shapes
 from cass.io import atomic_write_text
 
 CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
@@ -136,18 +138,53 @@ def render(class_name: str, index: int, size: int = 64, seed: int = 0) -> Image.
     return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB")
 
 
-def generate_demo(root: Path, images_per_class: int = 300, size: int = 64, seed: int = 0, force: bool = False) -> Path:
-    """Write the demo dataset as an ImageFolder tree under ``root``; a no-op if it is already there."""
+DEMO_KINDS: dict[str, tuple[tuple[str, ...], Callable[[str, int, int, int], Image.Image]]] = {
+    "tissue": (CLASSES, render),
+    "shapes": (shapes.CLASSES, shapes.render),
+}
+"""Each generated dataset (``data.demo_kind``): its classes and the function drawing one image."""
+
+
+def demo_classes(kind: str = "tissue") -> tuple[str, ...]:
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"data.demo_kind: unknown generated dataset {kind!r}; choose one of {', '.join(DEMO_KINDS)}")
+    return DEMO_KINDS[kind][0]
+
+
+def generate_demo(
+    root: Path,
+    images_per_class: int = 300,
+    size: int = 64,
+    seed: int = 0,
+    force: bool = False,
+    kind: str = "tissue",
+) -> Path:
+    """Write a generated dataset as an ImageFolder tree under ``root``; a no-op if it is already there.
+
+    ``kind`` picks the dataset (:data:`DEMO_KINDS`); class folders of another kind are emptied, so the
+    folder holds one dataset."""
+    classes = demo_classes(kind)
+    paint = DEMO_KINDS[kind][1]
     marker = root / _MARKER
-    stamp = f"classes={','.join(CLASSES)} per_class={images_per_class} size={size} seed={seed}\n"
+    stamp = f"classes={','.join(classes)} per_class={images_per_class} size={size} seed={seed}\n"
+    if kind != "tissue":  # the tissue stamp stays as it was, so existing data is not regenerated
+        stamp = f"kind={kind} {stamp}"
     if not force and marker.is_file() and marker.read_text() == stamp:
         return root
-    for cls in CLASSES:
+    stale_classes = {c for cs, _ in DEMO_KINDS.values() for c in cs} - set(classes)
+    for cls in sorted(stale_classes):
+        folder = root / cls
+        if folder.is_dir():
+            for stale in folder.glob("*.png"):
+                stale.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for cls in classes:
         folder = root / cls
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.png"):
             stale.unlink()
         for i in range(images_per_class):
-            render(cls, i, size, seed).save(folder / f"{cls}_{i:04d}.png", optimize=False)
+            paint(cls, i, size, seed).save(folder / f"{cls}_{i:04d}.png", optimize=False)
     atomic_write_text(marker, stamp)
     return root
