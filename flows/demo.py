@@ -2,6 +2,11 @@
 
 Without ``PREFECT_API_URL`` the flow runs against a temporary local Prefect server that Prefect starts in a
 subprocess, with its database kept in ``.prefect/`` (``PREFECT_HOME``) so the runs can be browsed later.
+Prefect gives that server 20 s to answer by default; with the cores busy (training, tests, other jobs)
+its start-up takes longer, and the demo failed with "Timed out while attempting to connect to ephemeral
+Prefect API server". The demo therefore waits :data:`STARTUP_TIMEOUT_S` unless the user set
+``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, and says what to do if the server never answers.
+
 Prefect reads its settings from the environment when it is imported: :func:`prefect_environment` runs
 first, and this module imports prefect (through flows.retrain) only inside :func:`run_demo`.
 """
@@ -16,18 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cass.errors import CassError
+
 if TYPE_CHECKING:
     from cass.config import Params
     from cass.layout import Layout
+
+STARTUP_TIMEOUT_S = 600
+"""Seconds the demo waits for its temporary Prefect server (Prefect's own default is 20)."""
+STARTUP_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+_STARTUP_FAILED = "ephemeral Prefect API server"  # in the RuntimeError Prefect raises when its server never answers
 
 
 def prefect_environment(quiet: bool, environ: MutableMapping[str, str] = os.environ) -> None:
     """Settings of a local Prefect run, each left alone where the user set it: without PREFECT_API_URL a
     temporary server whose database stays in .prefect/ (`PREFECT_HOME=.prefect prefect server start` shows
-    the runs afterwards); library logs in the flow run's log;
+    the runs afterwards) and that may take STARTUP_TIMEOUT_S to come up; library logs in the flow run's log;
     no usage analytics."""
     if not environ.get("PREFECT_API_URL"):
         environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+        environ.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_S))
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cass")
     environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -84,7 +97,8 @@ def run_demo(params: Params, layout: Layout, *, params_file: str, overrides: Seq
              force: bool, quiet: bool) -> DemoRun:
     """Run the retraining flow in this process and return its result with where to look at it.
 
-    Raises the flow's error when a stage fails."""
+    Raises CassError when the temporary Prefect server does not come up, and the flow's own error when a
+    stage fails."""
     from cass.tracking import configure, is_server, redact, tracking_uri
 
     configure(params.mlflow)  # a tracking server that does not answer fails here, before Prefect starts
@@ -93,8 +107,13 @@ def run_demo(params: Params, layout: Layout, *, params_file: str, overrides: Seq
         handler.addFilter(demo_console)
     from flows.retrain import retrain
 
-    state = retrain(params_file=params_file, overrides=list(overrides), tune_trials=tune_trials,
-                    outputs=str(layout.root), force=force, return_state=True)
+    try:
+        state = retrain(params_file=params_file, overrides=list(overrides), tune_trials=tune_trials,
+                        outputs=str(layout.root), force=force, return_state=True)
+    except RuntimeError as exc:
+        if _STARTUP_FAILED not in str(exc):
+            raise
+        raise CassError(_server_did_not_start(exc)) from exc
     result = state.result()  # raises the error that failed the run
     flow_run_id = state.state_details.flow_run_id
 
@@ -111,3 +130,14 @@ def run_demo(params: Params, layout: Layout, *, params_file: str, overrides: Seq
                    f"{_beside_python('prefect')} server start, then http://127.0.0.1:4200/runs/flow-run/{flow_run_id}")
     return DemoRun(result=result, where_to_look=(mlflow, prefect))
 
+
+def _server_did_not_start(exc: RuntimeError) -> str:
+    """What to do when the temporary Prefect server never answered (or exited)."""
+    waited = os.environ.get(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_S))
+    home = os.path.relpath(os.environ.get("PREFECT_HOME", ".prefect"))
+    return (
+        f"the temporary local Prefect server did not answer within {waited} s ({STARTUP_TIMEOUT_SETTING}). "
+        f"Rerun when the machine is less busy or with a larger {STARTUP_TIMEOUT_SETTING}, or start a server "
+        f"yourself (PREFECT_HOME={home} {_beside_python('prefect')} server start) and set "
+        f"PREFECT_API_URL=http://127.0.0.1:4200/api. Prefect said: {exc}"
+    )

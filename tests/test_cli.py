@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,40 @@ def test_light_commands_do_not_import_torch_mlflow_or_prefect(tmp_path: Path, de
     proc = subprocess.run([sys.executable, "-m", "cass.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage: cass" in proc.stdout
 
+
+# --------------------------------------------------------------------------------------------------
+# The demo's temporary Prefect server
+
+
+def test_demo_waits_for_its_prefect_server_unless_told_how_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.demo import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SETTING, prefect_environment
+
+    environ: dict[str, str] = {}
+    prefect_environment(quiet=True, environ=environ)
+    assert environ[STARTUP_TIMEOUT_SETTING] == str(STARTUP_TIMEOUT_S) == "600"
+    assert environ["PREFECT_HOME"].endswith(".prefect") and environ["PREFECT_LOGGING_LEVEL"] == "WARNING"
+    environ = {STARTUP_TIMEOUT_SETTING: "45"}
+    prefect_environment(quiet=False, environ=environ)
+    assert environ[STARTUP_TIMEOUT_SETTING] == "45" and "PREFECT_LOGGING_LEVEL" not in environ
+    environ = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}  # a real server: nothing temporary to wait for
+    prefect_environment(quiet=False, environ=environ)
+    assert STARTUP_TIMEOUT_SETTING not in environ and "PREFECT_HOME" not in environ
+
+    # The name is the one Prefect reads (a renamed setting would be ignored silently).
+    from prefect.settings import Settings
+
+    monkeypatch.setenv(STARTUP_TIMEOUT_SETTING, "600")
+    assert Settings().server.ephemeral.startup_timeout_seconds == 600
+
+
+def test_demo_says_what_to_do_when_its_prefect_server_never_answers(tmp_path: Path, demo_root: Path) -> None:
+    params = _write_params(tmp_path, demo_root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    exe = Path(sys.executable).parent / "cass"
+    proc = subprocess.run([str(exe), "demo", "--params", str(params), "--outputs", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: the temporary local Prefect server did not answer within 0 s" in proc.stderr, proc.stderr
+    assert "PREFECT_API_URL=" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "pretrain").exists()
