@@ -14,7 +14,8 @@ def demo_data(args: argparse.Namespace) -> int:
 
     params = settings(args)
     out = Path(args.out or params.data.root)
-    generate_demo(out, params.data.demo_images_per_class, params.data.demo_image_size, force=args.force)
+    d = params.data
+    generate_demo(out, d.demo_images_per_class, d.demo_image_size, force=args.force, kind=d.demo_kind)
     print(f"demo dataset at {out}")
     return 0
 
