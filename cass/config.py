@@ -16,11 +16,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cass.data.layouts import get_layout
 from cass.errors import ConfigError
 
 Network = Literal["cnn", "vit"]
 """The two networks CASS pretrains together: the CNN and the Vision Transformer."""
 NETWORKS: tuple[Network, ...] = ("cnn", "vit")
+
+AUTO = "auto"
+"""A setting the dataset implies, worked out from the data or the other settings."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,7 +43,11 @@ class CsvLayout(_Section):
         default=None, description="one-hot label columns; default: every column but image/group"
     )
     image_dir: str = Field(default=".", description="folder of the images, relative to data.root")
-    extension: str = Field(default=".jpg", description="appended to the image id to form the file name")
+    extension: str = Field(
+        default=AUTO,
+        description="appended to the image id to form the file name; auto: nothing for ids that already end in "
+        "an image extension (x.png), else .jpg (ISIC); '' for none",
+    )
     multilabel: bool = False
     drop_columns: tuple[str, ...] = Field(
         default=(), description="label columns to ignore, e.g. ['UNK'] when no row uses it"
@@ -49,7 +57,10 @@ class CsvLayout(_Section):
 class DataConfig(_Section):
     name: str = Field(default="demo", description="dataset name, used in tags and registered model descriptions")
     root: str = Field(default="data/demo", description="dataset directory (tracked by data.dvc)")
-    layout: Literal["imagefolder", "csv", "medmnist"] = "imagefolder"
+    layout: str = Field(
+        default="imagefolder",
+        description="how the dataset is organised: a registered layout (cass.data.layouts.layout_names())",
+    )
     csv: CsvLayout | None = None
     medmnist_file: str | None = Field(default=None, description=".npz file relative to data.root")
     group_column: str | None = Field(
@@ -60,15 +71,22 @@ class DataConfig(_Section):
     )
     demo_images_per_class: int = Field(default=300, ge=8, description="size of the generated demo dataset")
     demo_image_size: int = Field(default=64, ge=16, le=512)
-    max_image_pixels: int = Field(default=89_478_485, gt=0, description="decompression-bomb limit (Pillow's default)")
+    max_image_pixels: int = Field(
+        default=89_478_485, gt=0, description="decompression-bomb limit per image, checked before decoding"
+    )
     workers: int = Field(default=0, ge=0, description="processes that hash/decode images; 0 = one per core")
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, v: str) -> str:
+        get_layout(v)  # an unknown name: an error listing the registered layouts and the closest one
+        return v
 
     @model_validator(mode="after")
     def _layout_settings(self) -> DataConfig:
-        if self.layout == "csv" and self.csv is None:
-            raise ValueError("data.layout is 'csv' but data.csv is not set (file, image_column, ...)")
-        if self.layout == "medmnist" and not self.medmnist_file:
-            raise ValueError("data.layout is 'medmnist' but data.medmnist_file is not set")
+        missing = get_layout(self.layout).missing_settings(self)
+        if missing:
+            raise ValueError(f"data.layout is '{self.layout}' but " + "; ".join(missing))
         return self
 
 

@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +42,16 @@ DATA_DVC = "data.dvc"
 LOCK_FILE = "dvc.lock"
 DEFAULT_REMOTE = "store"
 AWS_S3_ENDPOINT = "https://s3.amazonaws.com"
-# Keys that describe one particular dataset; `track_dataset` drops them unless they are given again.
+# Keys that describe one particular dataset; `track_dataset` drops them unless they are given again. (The
+# registered layouts' own settings, cass.data.layouts, are among them: see `_dataset_keys`.)
 DATASET_KEYS = ("csv", "medmnist_file", "group_column", "classes")
+
+
+def _dataset_keys() -> tuple[str, ...]:
+    from cass.data.layouts import get_layout, layout_names
+
+    layout_keys = [key for name in layout_names() for key in get_layout(name).settings]
+    return tuple(dict.fromkeys((*DATASET_KEYS, *layout_keys)))
 
 NO_REMOTE_HELP = """no DVC remote is configured, so there is nowhere to push to or pull from. Configure one:
   cass data remote s3://BUCKET/cass                                   # AWS S3
@@ -116,7 +123,7 @@ class TrackedDataset:
     md5: str  # the data version
     nfiles: int
     size: int
-    images: int | None  # None when the layout was not listed before tracking (medmnist)
+    images: int
     classes: tuple[str, ...]
     copied: bool
 
@@ -143,20 +150,17 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _list_layout(raw: Mapping[str, Any], source: Path) -> tuple[int | None, tuple[str, ...]]:
-    """Read the dataset the way `cass data prepare` will (file list and labels, no decoding)."""
+def _list_layout(raw: Mapping[str, Any], source: Path) -> tuple[int, tuple[str, ...]]:
+    """Read the dataset as `cass data prepare` will, through its registered layout: every image and label,
+    every referenced file checked to exist, nothing decoded or written. Every problem is reported at once."""
     from cass.config import params_from_mapping
-    from cass.data.prepare import load_layout
+    from cass.data.layouts import get_layout
+    from cass.data.problems import Problems
 
     params = params_from_mapping({**raw, "data": {**raw.get("data", {}), "root": str(source)}}, "dataset settings")
-    if params.data.layout == "medmnist":
-        assert params.data.medmnist_file is not None  # guaranteed by DataConfig validation
-        npz = source / params.data.medmnist_file
-        if not npz.is_file():
-            raise DataError(f"{npz}: MedMNIST file not found (data.medmnist_file is relative to the dataset folder)")
-        return None, params.data.classes or ()
-    with tempfile.TemporaryDirectory() as work:
-        result = load_layout(params, Path(work))
+    problems = Problems()
+    result = get_layout(params.data.layout).list_files(params.data, problems)
+    problems.raise_if_any(f"{source}: not added (nothing was copied, tracked or written)")
     if result.rows.empty:
         raise DataError(f"{source}: no images found for layout {params.data.layout!r}")
     return len(result.rows), result.classes
@@ -206,8 +210,9 @@ def track_dataset(
     rel_path = dest.relative_to(root).as_posix()
 
     data = dict(raw.get("data") or {})
+    dataset_keys = _dataset_keys()
     if data.get("root") != rel_path:  # another dataset: its CSV columns, class list... do not apply
-        data = {k: v for k, v in data.items() if k not in DATASET_KEYS}
+        data = {k: v for k, v in data.items() if k not in dataset_keys}
     data.update(name=name, root=rel_path, layout=layout)
     new_raw = apply_overrides({**raw, "data": data}, overrides)
     params_from_mapping(new_raw, f"{params_path} with the new dataset")  # reject bad settings before any copy
@@ -247,7 +252,11 @@ def track_dataset(
         elif move and not inside:
             shutil.move(str(dest), str(src))
         raise
-    _write_params(params_path, data_section=new_raw["data"], drop=[k for k in DATASET_KEYS if k not in new_raw["data"]])
+    _write_params(
+        params_path,
+        data_section=new_raw["data"],
+        drop=[k for k in dataset_keys if k not in new_raw["data"]],
+    )
     out = dvc_out(dvc_file)
     return TrackedDataset(
         path=rel_path,

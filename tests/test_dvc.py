@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cass.errors import VersioningError
+from cass.errors import DataError, VersioningError
 from tests.conftest import free_port, tiny_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,3 +324,38 @@ def test_add_outside_a_dvc_repository_says_so(tmp_path: Path, demo_root: Path) -
     out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", cwd=tmp_path, check=False)
     assert out.returncode == VersioningError.exit_code
     assert "not inside a DVC repository" in out.stderr and "dvc init" in out.stderr
+
+
+def _isic_folder(tmp_path: Path, missing: tuple[str, ...] = ()) -> Path:
+    """An ISIC-style folder: gt.csv (image, MEL, NV) and img/<id>.jpg, some files left out."""
+    from PIL import Image
+
+    src = tmp_path / "isic"
+    (src / "img").mkdir(parents=True)
+    ids = [f"ISIC_{i:07d}" for i in range(8)]
+    for i, image_id in enumerate(ids):
+        if image_id not in missing:
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(src / "img" / f"{image_id}.jpg")
+    rows = "".join(f"{image_id},{i % 2},{1 - i % 2}\n" for i, image_id in enumerate(ids))
+    (src / "gt.csv").write_text("image,MEL,NV\n" + rows)
+    return src
+
+
+def test_add_checks_every_referenced_file_before_copying_or_writing(small_repo: Path, tmp_path: Path) -> None:
+    src = _isic_folder(tmp_path, missing=("ISIC_0000003",))
+    params = (small_repo / "params.yaml").read_text()
+    csv = ["--set", "data.csv.file=gt.csv", "--set", "data.csv.image_dir=img"]
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code, out.stderr
+    assert "row 5 (ISIC_0000003): img/ISIC_0000003.jpg: file not found" in out.stderr
+    assert "not added (nothing was copied, tracked or written)" in out.stderr
+    assert not (small_repo / "data").exists() and not (small_repo / "data.dvc").exists()
+    assert (small_repo / "params.yaml").read_text() == params
+
+    src = _isic_folder(tmp_path / "complete")
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, "--set", "data.csv.extension=.png",
+             cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code
+    assert "file not found (8)" in out.stderr and "set data.csv.extension: .jpg" in out.stderr
+    assert not (small_repo / "data").exists() and (small_repo / "params.yaml").read_text() == params
+
