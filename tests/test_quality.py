@@ -23,8 +23,9 @@ from PIL import Image
 
 from cass.cli import main
 from cass.config import QUALITY_CHECKS, Params, params_from_mapping
+from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.manifest import read_manifest, write_manifest
-from cass.errors import ConfigError, GateFailed
+from cass.errors import ConfigError, DataError, GateFailed
 from cass.layout import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
@@ -49,11 +50,12 @@ class Workspace:
         self.data = tmp_path / "data"
         shutil.copytree(prepared_dir, self.data)
         self.df, info = read_manifest(self.data)
-        self.info = replace(info, root=str(self.root))
-        write_manifest(self.df, self.info, self.data)
         raw = tiny_mapping(self.root)
         raw["quality"] = quality
         self.params: Params = params_from_mapping(raw)
+        settings = prepared_settings(self.params)  # as if prepare had run on this copy with these settings
+        self.info = replace(info, root=str(self.root), settings=settings, fingerprint=fingerprint(settings))
+        write_manifest(self.df, self.info, self.data)
         self.reports = tmp_path / "quality"
 
     def save(self) -> None:
@@ -459,3 +461,41 @@ def test_bad_data_stops_cass_demo_before_pretraining(
     assert (outputs / "data" / "manifest.csv").is_file()
     assert not (outputs / "pretrain").exists() and not (outputs / "finetune").exists()
     assert json.loads((outputs / "quality" / "manifest" / "result.json").read_text())["success"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepared data must be the data asked about (issue 18)
+
+
+def test_gates_refuse_outputs_prepared_from_another_dataset(
+    tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed prepare leaves the previous outputs; a gate asked about the new data must not pass on them."""
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(demo_root, other)
+    (other / "tumor" / "tumor_0001.png").write_bytes(b"")
+    common = ["--params", str(_params_file(tmp_path, demo_root)), "--outputs", "outputs", "-q"]
+    assert main(["data", "prepare", *common]) == 0
+    before = Path("outputs/data/manifest.csv").read_bytes()
+    assert main(["data", "prepare", *common, "--set", f"data.root={other}"]) == DataError.exit_code
+    assert Path("outputs/data/manifest.csv").read_bytes() == before
+    capsys.readouterr()
+    for gate in ("manifest", "splits"):
+        assert main(["validate", gate, *common, "--set", f"data.root={other}"]) == DataError.exit_code, gate
+        err = capsys.readouterr().err
+        assert f"data.root: prepared from '{demo_root}', asked about '{other}'" in err, err
+        assert "run `cass data prepare`" in err
+    assert main(["validate", "manifest", *common]) == 0  # the data it was prepared from
+
+
+def test_changed_split_settings_or_an_unstamped_manifest_are_refused(ws: Workspace) -> None:
+    ensure_prepared(ws.params, ws.data)
+    reseeded = ws.params.model_copy(update={"split": ws.params.split.model_copy(update={"seed": 8})})
+    with pytest.raises(DataError, match=r"split.seed: prepared from 7, asked about 8"):
+        validate_splits(reseeded, ws.data, ws.reports / "splits")
+    ws.info = replace(ws.info, fingerprint="", settings={})  # written by an older cass
+    ws.save()
+    with pytest.raises(DataError, match="records no settings fingerprint"):
+        ws.manifest()
+

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -39,6 +40,9 @@ class DatasetInfo:
     data_version: str = ""
     git_commit: str = ""
     split_counts: dict[str, int] = field(default_factory=dict)
+    # What the outputs were made from (cass.data.fingerprint): the settings and data version, and their hash.
+    settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)

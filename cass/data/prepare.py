@@ -17,11 +17,13 @@ import pandas as pd
 
 from cass.config import Params
 from cass.data import adapters
+from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.images import ImageInfo
 from cass.data.layouts import get_layout
 from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manifest, write_manifest
 from cass.data.problems import Problems
 from cass.data.splits import assign_splits, write_subsets
+from cass.errors import DataError
 from cass.lineage import data_version, git_commit
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
     """Build the manifest, assign splits, write label-fraction subsets. Returns ``out_dir``.
 
     Everything is built in a staging folder and moved into place at the end, so a failure leaves the
-    previous outputs untouched.
+    previous outputs untouched (later stages tell them apart by their fingerprint, cass.data.fingerprint).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,7 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
         check_predefined_splits(df, problems)
         problems.raise_if_any(f"{params.data.root}: not prepared, {out_dir} left as it was")
         df = assign_splits(df, params.split.val, params.split.test, params.split.seed)
+        settings = prepared_settings(params, project_dir)
         info = DatasetInfo(
             name=params.data.name,
             root=str(result.root),
@@ -112,6 +115,8 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
             data_version=data_version(params.data.root, project_dir),
             git_commit=git_commit(project_dir),
             split_counts={k: int(v) for k, v in sorted(Counter(df["split"]).items())},
+            settings=settings,
+            fingerprint=fingerprint(settings),
         )
         write_manifest(df, info, staging)
         write_subsets(df, params.split.label_fractions, params.split.seed, staging)
@@ -130,8 +135,9 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def summarize(data_dir: Path) -> str:
-    """Class counts per split, for ``cass data show``."""
+def summarize(data_dir: Path, params: Params | None = None) -> str:
+    """Class counts per split, for ``cass data show``; with ``params``, a warning when the prepared data
+    was made from other settings (:func:`cass.data.fingerprint.ensure_prepared`)."""
     df, info = read_manifest(data_dir)
     rows = []
     for labels, split in zip(label_lists(df), df["split"], strict=True):
@@ -146,4 +152,9 @@ def summarize(data_dir: Path) -> str:
         f"data version {info.data_version or '(not tracked by DVC)'}; splits {info.split_counts}",
         table.to_string(),
     ]
+    if params is not None:
+        try:
+            ensure_prepared(params, data_dir)
+        except DataError as exc:
+            lines.append(f"WARNING: {exc}")
     return "\n".join(lines)

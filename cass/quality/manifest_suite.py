@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from cass.config import Params
+from cass.data.fingerprint import ensure_prepared
 from cass.data.manifest import DatasetInfo, label_lists, read_manifest
 from cass.quality.decode_cache import FileCheck, check_files
 from cass.quality.gate import GateResult, Table, check, run_gate
@@ -144,8 +145,10 @@ def validate_manifest(
     """Gate before any training: check every file and label of the manifest in ``data_dir``.
 
     Decode results are cached by content hash in ``cache_path`` (default ``report_dir/decode-cache.json``;
-    keep it outside folders a tool deletes before a run, such as DVC outputs).
+    keep it outside folders a tool deletes before a run, such as DVC outputs). Prepared data made from other
+    settings or data than ``params`` is refused (a DataError naming the difference), not validated.
     """
+    ensure_prepared(params, Path(data_dir))
     df, info = read_manifest(Path(data_dir))
     root = Path(info.root)
     paths = df["path"].astype(str).tolist()
