@@ -126,6 +126,7 @@ class TrackedDataset:
     images: int
     classes: tuple[str, ...]
     copied: bool
+    model_prefix: str = ""  # registered models will be <model_prefix>-cnn / -vit
 
 
 def dvc_out(dvc_file: Path) -> dict[str, Any]:
@@ -213,9 +214,13 @@ def track_dataset(
     dataset_keys = _dataset_keys()
     if data.get("root") != rel_path:  # another dataset: its CSV columns, class list... do not apply
         data = {k: v for k, v in data.items() if k not in dataset_keys}
+    old_name = str(data.get("name", "demo"))
     data.update(name=name, root=rel_path, layout=layout)
     new_raw = apply_overrides({**raw, "data": data}, overrides)
-    params_from_mapping(new_raw, f"{params_path} with the new dataset")  # reject bad settings before any copy
+    mlflow_section = _model_prefix_update(raw, old_name, name)
+    if mlflow_section is not None:
+        new_raw["mlflow"] = mlflow_section
+    checked = params_from_mapping(new_raw, f"{params_path} with the new dataset")  # bad settings: before any copy
     images, classes = _list_layout(new_raw, src)
 
     copied = False
@@ -256,6 +261,7 @@ def track_dataset(
         params_path,
         data_section=new_raw["data"],
         drop=[k for k in dataset_keys if k not in new_raw["data"]],
+        mlflow_section=mlflow_section,
     )
     out = dvc_out(dvc_file)
     return TrackedDataset(
@@ -266,11 +272,36 @@ def track_dataset(
         images=images,
         classes=tuple(classes),
         copied=copied or (move and not inside),
+        model_prefix=checked.mlflow.model_prefix,
     )
 
 
-def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[str]) -> None:
-    """Update the ``data`` section of params.yaml in place, keeping its comments and layout."""
+def _model_prefix_update(raw: Mapping[str, Any], old_name: str, new_name: str) -> dict[str, Any] | None:
+    """Registered model names must follow the dataset, or a new dataset's model becomes a version of the old
+    one's. ``mlflow.model_prefix: auto`` (the default) does that; a prefix spelled as the old dataset's auto
+    value (``cass-demo``) is turned into ``auto`` (returned: the new mlflow section); any other prefix was
+    chosen on purpose and is kept, with a warning."""
+    section = dict(raw.get("mlflow") or {})
+    prefix = section.get("model_prefix", "auto")
+    if prefix == "auto" or new_name == old_name:
+        return None
+    if prefix == f"cass-{old_name}":
+        log.warning("mlflow.model_prefix %s named the models of dataset %r; set to auto (cass-%s)", prefix,
+                    old_name, new_name)
+        section["model_prefix"] = "auto"
+        return section
+    log.warning(
+        "mlflow.model_prefix is %r (set in params.yaml), so the models of dataset %r are registered as %s-cnn / "
+        "%s-vit like those of the previous dataset %r; set mlflow.model_prefix: auto to name them cass-%s-*",
+        prefix, new_name, prefix, prefix, old_name, new_name,
+    )
+    return None
+
+
+def _write_params(
+    path: Path, data_section: Mapping[str, Any], drop: Iterable[str], mlflow_section: Mapping[str, Any] | None = None
+) -> None:
+    """Update the ``data`` section (and ``mlflow.model_prefix``) of params.yaml in place, keeping its comments."""
     import io
 
     from ruamel.yaml import YAML  # installed with dvc, which edits params.yaml the same way for `exp run -S`
@@ -285,6 +316,13 @@ def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[st
     section = doc["data"]
     changes = [key for key in drop if key in section]
     changes += [key for key, value in data_section.items() if section.get(key) != value]
+    prefix = (mlflow_section or {}).get("model_prefix")
+    if prefix is not None:
+        if doc.get("mlflow") is None:
+            doc["mlflow"] = {}
+        if doc["mlflow"].get("model_prefix") != prefix:
+            doc["mlflow"]["model_prefix"] = prefix
+            changes.append("mlflow.model_prefix")
     if not changes:
         return
     for key in drop:

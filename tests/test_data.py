@@ -560,6 +560,30 @@ def test_label_column_names_are_stripped_with_a_warning(tmp_path: Path, caplog: 
     assert "stripped the spaces around column names ['MEL ', ' NV']" in caplog.text
 
 
+def test_multilabel_medmnist_against_an_accuracy_setting_stops_prepare_naming_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "chest"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.stack([np.ones(n), np.arange(n) % 2, np.arange(n) % 3 == 0], 1).astype(int)
+    np.savez(root / "chestmnist.npz", **arrays)
+    raw = tiny_mapping(root)
+    raw["data"].update(layout="medmnist", medmnist_file="chestmnist.npz")
+    raw["quality"] = {"expected_metrics": ["macro_f1", "accuracy"]}
+    params = params_from_mapping(raw)  # the settings alone cannot tell that ChestMNIST is multi-label
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        prepare_data(params, out)
+    assert "setting the data contradicts (1)" in str(err.value) and not (out / "manifest.csv").exists()
+    assert "quality.expected_metrics lists ['accuracy']" in str(err.value)
+    assert "set quality.expected_metrics: auto" in str(err.value)
+    raw["quality"] = {}
+    _, info = read_manifest(prepare_data(params_from_mapping(raw), out))
+    assert info.multilabel
+
+
 def test_decompression_bomb_message_names_the_setting_not_pillows_limit(tmp_path: Path) -> None:
     def header_only_png(width: int, height: int) -> bytes:
         def chunk(kind: bytes, data: bytes) -> bytes:

@@ -359,3 +359,17 @@ def test_add_checks_every_referenced_file_before_copying_or_writing(small_repo: 
     assert "file not found (8)" in out.stderr and "set data.csv.extension: .jpg" in out.stderr
     assert not (small_repo / "data").exists() and (small_repo / "params.yaml").read_text() == params
 
+
+def test_add_under_a_new_name_gives_its_models_their_own_names(small_repo: Path, demo_root: Path) -> None:
+    from cass.config import load_params
+
+    params_file = small_repo / "params.yaml"
+    params_file.write_text(params_file.read_text() + "mlflow:\n  model_prefix: cass-demo  # the demo's models\n")
+    sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "autoimmune", cwd=small_repo)
+    assert yaml.safe_load(params_file.read_text())["mlflow"]["model_prefix"] == "auto"
+    assert load_params(params_file).mlflow.model_prefix == "cass-autoimmune"
+
+    params_file.write_text(params_file.read_text().replace("model_prefix: auto", "model_prefix: skin"))
+    out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "isic", cwd=small_repo)
+    assert load_params(params_file).mlflow.model_prefix == "skin"  # chosen on purpose: kept, with a warning
+    assert "set mlflow.model_prefix: auto to name them cass-isic-*" in out.stderr

@@ -22,14 +22,17 @@ import yaml
 from PIL import Image
 
 from cass.cli import main
-from cass.config import QUALITY_CHECKS, Params, params_from_mapping
+from cass.config import QUALITY_CHECKS, Params, load_params, params_from_mapping, read_params_file
 from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.manifest import read_manifest, write_manifest
+from cass.data.prepare import prepare_data
 from cass.errors import ConfigError, DataError, GateFailed
 from cass.layout import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
 from tests.conftest import tiny_mapping
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0) -> bytes:
@@ -499,3 +502,51 @@ def test_changed_split_settings_or_an_unstamped_manifest_are_refused(ws: Workspa
     with pytest.raises(DataError, match="records no settings fingerprint"):
         ws.manifest()
 
+
+# --------------------------------------------------------------------------------------------------
+# Settings the data implies (issue 18)
+
+
+def _image(mode: str, seed: int, size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 4096, (size, size), dtype=np.uint16))
+    channels = {"L": 1, "RGBA": 4}[mode]
+    return Image.fromarray(rng.integers(0, 255, (size, size, channels), dtype=np.uint8).squeeze(), mode)
+
+
+def test_grayscale_16_bit_and_rgba_data_pass_with_the_shipped_settings(tmp_path: Path) -> None:
+    root = tmp_path / "scans"
+    for i in range(21):
+        for cls, mode in (("normal", "L"), ("lesion", "RGBA"), ("ct", "I;16")):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            _image(mode, seed=i * 3 + len(cls)).save(root / cls / f"{i}.png")
+    raw = tiny_mapping(root)
+    raw["quality"] = read_params_file(REPO / "params.yaml")["quality"]
+    params = params_from_mapping(raw)
+    data = prepare_data(params, tmp_path / "data")
+    df, _ = read_manifest(data)
+    assert set(df["mode"]) >= {"L", "RGBA"} and set(df["mode"]) & {"I;16", "I"}
+    result = validate_manifest(params, data, tmp_path / "report", raise_on_failure=False)
+    assert result.success, result.summary()
+
+
+def test_a_mode_outside_a_narrowed_set_names_the_value_to_set(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path
+) -> None:
+    ws = Workspace(tmp_path, demo_root, prepared_dir, allowed_modes=["RGB"])
+    ws.plant(ws.row("test", "tumor"), _png(mode="L"))
+    result = ws.manifest()
+    assert failed(result) == {"mode_allowed"}
+    assert "set quality.allowed_modes: [RGB, L]" in result.summary()
+
+
+def test_multilabel_metrics_pass_the_model_gate_with_the_shipped_settings(tmp_path: Path) -> None:
+    overrides = ["data.layout=csv", "data.csv.file=labels.csv", "data.csv.multilabel=true"]
+    params = load_params(REPO / "params.yaml", overrides)
+    metrics = {k: v for k, v in _metrics().items() if k != "accuracy"}
+    metrics.update(exact_match=0.7, threshold=0.5)  # what evaluation writes for multi-label data
+    result = _model_gate(tmp_path, params, metrics)
+    assert result.success, result.summary()
+    metrics.pop("exact_match")
+    assert "metric_present" in failed(_model_gate(tmp_path, params, metrics))  # exact_match is required

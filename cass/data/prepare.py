@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cass.config import Params
+from cass.config import Params, metrics_fix, unwritten_metrics
 from cass.data import adapters
 from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.images import ImageInfo
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_LABEL = "label outside data.classes"
 CROSS_SPLIT = "same image in two predefined splits"
+TASK_SETTING = "setting the data contradicts"
 
 
 def load_layout(params: Params, work_dir: Path, problems: Problems | None = None) -> adapters.AdapterResult:
@@ -87,6 +88,8 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
         # MedMNIST images are extracted once, next to the outputs, and reused.
         result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist", problems)
         classes = check_labels(result.rows, result.classes, params.data.classes, problems)
+        if unwritten_metrics(params.quality.expected_metrics, result.multilabel):
+            problems.add(TASK_SETTING, metrics_fix(params.quality.expected_metrics, result.multilabel))
         log.info("inspecting %d images under %s", len(result.rows), result.root)
         inspected = inspect_all(
             result.root, result.rows["path"].tolist(), params.data.max_image_pixels, params.data.workers
