@@ -16,11 +16,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cass.data.layouts import get_layout
 from cass.errors import ConfigError
 
 Network = Literal["cnn", "vit"]
 """The two networks CASS pretrains together: the CNN and the Vision Transformer."""
 NETWORKS: tuple[Network, ...] = ("cnn", "vit")
+
+AUTO = "auto"
+"""A setting the dataset implies (model names from its name, gate metrics from its task), resolved by Params."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,7 +44,11 @@ class CsvLayout(_Section):
         default=None, description="one-hot label columns; default: every column but image/group"
     )
     image_dir: str = Field(default=".", description="folder of the images, relative to data.root")
-    extension: str = Field(default=".jpg", description="appended to the image id to form the file name")
+    extension: str = Field(
+        default=AUTO,
+        description="appended to the image id to form the file name; auto: nothing for ids that already end in "
+        "an image extension (x.png), else .jpg (ISIC); '' for none",
+    )
     multilabel: bool = False
     drop_columns: tuple[str, ...] = Field(
         default=(), description="label columns to ignore, e.g. ['UNK'] when no row uses it"
@@ -50,7 +58,10 @@ class CsvLayout(_Section):
 class DataConfig(_Section):
     name: str = Field(default="demo", description="dataset name, used in tags and registered model descriptions")
     root: str = Field(default="data/demo", description="dataset directory (tracked by data.dvc)")
-    layout: Literal["imagefolder", "csv", "medmnist"] = "imagefolder"
+    layout: str = Field(
+        default="imagefolder",
+        description="how the dataset is organised: a registered layout (cass.data.layouts.layout_names())",
+    )
     csv: CsvLayout | None = None
     medmnist_file: str | None = Field(default=None, description=".npz file relative to data.root")
     group_column: str | None = Field(
@@ -64,15 +75,22 @@ class DataConfig(_Section):
     demo_kind: Literal["tissue", "shapes"] = Field(
         default="tissue", description="generated dataset: tissue (H&E-like colour/texture) or shapes (grayscale, shape)"
     )
-    max_image_pixels: int = Field(default=89_478_485, gt=0, description="decompression-bomb limit (Pillow's default)")
+    max_image_pixels: int = Field(
+        default=89_478_485, gt=0, description="decompression-bomb limit per image, checked before decoding"
+    )
     workers: int = Field(default=0, ge=0, description="processes that hash/decode images; 0 = one per core")
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, v: str) -> str:
+        get_layout(v)  # an unknown name: an error listing the registered layouts and the closest one
+        return v
 
     @model_validator(mode="after")
     def _layout_settings(self) -> DataConfig:
-        if self.layout == "csv" and self.csv is None:
-            raise ValueError("data.layout is 'csv' but data.csv is not set (file, image_column, ...)")
-        if self.layout == "medmnist" and not self.medmnist_file:
-            raise ValueError("data.layout is 'medmnist' but data.medmnist_file is not set")
+        missing = get_layout(self.layout).missing_settings(self)
+        if missing:
+            raise ValueError(f"data.layout is '{self.layout}' but " + "; ".join(missing))
         return self
 
 
@@ -301,7 +319,11 @@ class MlflowConfig(_Section):
         default="mlruns", description="artifact root for new experiments when the store is local"
     )
     experiment: str = "cass"
-    model_prefix: str = Field(default="cass-demo", description="registered models are <prefix>-cnn, <prefix>-vit")
+    model_prefix: str = Field(
+        default=AUTO,
+        description="registered models are <prefix>-cnn, <prefix>-vit; auto: cass-<data.name>, so that models of "
+        "different datasets are never versions of one registered model",
+    )
     server_timeout_s: float = Field(
         default=5.0, gt=0.0, description="how long to wait for the tracking server before giving up (before training)"
     )
@@ -320,6 +342,9 @@ class MlflowConfig(_Section):
 
 
 Severity = Literal["warn", "fail"]
+
+ALL_MODES = ("RGB", "RGBA", "L", "LA", "P", "I;16", "I;16B", "I;16L", "I", "F")
+"""Pillow modes the loader converts to 8-bit RGB faithfully (cass.data.images.to_rgb8)."""
 
 # Every check of the data and model gates (cass.quality) with its default severity. A failed "fail" check stops
 # the pipeline; a failed "warn" check is reported and the run goes on. quality.severity overrides these.
@@ -356,6 +381,37 @@ QUALITY_CHECKS: dict[str, Severity] = {
 }
 
 
+SINGLE_LABEL_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc")
+MULTI_LABEL_METRICS = ("macro_f1", "balanced_accuracy", "exact_match", "macro_auroc")
+"""The metrics in [0, 1] that evaluation writes (cass.metrics), per task; the model gate may require any of them."""
+
+
+def task_metrics(multilabel: bool | None) -> tuple[str, ...]:
+    """What ``quality.expected_metrics: auto`` stands for: every metric evaluation writes for the task, or
+    those it writes for both when the settings alone do not tell the task (MedMNIST)."""
+    if multilabel is None:
+        return tuple(m for m in SINGLE_LABEL_METRICS if m in MULTI_LABEL_METRICS)
+    return MULTI_LABEL_METRICS if multilabel else SINGLE_LABEL_METRICS
+
+
+def unwritten_metrics(metrics: Iterable[str], multilabel: bool | None) -> list[str]:
+    """The metrics of ``metrics`` that evaluation does not write for this task (none known when it is unknown)."""
+    if multilabel is None:
+        return []
+    written = task_metrics(multilabel)
+    return [m for m in metrics if m not in written]
+
+
+def metrics_fix(metrics: Iterable[str], multilabel: bool) -> str:
+    """The sentence that says which metrics a task lacks and the value of quality.expected_metrics to set."""
+    wrong = unwritten_metrics(metrics, multilabel)
+    task = "multi-label" if multilabel else "single-label"
+    return (
+        f"quality.expected_metrics lists {wrong}, which evaluation of {task} data does not write, so the model "
+        f"gate would fail after training; set quality.expected_metrics: auto (here {list(task_metrics(multilabel))})"
+    )
+
+
 class QualityConfig(_Section):
     """Thresholds and severities of the Great Expectations gates (``cass validate manifest|splits|model``)."""
 
@@ -364,15 +420,16 @@ class QualityConfig(_Section):
     min_height: int = Field(default=16, ge=1)
     max_height: int = Field(default=16384, ge=1)
     allowed_modes: tuple[str, ...] = Field(
-        default=("RGB", "RGBA", "L", "LA", "P", "I;16", "I;16B", "I;16L", "I", "F"),
-        description="Pillow modes accepted (those the loader converts to 8-bit RGB faithfully)",
+        default=ALL_MODES,
+        description="Pillow modes accepted (default: every mode the loader converts to 8-bit RGB faithfully)",
     )
     min_images_per_class: int = Field(default=5, ge=1, description="fewer images than this in a class fails")
     imbalance_warn_ratio: float = Field(default=10.0, ge=1.0, description="largest/smallest class count: warn above")
     imbalance_fail_ratio: float = Field(default=100.0, ge=1.0, description="largest/smallest class count: fail above")
-    expected_metrics: tuple[str, ...] = Field(
-        default=("macro_f1", "balanced_accuracy", "macro_auroc"),
-        description="keys the evaluation metrics.json must hold, each a number in [0, 1]",
+    expected_metrics: tuple[str, ...] | Literal["auto"] = Field(
+        default=AUTO,
+        description="keys the evaluation metrics.json must hold, each a number in [0, 1]; auto: every metric "
+        "evaluation writes for the data's task (accuracy for single-label, exact_match for multi-label data)",
     )
     min_macro_f1: float = Field(default=0.5, ge=0.0, le=1.0, description="test macro F1 floor")
     min_balanced_accuracy: float = Field(default=0.5, ge=0.0, le=1.0, description="test balanced accuracy floor")
@@ -389,6 +446,19 @@ class QualityConfig(_Section):
                 close = difflib.get_close_matches(name, QUALITY_CHECKS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ValueError(f"unknown check '{name}'{hint} Known: {', '.join(QUALITY_CHECKS)}")
+        return v
+
+    @field_validator("expected_metrics")
+    @classmethod
+    def _known_metrics(cls, v: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        if v == AUTO:
+            return v
+        known = list(dict.fromkeys((*SINGLE_LABEL_METRICS, *MULTI_LABEL_METRICS)))
+        for name in v:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown metric '{name}'{hint} Known: {', '.join(known)}, or auto")
         return v
 
     @model_validator(mode="after")
@@ -618,6 +688,22 @@ class Params(_Section):
                     f"{list(self.split.label_fractions)}; add it there so its subset file is written"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _derived(self) -> Params:
+        """Resolve what the dataset implies: ``auto`` model names from its name, gate metrics from its task."""
+        if self.mlflow.model_prefix == AUTO:
+            self._set_derived("mlflow", model_prefix=f"cass-{self.data.name}")
+        multilabel = get_layout(self.data.layout).multilabel(self.data)
+        if self.quality.expected_metrics == AUTO:
+            self._set_derived("quality", expected_metrics=task_metrics(multilabel))
+        elif multilabel is not None and unwritten_metrics(self.quality.expected_metrics, multilabel):
+            raise ValueError(metrics_fix(self.quality.expected_metrics, multilabel))
+        return self
+
+    def _set_derived(self, section: str, **values: Any) -> None:
+        """Replace values of a section while validating; once validation returns, the object is frozen."""
+        self.__dict__[section] = getattr(self, section).model_copy(update=values)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cass.errors import VersioningError
+from cass.errors import DataError, VersioningError
 from tests.conftest import free_port, tiny_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,3 +324,52 @@ def test_add_outside_a_dvc_repository_says_so(tmp_path: Path, demo_root: Path) -
     out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", cwd=tmp_path, check=False)
     assert out.returncode == VersioningError.exit_code
     assert "not inside a DVC repository" in out.stderr and "dvc init" in out.stderr
+
+
+def _isic_folder(tmp_path: Path, missing: tuple[str, ...] = ()) -> Path:
+    """An ISIC-style folder: gt.csv (image, MEL, NV) and img/<id>.jpg, some files left out."""
+    from PIL import Image
+
+    src = tmp_path / "isic"
+    (src / "img").mkdir(parents=True)
+    ids = [f"ISIC_{i:07d}" for i in range(8)]
+    for i, image_id in enumerate(ids):
+        if image_id not in missing:
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(src / "img" / f"{image_id}.jpg")
+    rows = "".join(f"{image_id},{i % 2},{1 - i % 2}\n" for i, image_id in enumerate(ids))
+    (src / "gt.csv").write_text("image,MEL,NV\n" + rows)
+    return src
+
+
+def test_add_checks_every_referenced_file_before_copying_or_writing(small_repo: Path, tmp_path: Path) -> None:
+    src = _isic_folder(tmp_path, missing=("ISIC_0000003",))
+    params = (small_repo / "params.yaml").read_text()
+    csv = ["--set", "data.csv.file=gt.csv", "--set", "data.csv.image_dir=img"]
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code, out.stderr
+    assert "row 5 (ISIC_0000003): img/ISIC_0000003.jpg: file not found" in out.stderr
+    assert "not added (nothing was copied, tracked or written)" in out.stderr
+    assert not (small_repo / "data").exists() and not (small_repo / "data.dvc").exists()
+    assert (small_repo / "params.yaml").read_text() == params
+
+    src = _isic_folder(tmp_path / "complete")
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, "--set", "data.csv.extension=.png",
+             cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code
+    assert "file not found (8)" in out.stderr and "set data.csv.extension: .jpg" in out.stderr
+    assert not (small_repo / "data").exists() and (small_repo / "params.yaml").read_text() == params
+
+
+def test_add_under_a_new_name_gives_its_models_their_own_names(small_repo: Path, demo_root: Path) -> None:
+    from cass.config import load_params
+
+    params_file = small_repo / "params.yaml"
+    params_file.write_text(params_file.read_text() + "mlflow:\n  model_prefix: cass-demo  # the demo's models\n")
+    sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "autoimmune", cwd=small_repo)
+    assert yaml.safe_load(params_file.read_text())["mlflow"]["model_prefix"] == "auto"
+    assert load_params(params_file).mlflow.model_prefix == "cass-autoimmune"
+
+    params_file.write_text(params_file.read_text().replace("model_prefix: auto", "model_prefix: skin"))
+    out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "isic", cwd=small_repo)
+    assert load_params(params_file).mlflow.model_prefix == "skin"  # chosen on purpose: kept, with a warning
+    assert "set mlflow.model_prefix: auto to name them cass-isic-*" in out.stderr
