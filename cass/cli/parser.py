@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cass.cli.commands import data, demo, quality, registry, train, versioning
 from cass.config import NETWORKS
+from cass.data.layouts import layout_help, layout_names
 from cass.errors import GateFailed
 
 Handler = Callable[[argparse.Namespace], int]
@@ -30,8 +31,6 @@ EPILOG = """examples:
   cass validate manifest                     # data-quality gate before training (also: splits, model)
 """
 
-LAYOUTS = ("imagefolder", "csv", "medmnist")
-"""Dataset layouts `cass data add --layout` accepts (data.layout)."""
 
 _FINETUNE_NETWORKS = "which network (default: %(default)s = finetune.networks)"
 
@@ -149,7 +148,8 @@ def _data_versioning_commands(dsub: argparse._SubParsersAction) -> None:
         "are written to params.yaml with it. Then commit data.dvc, data/.gitignore and params.yaml.",
     )
     p.add_argument("path", type=Path, help="the dataset folder")
-    p.add_argument("--layout", required=True, choices=LAYOUTS, help="how it is organised")
+    layouts = layout_help().replace("\n", "; ")
+    p.add_argument("--layout", required=True, choices=layout_names(), help=f"how it is organised; {layouts}")
     p.add_argument("--name", help="dataset name, also the folder data/<name> (default: the folder's name)")
     p.add_argument("--move", action="store_true", help="move a folder from outside the project instead of copying")
     settings_options(p)

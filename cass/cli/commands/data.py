@@ -33,6 +33,6 @@ def show(args: argparse.Namespace) -> int:
     """The classes, split sizes and data version of <outputs>/data."""
     from cass.data.prepare import summarize
 
-    settings(args)  # a typo in the settings fails here as in every other command
-    print(summarize(outputs(args).data))
+    params = settings(args)  # a typo in the settings fails here as in every other command
+    print(summarize(outputs(args).data, params))
     return 0
