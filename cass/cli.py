@@ -579,7 +579,8 @@ def run(args: argparse.Namespace) -> int:
 
             results = run_pipeline(params, layout, progress=progress, on_stage=on_stage)
         else:
-            from cass.tracking import tracked_pipeline, tracking_uri
+            from cass.pipeline import tracked_pipeline
+            from cass.tracking import tracking_uri
 
             tracked = tracked_pipeline(params, layout, params_file=Path(args.params), promote=not args.no_promote,
                                        progress=progress, on_stage=on_stage)
