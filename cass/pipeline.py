@@ -33,7 +33,7 @@ from cass import tracking
 from cass.config import Network, Params
 from cass.errors import ConfigError, GateFailed, VersioningError
 from cass.layout import Layout
-from cass.retraining import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, find_completed_run, run_key
+from cass.retraining import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
 from cass.tracking import FinetuneRun, StageRun
 
 if TYPE_CHECKING:
@@ -184,9 +184,7 @@ def _prepare(run: PipelineRun, _: None) -> str:
 
 def _find_unchanged(run: PipelineRun, _: None) -> str | None:
     """A completed pipeline run with the same run key (data and result-changing settings), if any."""
-    tracking.configure_client(run.params.mlflow)
-    earlier = find_completed_run(run.params, run.run_key)
-    return None if earlier is None else earlier.info.run_id
+    return tracking.completed_run(run.params, run.run_key)
 
 
 def _start_run(run: PipelineRun, _: None) -> str:
@@ -271,20 +269,18 @@ def _log_quality(run: PipelineRun, _: None) -> None:
 
 
 def _register(run: PipelineRun, network: Network) -> str:
-
     return tracking.register_candidate(run.params, run.evaluations[network].candidate, run.run_id)
 
 
 def _promote(run: PipelineRun, network: Network) -> PromotionResult:
-
     return tracking.promote_candidate(run.params, network, run.versions[network], run.run_id)
 
 
 def _finish_run(run: PipelineRun, _: None) -> None:
     """End the parent run FINISHED; ``outcome=completed`` (what the "nothing changed" check looks for)
     once both networks were registered and their promotion decided."""
-
-    tracking.end_pipeline_run(run.run_id, "FINISHED", {OUTCOME_TAG: COMPLETED} if run.register and run.promote else {})
+    outcome = {OUTCOME_TAG: COMPLETED} if run.register and run.promote else {}
+    tracking.end_pipeline_run(run.params, run.run_id, "FINISHED", outcome)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,14 +361,21 @@ def _networks(stage: Stage, run: PipelineRun) -> Sequence[Network | None]:
 # The runner
 
 
-Execute = Callable[[Stage, PipelineRun, Sequence[Network | None]], list[Any]]
-"""Runs one stage for the given networks and returns their results in order. The flow's runs each as a
-Prefect task; a ``parallel`` stage is handed all its networks at once, so it may run them side by side."""
+Execute = Callable[[Stage, PipelineRun, Sequence[Network | None], Callable[[Network | None], None]], list[Any]]
+"""Runs one stage for the given networks, calling ``started(network)`` as each starts, and returns their
+results in order. The flow's runs each as a Prefect task; a ``parallel`` stage is handed all its networks
+at once, so that it may run them side by side."""
 
 
-def call(stage: Stage, run: PipelineRun, networks: Sequence[Network | None]) -> list[Any]:
+def call(
+    stage: Stage, run: PipelineRun, networks: Sequence[Network | None], started: Callable[[Network | None], None]
+) -> list[Any]:
     """Run a stage in this process, one network after the other."""
-    return [stage.run(run, network) for network in networks]
+    results = []
+    for network in networks:
+        started(network)
+        results.append(stage.run(run, network))
+    return results
 
 
 def run_stages(
@@ -380,21 +383,18 @@ def run_stages(
 ) -> PipelineRun:
     """Run the stages of :func:`plan` in order; returns the run with every stage's result.
 
-    Stops early, training nothing, when a completed run had the same run key (``earlier_run_id``). Once
-    the MLflow parent run exists, any failure ends it FAILED (KILLED on Ctrl-C), with the gate reports
-    logged when a gate stopped it; nothing after the failed stage (registration, promotion) runs.
+    ``on_stage`` gets the numbered progress line of each shown step as it starts. Stops early, training
+    nothing, when a completed run had the same run key (``earlier_run_id``). Once the MLflow parent run
+    exists, any failure ends it FAILED (KILLED on Ctrl-C), with the gate reports logged when a gate
+    stopped it; nothing after the failed stage (registration, promotion) runs.
     """
     lines = iter(progress_lines(run))
     try:
         for stage in plan(run):
+            started = (lambda network: on_stage(next(lines))) if stage.shown else (lambda network: None)
             networks = _networks(stage, run)
             batches = [networks] if stage.parallel else [[network] for network in networks]
-            results: list[Any] = []
-            for batch in batches:
-                if stage.shown:
-                    for _ in batch:
-                        on_stage(next(lines))
-                results += execute(stage, run, batch)
+            results = [result for batch in batches for result in execute(stage, run, batch, started)]
             run = _keep(run, stage, networks, results)
             if run.earlier_run_id is not None:  # nothing changed since a completed run: nothing to train
                 return run
@@ -414,11 +414,11 @@ def _keep(run: PipelineRun, stage: Stage, networks: Sequence[Network | None], re
 
 
 def _end_failed(run: PipelineRun, exc: BaseException) -> None:
-
     with contextlib.suppress(Exception):  # the error that stopped the run is what the user must see
         if isinstance(exc, GateFailed):
             tracking.log_quality(run.params, run.layout, run.run_id)
-        tracking.end_pipeline_run(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        tracking.end_pipeline_run(run.params, run.run_id, status)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from cass import tracking
 from cass.config import Network, Params, RetrainConfig, load_params
 from cass.errors import ConfigError, DataError, GateFailed
 from cass.layout import Layout
-from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, run_stages
+from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, run_stages
 from cass.retraining import data_hash
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
@@ -133,13 +133,18 @@ def as_tasks(tasks: dict[str, Task]) -> Execute:
     """The :data:`cass.pipeline.Execute` of the flow: each stage runs as its task; a parallel stage's networks
     are submitted together when :func:`_run_in_parallel` says so, sharing the loader cores."""
 
-    def execute(stage: Stage, run: PipelineRun, networks: Sequence[Network | None]) -> list[Any]:
+    def execute(
+        stage: Stage, run: PipelineRun, networks: Sequence[Network | None], started: Callable[[Network | None], None]
+    ) -> list[Any]:
         step = tasks[stage.name]
         if stage.parallel and len(networks) > 1 and _run_in_parallel(run.params):
             run = replace(run, params=_share_loader_cores(run.params, len(networks)))
-            futures = [step.submit(run, network) for network in networks]
+            futures = []
+            for network in networks:
+                started(network)
+                futures.append(step.submit(run, network))
             return [future.result() for future in futures]
-        return [step(run, network) for network in networks]
+        return call(replace(stage, run=step), run, networks, started)
 
     return execute
 

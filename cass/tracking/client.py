@@ -140,12 +140,26 @@ def configure(cfg: MlflowConfig) -> str:
 
 
 def experiment_id(cfg: MlflowConfig) -> str | None:
-    """The id of ``mlflow.experiment`` in the store, without creating it; None when it does not exist."""
+    """The id of ``mlflow.experiment`` in the store, without creating it; None when it does not exist or is
+    deleted."""
     import mlflow
 
     configure_client(cfg)
     experiment = mlflow.MlflowClient().get_experiment_by_name(cfg.experiment)
-    return None if experiment is None else experiment.experiment_id
+    return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
+
+
+def latest_run_id(cfg: MlflowConfig, filter_string: str) -> str | None:
+    """The newest run of ``mlflow.experiment`` that matches ``filter_string``; None if there is none."""
+    import mlflow
+
+    experiment = experiment_id(cfg)
+    if experiment is None:
+        return None
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment], filter_string, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def with_retries(what: str, fn: Callable[[], T], cfg: MlflowConfig) -> T:

@@ -318,19 +318,18 @@ def start_pipeline_run(
         run.artifact(layout.data / INFO_FILE, "data")
     except BaseException:
         with contextlib.suppress(Exception):
-            end_pipeline_run(run.run_id, "FAILED")
+            end_pipeline_run(params, run.run_id, "FAILED")
         raise
     return run.run_id
 
 
-def end_pipeline_run(run_id: str, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+def end_pipeline_run(
+    params: Params, run_id: str, status: str = "FINISHED", tags: Mapping[str, str] | None = None
+) -> None:
     """Set the parent run's final tags and status (FINISHED, FAILED or KILLED)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, value)
-    client.set_terminated(run_id, status)
+    run = RunLogger(params.mlflow, run_id)
+    run.tags(tags or {})
+    run.finish(status)
 
 
 @contextlib.contextmanager

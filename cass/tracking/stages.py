@@ -16,8 +16,14 @@ from cass import registry
 from cass.config import Network, Params
 from cass.errors import TrainingError
 from cass.layout import FinetuneOutputs, Layout
-from cass.retraining import PRETRAIN_FINGERPRINT_TAG, pretrain_fingerprint, reusable_pretraining
-from cass.tracking.client import configure, configure_client, with_retries
+from cass.retraining import (
+    PRETRAIN_FINGERPRINT_TAG,
+    completed_run_filter,
+    finished_checkpoint,
+    pretrain_fingerprint,
+    pretraining_filter,
+)
+from cass.tracking.client import configure, configure_client, latest_run_id, with_retries
 from cass.tracking.runs import Lineage, RunLogger, numeric_items, pipeline_lineage, run_tags, stage_run, test_set_hash
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,22 @@ def first_test_image(data_dir: Path) -> bytes:
     return read_bytes(Path(info.root) / rows["path"].iloc[0])
 
 
+def completed_run(params: Params, key: str) -> str | None:
+    """The latest finished pipeline run with run key ``key`` whose models were registered: a run with the
+    same data and result-changing settings that need not train again (:mod:`cass.retraining`)."""
+    return latest_run_id(params.mlflow, completed_run_filter(key))
+
+
+def reusable_pretraining(params: Params, layout: Layout) -> str | None:
+    """The MLflow run of the finished pretraining on disk, when the current settings would train the same.
+
+    None when the checkpoint is missing, unfinished or made with other settings or data, or when no
+    finished run recorded its fingerprint (then the stage runs: it resumes, and logs a run)."""
+    if not finished_checkpoint(params, layout.data, layout.pretrain):
+        return None
+    return latest_run_id(params.mlflow, pretraining_filter(pretrain_fingerprint(params, layout.data)))
+
+
 def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, progress: bool = True) -> StageRun:
     """Pretrain in a child run, or reuse the finished pretraining on disk when it has the current settings.
 
@@ -60,7 +82,7 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
     from cass.pretrain import pretrain
 
     configure(params.mlflow)
-    earlier = reusable_pretraining(params, layout.data, layout.pretrain)
+    earlier = reusable_pretraining(params, layout)
     if earlier is not None:
         log.info("pretraining reused (run %s): %s holds a finished pretraining with these settings and data",
                  earlier, layout.pretrain)
