@@ -22,18 +22,15 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 from cass.config import MlflowConfig, Params
 from cass.layout import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
 from cass.registry import EVALUATION_DIR, finite
-from cass.tracking.client import TrackingError, configure, with_retries
+from cass.tracking.client import configure, with_retries
 from cass.tracking.redact import loggable_params, redact, redact_mapping, redact_yaml_text
-
-if TYPE_CHECKING:
-    from cass.training import EpochCallback
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +127,12 @@ class RunLogger:
     outputs of the cass stages.
 
     Every call names its run instead of relying on MLflow's active run (kept per thread), so worker
-    threads and processes (Prefect tasks, Optuna workers) log side by side. ``run_id=None`` takes this
-    thread's active run when the logger is made.
+    threads and processes (Prefect tasks, Optuna workers) log side by side.
     """
 
-    def __init__(self, cfg: MlflowConfig, run_id: str | None = None) -> None:
+    def __init__(self, cfg: MlflowConfig, run_id: str) -> None:
         import mlflow
 
-        if run_id is None:
-            active = mlflow.active_run()
-            if active is None:
-                raise TrackingError("no active MLflow run to log into: start one, or name the run id")
-            run_id = active.info.run_id
         self.cfg = cfg
         self.run_id = run_id
         self.mlflow = mlflow
@@ -173,7 +164,7 @@ class RunLogger:
             self.mlflow.log_metrics(dict(values), run_id=self.run_id, **kwargs)
 
     def epoch(self, epoch: int, record: Mapping[str, float], skip: tuple[str, ...] = ("epoch",)) -> None:
-        """One epoch's metrics with ``step=epoch``.
+        """One epoch's metrics with ``step=epoch``: an epoch callback of the training stages.
 
         A failed call is a warning, not the end of the training: MLflow already retried it, and the
         artifacts at the end of the stage are uploaded with retries and fail the run if the store is gone.
@@ -183,10 +174,6 @@ class RunLogger:
             self.metrics(values, step=epoch)
         except Exception as exc:  # keep training; see above
             log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact(str(exc))[:300])
-
-    def epoch_callback(self) -> EpochCallback:
-        """An epoch callback for the training stages that logs each epoch into this run."""
-        return self.epoch
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, FAILED or KILLED."""

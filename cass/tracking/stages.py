@@ -90,7 +90,7 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
         return StageRun(earlier, reused=True)
     fingerprint = pretrain_fingerprint(params, layout.data)
     with stage_run(params, layout.data, parent_run_id, "pretrain", **{PRETRAIN_FINGERPRINT_TAG: fingerprint}) as run:
-        out = pretrain(params, layout.data, layout.pretrain, callbacks=[run.epoch_callback()], progress=progress)
+        out = pretrain(params, layout.data, layout.pretrain, callbacks=[run.epoch], progress=progress)
         run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
         run.artifact(out.networks)
     return StageRun(run.run_id)
@@ -108,7 +108,7 @@ def tracked_finetune(
     tags = {"pretraining_run_id": pretraining_run_id}
     with stage_run(params, layout.data, parent_run_id, "finetune", network, **tags) as run:
         ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir,
-                      callbacks=[run.epoch_callback()], progress=progress)
+                      callbacks=[run.epoch], progress=progress)
         run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
         example = first_test_image(layout.data)
         model = with_retries(
