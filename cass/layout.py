@@ -170,14 +170,19 @@ class Layout:
         """The test metrics the model gate reads."""
         return EvaluateOutputs(self.evaluate(network)).metrics
 
+    @property
+    def quality_dir(self) -> Path:
+        """The gates' report folders, together (what a pipeline run logs as its quality report)."""
+        return self.root / "quality"
+
     def quality(self, gate: str) -> Path:
         """Report folder of a gate (Data Docs, result.json): manifest, splits, model[/<network>]."""
-        return self.root / "quality" / gate
+        return self.quality_dir / gate
 
     @property
     def decode_cache(self) -> Path:
         """Decode results by content hash, kept beside (not inside) the gate reports that tools may delete."""
-        return self.root / "quality" / "decode-cache.json"
+        return self.quality_dir / "decode-cache.json"
 
 
 def best_params_path(tune_dir: Path, network: str) -> Path:

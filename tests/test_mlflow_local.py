@@ -38,7 +38,8 @@ def local(tmp_path_factory: pytest.TempPathFactory):
     """One tracked pipeline run on a local store, with a DVC-tracked copy of the demo data."""
     import mlflow
 
-    from cass.tracking import reset_client, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import reset_client
 
     root = tmp_path_factory.mktemp("mlflow-local")
     data = root / "demo"
@@ -245,7 +246,8 @@ def test_artifact_store_failure_is_retried_then_run_failed_and_champion_untouche
                                                                                    caplog) -> None:
     import mlflow
 
-    from cass.tracking import TrackingError, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import TrackingError
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the artifact folder should be")

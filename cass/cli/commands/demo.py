@@ -1,6 +1,6 @@
 """`cass demo`: every stage on the demo dataset, in one of three ways. By default the Prefect retraining flow
-(flows.demo); --no-flow / --no-promote the tracked pipeline in this process (cass.tracking); --no-mlflow the
-stages alone (cass.pipeline)."""
+(flows.demo); --no-flow / --no-promote the same stages tracked in this process; --no-mlflow the stages
+alone. All three run the stage list of cass.pipeline."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def _flow(args: argparse.Namespace, params: Params, layout: Layout) -> int:
 
 def _tracked(args: argparse.Namespace, params: Params, layout: Layout) -> int:
     """--no-flow: the stages logged to MLflow and registered (promoted unless --no-promote), without Prefect."""
-    from cass.tracking import is_server, redact, tracked_pipeline, tracking_uri
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import is_server, redact, tracking_uri
 
     tracked = tracked_pipeline(params, layout, params_file=Path(args.params), promote=not args.no_promote,
                                progress=not args.quiet, on_stage=_log_stage)

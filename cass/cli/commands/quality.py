@@ -26,9 +26,9 @@ def validate(args: argparse.Namespace) -> int:
         results = [validate_model(params, Path(args.metrics), report or layout.quality("model"),
                                   raise_on_failure=False)]
     else:
-        folder = report or layout.quality("model")
-        results = [validate_model(params, layout.evaluate_metrics(network), folder / network, raise_on_failure=False)
-                   for network in networks(args, params)]
+        from cass.pipeline import model_gate
+
+        results = [model_gate(params, layout, network, report) for network in networks(args, params)]
     for result in results:
         print(result.summary(), file=sys.stdout if result.success else sys.stderr)
     return 0 if all(r.success for r in results) else GateFailed.exit_code
