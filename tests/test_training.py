@@ -10,13 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cass.config import params_from_mapping
+from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
 from cass.finetune import finetune, load_classifier
-from cass.losses import CASSLoss
 from cass.models import create_network
-from cass.pretrain import cass_step, optimizer_step, pretrain
-from cass.training import Precision
+from cass.pretrain import CassLearner, pretrain
 from tests.conftest import tiny_mapping
 
 
@@ -27,19 +26,17 @@ def _params(root: Path, **sections):
     return params_from_mapping(raw)
 
 
-def test_one_cass_step_changes_both_networks_and_zeroes_gradients() -> None:
-    torch.manual_seed(0)
-    cnn = create_network("test_resnet", 16, "cnn", 32)
-    vit = create_network("test_vit", 16, "vit", 32)
+def test_one_cass_step_changes_both_networks_and_zeroes_gradients(tmp_path: Path) -> None:
+    params = _params(tmp_path, pretrain={"device": "cpu"})
+    learner = CassLearner(params, Engine(params.pretrain, seed=0, key="pretrain"))
+    cnn, vit = learner.backbones()["cnn"], learner.backbones()["vit"]
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("cnn", cnn), ("vit", vit))}
-    opt = torch.optim.Adam([*cnn.parameters(), *vit.parameters()], lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, z_cnn, z_vit = cass_step(cnn, vit, torch.randn(8, 3, 32, 32), CASSLoss(), scaler,
-                                   device=torch.device("cpu"), precision=Precision(None, False))
+    out = learner.step((torch.randn(8, 3, 32, 32), torch.full((8,), -1)), Step(lr=1e-3))
+    loss, z_cnn, z_vit = out.losses["loss"], out.embeddings["cnn"], out.embeddings["vit"]
     assert z_cnn.shape == z_vit.shape == (8, 16) and 0 <= float(loss) <= 4
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vit.parameters())
-    optimizer_step(opt, scaler)
+    learner.optimizer_step(Step(lr=1e-3))
     for name, model in (("cnn", cnn), ("vit", vit)):
         changed = [not torch.equal(a, b) for a, b in zip(before[name], model.parameters(), strict=True)]
         assert sum(changed) > len(changed) // 2, f"{name} barely changed"
