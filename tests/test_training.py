@@ -110,6 +110,47 @@ def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, d
     assert ev.confusion_matrix.stat().st_size > 0 and ev.roc.stat().st_size > 0
 
 
+def test_interrupted_finetuning_resumes_to_the_uninterrupted_result(prepared_dir: Path, demo_root: Path,
+                                                                     tmp_path: Path) -> None:
+    params = _params(demo_root, finetune={"epochs": 3, "patience": 3, "accumulate": 2, "freeze_epochs": 1,
+                                          "label_fraction": 0.25})
+    pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+    full = finetune(params, prepared_dir, "cnn", tmp_path / "full", tmp_path / "pre", progress=False)
+    assert not full.checkpoint.exists()  # a finished fine-tuning leaves nothing to resume
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_second(epoch: int, _metrics) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre", callbacks=[stop_after_second],
+                 progress=False)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file() and not (tmp_path / "resumed" / "model.json").exists()
+    seen: list[int] = []
+    resumed = finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre",
+                       callbacks=[lambda e, _m: seen.append(e)], progress=False)
+    assert seen == [3] and not resumed.checkpoint.exists()  # only the epoch left ran
+    a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    want, got = (json.loads(o.metrics.read_text()) for o in (full, resumed))
+    for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_macro_f1", "labelled_images"):
+        assert got[key] == want[key], key
+    # Other settings: the checkpoint is not resumed (a fresh fine-tuning runs every epoch).
+    with pytest.raises(Interrupt):
+        finetune(params, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre", callbacks=[stop_after_second],
+                 progress=False)
+    other = _params(demo_root, finetune={"epochs": 3, "patience": 3, "accumulate": 2, "freeze_epochs": 1,
+                                         "label_fraction": 0.25, "lr": 1e-3})
+    seen.clear()
+    finetune(other, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre",
+             callbacks=[lambda e, _m: seen.append(e)], progress=False)
+    assert seen == [1, 2, 3]
+
+
 def test_finetune_cass_init_refuses_mismatched_pretraining(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
     params = _params(demo_root)
     pre = pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
