@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cass.baselines.dino import DinoPretraining
-from cass.config import NETWORKS, Network, Params
+from cass.config import Network, Params
 from cass.data.transforms import RepeatedViews, cass_transform
 from cass.engine import Engine, EpochStats, Step, StepOutput
 from cass.layout import PretrainOutputs
@@ -47,6 +47,10 @@ class CassLearner(PretrainingLearner):
 
     method = "cass"
     name = "CASS pretraining"
+    epoch_log = (
+        "pretrain epoch %d/%d: loss %.4f, embedding std CNN %.4f / ViT %.4f (healthy %.4f), %.0f img/s",
+        ("loss", "cnn_embedding_std", "vit_embedding_std", "healthy_embedding_std", "images_per_second"),
+    )
 
     def __init__(self, params: Params, engine: Engine) -> None:
         super().__init__(params, engine)
@@ -84,7 +88,7 @@ class CassLearner(PretrainingLearner):
         self.pair.after_optimizer_step(step.index, self.engine.total_steps)
 
     def record(self, stats: EpochStats) -> dict[str, float]:
-        record = {
+        return {
             "epoch": stats.epoch,
             "loss": stats.losses["loss"],
             "lr": stats.lr,
@@ -94,15 +98,6 @@ class CassLearner(PretrainingLearner):
             "images_per_second": stats.images_per_second,
             "epoch_seconds": stats.seconds,
         }
-        log.info(
-            "pretrain epoch %d/%d: loss %.4f, embedding std CNN %.4f / ViT %.4f (healthy %.4f), %.0f img/s",
-            stats.epoch, stats.epochs, record["loss"], record["cnn_embedding_std"], record["vit_embedding_std"],
-            record["healthy_embedding_std"], record["images_per_second"],
-        )
-        return record
-
-    def healthy_of(self, record: Mapping[str, float]) -> dict[str, float]:
-        return {net: record["healthy_embedding_std"] for net in NETWORKS}
 
     def details(self, last: Mapping[str, float]) -> dict[str, Any]:
         return {"healthy_embedding_std": last["healthy_embedding_std"]}

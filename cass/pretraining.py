@@ -113,6 +113,8 @@ class PretrainingLearner(Learner):
     its checkpoint file, its epoch ``record`` and log line, and the two networks it trained."""
 
     method: ClassVar[str]
+    epoch_log: ClassVar[tuple[str, tuple[str, ...]]]
+    """The epoch's log line: a format that starts with the epoch and the epochs, and the record keys after."""
     transform: Callable[[Any], Any]
 
     def __init__(self, params: Params, engine: Engine) -> None:
@@ -128,11 +130,13 @@ class PretrainingLearner(Learner):
 
     @abstractmethod
     def record(self, stats: EpochStats) -> dict[str, float]:
-        """The epoch's history row (logged)."""
+        """The epoch's history row."""
 
-    @abstractmethod
-    def healthy_of(self, record: Mapping[str, float]) -> dict[str, float]:
-        """Each network's healthy embedding spread, as the ``record`` holds it."""
+    @staticmethod
+    def healthy_of(record: Mapping[str, float]) -> dict[str, float]:
+        """Each network's healthy embedding spread, as the ``record`` holds it: its own, or one for both."""
+        return {net: record.get(f"{net}_healthy_embedding_std", record.get("healthy_embedding_std", 0.0))
+                for net in NETWORKS}
 
     @abstractmethod
     def backbones(self) -> dict[str, torch.nn.Module]:
@@ -144,6 +148,8 @@ class PretrainingLearner(Learner):
 
     def end_epoch(self, stats: EpochStats) -> dict[str, float]:
         record = self.record(stats)
+        message, keys = self.epoch_log
+        log.info(message, stats.epoch, stats.epochs, *(record[key] for key in keys))
         fraction = self.params.pretrain.collapse_warn_fraction
         warn_collapse(self.method.upper(), record, self.healthy_of(record), fraction)
         return record

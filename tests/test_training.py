@@ -16,6 +16,7 @@ from cass.evaluate import evaluate
 from cass.finetune import finetune, load_classifier
 from cass.models import create_network
 from cass.pretrain import CassLearner, pretrain
+from cass.training import EpochCallback
 from tests.conftest import tiny_mapping
 
 
@@ -55,20 +56,25 @@ def test_pretraining_writes_weights_metrics_and_collapse_indicator(prepared_dir:
     assert json.loads(out.networks.read_text())["method"] == metrics["method"] == "cass"
 
 
+class Interrupt(Exception):
+    """A simulated interruption (Ctrl-C, a killed job) once an epoch has ended."""
+
+
+def interrupt_after(epoch: int) -> EpochCallback:
+    def callback(done: int, _metrics) -> None:
+        if done == epoch:
+            raise Interrupt
+
+    return callback
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path, demo_root: Path,
                                                              tmp_path: Path) -> None:
     params = _params(demo_root, pretrain={"epochs": 2})
     full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(epoch: int, _metrics) -> None:
-        if epoch == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[stop_after_first], progress=False)
+        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[interrupt_after(1)], progress=False)
     assert not (tmp_path / "resumed" / "cnn.safetensors").exists()
     resumed = pretrain(params, prepared_dir, tmp_path / "resumed", progress=False)
     for net in ("cnn", "vit"):
@@ -117,16 +123,8 @@ def test_interrupted_finetuning_resumes_to_the_uninterrupted_result(prepared_dir
     pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
     full = finetune(params, prepared_dir, "cnn", tmp_path / "full", tmp_path / "pre", progress=False)
     assert not full.checkpoint.exists()  # a finished fine-tuning leaves nothing to resume
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_second(epoch: int, _metrics) -> None:
-        if epoch == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre", callbacks=[stop_after_second],
+        finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre", callbacks=[interrupt_after(2)],
                  progress=False)
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file() and not (tmp_path / "resumed" / "model.json").exists()
     seen: list[int] = []
@@ -141,7 +139,7 @@ def test_interrupted_finetuning_resumes_to_the_uninterrupted_result(prepared_dir
         assert got[key] == want[key], key
     # Other settings: the checkpoint is not resumed (a fresh fine-tuning runs every epoch).
     with pytest.raises(Interrupt):
-        finetune(params, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre", callbacks=[stop_after_second],
+        finetune(params, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre", callbacks=[interrupt_after(2)],
                  progress=False)
     other = _params(demo_root, finetune={"epochs": 3, "patience": 3, "accumulate": 2, "freeze_epochs": 1,
                                          "label_fraction": 0.25, "lr": 1e-3})

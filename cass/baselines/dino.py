@@ -292,6 +292,10 @@ class DinoPretraining(PretrainingLearner):
 
     method = "dino"
     name = "DINO pretraining"
+    epoch_log = (
+        "DINO epoch %d/%d: loss CNN %.4f / ViT %.4f, feature std CNN %.4f / ViT %.4f, %.0f img/s",
+        ("cnn_loss", "vit_loss", "cnn_embedding_std", "vit_embedding_std", "images_per_second"),
+    )
 
     def __init__(self, params: Params, engine: Engine) -> None:
         super().__init__(params, engine)
@@ -358,15 +362,7 @@ class DinoPretraining(PretrainingLearner):
             images_per_second=stats.images_per_second,
             epoch_seconds=stats.seconds,
         )
-        log.info(
-            "DINO epoch %d/%d: loss CNN %.4f / ViT %.4f, feature std CNN %.4f / ViT %.4f, %.0f img/s",
-            stats.epoch, stats.epochs, record["cnn_loss"], record["vit_loss"], record["cnn_embedding_std"],
-            record["vit_embedding_std"], record["images_per_second"],
-        )
         return record
-
-    def healthy_of(self, record: Mapping[str, float]) -> dict[str, float]:
-        return {net: record[f"{net}_healthy_embedding_std"] for net in NETWORKS}
 
     def details(self, last: Mapping[str, float]) -> dict[str, Any]:
         return {
