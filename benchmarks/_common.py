@@ -358,36 +358,30 @@ def step_params(cnn: str, vit: str, image_size: int, batch_size: int, *, embed_d
     )
 
 
-def cass_step_fn(params: Params, device: torch.device, precision: Any) -> Callable[[], None]:
-    """One CASS optimiser step (both networks, one view) through the functions the CASS loop uses."""
-    from cass.losses import CASSLoss
-    from cass.models import create_network
-    from cass.pretrain import cass_step, optimizer_step
-    from cass.training import make_optimizer
+def cass_step_fn(params: Params) -> Callable[[], None]:
+    """One CASS optimiser step (both networks, one view) through the learner the pretrain stage trains:
+    ``CassLearner.step`` (forward under the engine's autocast, loss, backward) and its optimiser step."""
+    from cass.engine import Engine, Step
+    from cass.pretrain import CassLearner
 
     m, cfg = params.model, params.pretrain
-    cnn = create_network(m.cnn, m.embed_dim, "cnn", m.image_size).to(device).train()
-    vit = create_network(m.vit, m.embed_dim, "vit", m.image_size).to(device).train()
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        cnn.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, [{"params": list(cnn.parameters())}, {"params": list(vit.parameters())}])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    criterion = CASSLoss()
-    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=device)
+    engine = Engine(cfg, seed=0, key="pretrain")
+    learner = CassLearner(params, engine)
+    learner.start_epoch(0)
+    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=engine.device)
+    batch, step = (x, torch.full((cfg.batch_size,), -1, device=engine.device)), Step(lr=cfg.lr)
 
-    def step() -> None:
-        cass_step(cnn, vit, x, criterion, scaler, device=device, precision=precision, channels_last=channels_last)
-        optimizer_step(optimizer, scaler)
+    def run() -> None:
+        learner.step(batch, step)
+        learner.optimizer_step(step)
 
-    return step
+    return run
 
 
 def single_network_step_fn(params: Params, network: str, device: torch.device, precision: Any) -> Callable[[], None]:
     """One network alone: forward, a loss on its embedding, backward, optimiser step (the ceiling's T)."""
     from cass.models import create_network
-    from cass.pretrain import optimizer_step
-    from cass.training import autocast, make_optimizer
+    from cass.training import autocast, make_optimizer, optimizer_step
 
     m, cfg = params.model, params.pretrain
     arch = m.cnn if network == "cnn" else m.vit

@@ -9,6 +9,7 @@ their paths from here; nothing else builds an output path from a string literal.
       pretrain/                   cnn.safetensors, vit.safetensors, networks.json, metrics.json, history.csv
       tune/                       best_<network>.yaml, optuna_<network>.db
       finetune/<network>/         model.safetensors, model.json, metrics.json, history.csv
+                                  (checkpoint.pt while a fine-tuning is unfinished)
       evaluate/<network>/         metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png
 """
 
@@ -82,6 +83,13 @@ class FinetuneOutputs:
     """A fine-tuned classifier: weights, the spec that rebuilds it, its metrics and curves."""
 
     out_dir: Path
+
+    CHECKPOINT = "checkpoint.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Resumes an interrupted fine-tuning; removed once the stage has written its outputs."""
+        return self.out_dir / self.CHECKPOINT
 
     @property
     def weights(self) -> Path:

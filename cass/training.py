@@ -119,6 +119,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Step the parameters (through the fp16 loss scaler), then zero the gradients: the public CASS
+    notebook never zeroed them, so they accumulated over the whole run."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(

@@ -12,8 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "cass"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
@@ -156,11 +154,6 @@ def test_graph_reader_sees_function_level_relative_and_type_checking_imports(tmp
     assert import_cycles(graph) == [["cass.a", "cass.sub.b", "cass.c", "cass.a"]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="cycles on main when this test was written, being removed on other branches: "
-    "cass.baselines.dino <-> cass.pretrain, cass.registry <-> cass.tracking",
-)
 def test_no_import_cycles_among_cass_modules() -> None:
     cycles = import_cycles(import_graph())
     assert not cycles, "import cycles among cass modules:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)

@@ -284,7 +284,7 @@ def test_promotion_gate_is_the_quality_model_suite() -> None:
     from cass.config import params_from_mapping
     from cass.registry import default_gate
 
-    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9,
+    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "accuracy": 0.8, "macro_auroc": 0.9,
                "per_class": {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 5}}}
     verdict = default_gate(params_from_mapping({}))(metrics)
     assert not verdict.passed and "b" in verdict.text()
