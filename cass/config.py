@@ -8,7 +8,6 @@ schema, so a typo on the command line is rejected exactly like a typo in the fil
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cass.data.layouts import get_layout
-from cass.errors import ConfigError
+from cass.errors import ConfigError, did_you_mean
 
 Network = Literal["cnn", "vit"]
 """The two networks CASS pretrains together: the CNN and the Vision Transformer."""
@@ -443,9 +442,8 @@ class QualityConfig(_Section):
     def _known_checks(cls, v: dict[str, Severity]) -> dict[str, Severity]:
         for name in v:
             if name not in QUALITY_CHECKS:
-                close = difflib.get_close_matches(name, QUALITY_CHECKS, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"unknown check '{name}'{hint} Known: {', '.join(QUALITY_CHECKS)}")
+                raise ValueError(f"unknown check '{name}'{did_you_mean(name, QUALITY_CHECKS)} Known: "
+                                 f"{', '.join(QUALITY_CHECKS)}")
         return v
 
     @field_validator("expected_metrics")
@@ -456,8 +454,7 @@ class QualityConfig(_Section):
         known = list(dict.fromkeys((*SINGLE_LABEL_METRICS, *MULTI_LABEL_METRICS)))
         for name in v:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = did_you_mean(name, known)
                 raise ValueError(f"unknown metric '{name}'{hint} Known: {', '.join(known)}, or auto")
         return v
 
@@ -537,10 +534,9 @@ def _check_search_param(name: str, spec: FloatSpec | IntSpec | CategoricalSpec) 
     key = f"tune.space.{name}"
     fields = FinetuneConfig.model_fields
     if name not in fields:
-        close = difflib.get_close_matches(name, TUNABLE_FINETUNE_KEYS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(
-            f"{key}: '{name}' is not a finetune setting{hint}; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}"
+            f"{key}: '{name}' is not a finetune setting{did_you_mean(name, TUNABLE_FINETUNE_KEYS)} Tunable: "
+            f"{', '.join(TUNABLE_FINETUNE_KEYS)}"
         )
     if name not in TUNABLE_FINETUNE_KEYS:
         raise ValueError(f"{key}: finetune.{name} cannot be tuned; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}")
@@ -733,8 +729,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, loc)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(loc[-1], allowed)
             lines.append(f"  - {key}: unknown key{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             got = e.get("input")

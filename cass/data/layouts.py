@@ -20,13 +20,12 @@ import): the adapters import their readers (pandas, numpy, Pillow) inside their 
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-from cass.errors import ConfigError
+from cass.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from cass.config import DataConfig
@@ -99,9 +98,9 @@ def get_layout(name: str) -> DatasetLayout:
     try:
         return _LAYOUTS[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(_LAYOUTS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UnknownLayoutError(f"unknown layout {name!r}{hint} Known layouts: {', '.join(_LAYOUTS)}") from None
+        raise UnknownLayoutError(
+            f"unknown layout {name!r}{did_you_mean(name, _LAYOUTS)} Known layouts: {', '.join(_LAYOUTS)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
