@@ -203,6 +203,9 @@ def main() -> None:
                 for method in methods:
                     rows += run_method(raw, data_dir, work / kind / f"{method}-{seed}".replace(" ", "_"), method,
                                        seed, fractions, networks, extra)
+                    if args.csv:  # every finished run kept, should a long benchmark be stopped
+                        args.csv.parent.mkdir(parents=True, exist_ok=True)
+                        pd.DataFrame(rows).to_csv(args.csv, index=False)
     table = pd.DataFrame(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ from cass.training import EpochCallback, save_weights
 
 log = logging.getLogger(__name__)
 
+LABELS = {"cnn": "CNN", "vit": "ViT"}
+
 
 def networks_spec(params: Params) -> dict:
     m = params.model
@@ -74,7 +76,7 @@ def collapse_message(method: str, record: Mapping[str, float], healthy: Mapping[
     nets = collapsed_networks(record, healthy, fraction)
     if not nets:
         return None
-    spreads = ", ".join(f"{net.upper()} embedding std {record[f'{net}_embedding_std']:.4f} "
+    spreads = ", ".join(f"{LABELS[net]} embedding std {record[f'{net}_embedding_std']:.4f} "
                         f"< {fraction:.2f} x healthy {healthy[net]:.4f}" for net in nets)
     return (f"possible collapse: {method} {spreads} (epoch {int(record['epoch'])}). {hint} "
             "Reported once; the end of pretraining says whether it lasted.")
@@ -179,7 +181,7 @@ class PretrainingLearner(Learner):
 
     def _knn(self, monitor: KnnMonitor) -> dict[str, float]:
         values = monitor(self.backbones(), self.engine.device)
-        log.info("%s kNN accuracy: CNN %.3f / ViT %.3f", self.method.upper(),
+        log.info("%s kNN accuracy of the features: CNN %.3f / ViT %.3f", self.method.upper(),
                  values["cnn_knn_accuracy"], values["vit_knn_accuracy"])
         return values
 
@@ -221,10 +223,10 @@ class PretrainingLearner(Learner):
         healthy = self.healthy_of(last)
         collapsed = collapsed_networks(last, healthy, fraction)
         tripped = [int(h["epoch"]) for h in history if collapsed_networks(h, self.healthy_of(h), fraction)]
-        spreads = ", ".join(f"{net.upper()} {last[f'{net}_embedding_std']:.4f}" for net in NETWORKS)
+        spreads = ", ".join(f"{LABELS[net]} {last[f'{net}_embedding_std']:.4f}" for net in NETWORKS)
         if collapsed:
             log.warning("collapse check: %s pretraining ended collapsed (%s embedding std %s; healthy %.4f, "
-                        "warning under %.2f x). %s", self.method.upper(), "/".join(n.upper() for n in collapsed),
+                        "warning under %.2f x). %s", self.method.upper(), "/".join(LABELS[n] for n in collapsed),
                         spreads, healthy[collapsed[0]], fraction, self.collapse_hint)
         elif tripped:
             log.info("collapse check: %s embeddings collapsed in epoch(s) %s but ended spread (%s)",
