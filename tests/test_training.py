@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cass.cli.output import pretraining_lines
 from cass.config import params_from_mapping
 from cass.engine import Engine, Step
 from cass.errors import TrainingError
@@ -130,6 +131,11 @@ def test_knn_monitor_curve_reaches_callbacks_history_and_metrics(method: str, pr
     for k in keys:
         assert metrics[f"{k}_start"] == seen[0][1][k]
         assert metrics[k] == history[k].iloc[-1] == seen[-1][1][k]
+    # what `cass demo` prints: one line per network, the curve's start and end
+    lines = pretraining_lines(out.out_dir)
+    for label, net in (("CNN", "cnn"), ("ViT", "vit")):
+        line = next(line for line in lines if line.strip().startswith(label))
+        assert f"{metrics[f'{net}_knn_accuracy_start']:.3f} -> {metrics[f'{net}_knn_accuracy']:.3f}" in line
 
 
 def test_knn_monitor_start_survives_a_resume(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
