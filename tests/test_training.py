@@ -21,7 +21,7 @@ from cass.finetune import finetune, load_classifier
 from cass.layout import PretrainOutputs
 from cass.models import create_network
 from cass.pretrain import CassLearner, pretrain
-from cass.training import EpochCallback, load_checkpoint
+from cass.training import EpochCallback, load_checkpoint, save_checkpoint
 from tests.conftest import tiny_mapping
 
 
@@ -87,6 +87,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path,
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
     assert json.loads(resumed.metrics.read_text())["epochs"] == 2
+
+
+def test_a_checkpoint_of_the_bare_network_layout_still_resumes(prepared_dir: Path, demo_root: Path,
+                                                                tmp_path: Path) -> None:
+    # Checkpoints written before the variants held each network's state_dict as "cnn"/"vit" without the
+    # branch's "backbone." prefix; the paper's recipe resumes them to the same weights.
+    params = _params(demo_root, pretrain={"epochs": 2})
+    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupt):
+        pretrain(params, prepared_dir, tmp_path / "old", callbacks=[interrupt_after(1)], progress=False)
+    path = PretrainOutputs(tmp_path / "old").checkpoint
+    state = load_checkpoint(path)
+    for net in ("cnn", "vit"):
+        assert all(k.startswith("backbone.") for k in state[net])
+        state[net] = {k.removeprefix("backbone."): v for k, v in state[net].items()}
+    save_checkpoint(state, path)
+    resumed = pretrain(params, prepared_dir, tmp_path / "old", progress=False)
+    for net in ("cnn", "vit"):
+        a, b = load_file(str(full.weights(net))), load_file(str(resumed.weights(net)))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
 
 
 def test_resume_of_a_two_view_variant_with_ema_targets_matches_uninterrupted_run(
