@@ -78,8 +78,8 @@ class CassLearner(PretrainingLearner):
         if self.pair.variant == "paper":
             alternative = RANDOM_INIT_VARIANT if RANDOM_INIT_VARIANT != "paper" else "simsiam or byol"
             return (f"From random weights the paper's recipe tends to collapse: set pretrain.variant to "
-                    f"{alternative} (docs/baselines.md), or start from pretrained weights (model.pretrained or "
-                    f"*_weights).")
+                    f"{alternative} to keep the embeddings spread (docs/baselines.md: what each gains), or start "
+                    f"from pretrained weights (model.pretrained or *_weights).")
         return (f"Variant {self.pair.variant} collapsed: try another pretrain.variant or add "
                 f"pretrain.anti_collapse: vicreg (docs/baselines.md).")
 
