@@ -89,25 +89,34 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path,
     assert json.loads(resumed.metrics.read_text())["epochs"] == 2
 
 
+def _uninterrupted_and_interrupted(params, prepared_dir: Path, tmp_path: Path) -> tuple[PretrainOutputs, Path]:
+    """An uninterrupted pretraining, and the checkpoint of the same one interrupted after epoch 1."""
+    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupt):
+        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[interrupt_after(1)], progress=False)
+    return full, PretrainOutputs(tmp_path / "resumed").checkpoint
+
+
+def _assert_same_backbones(a: PretrainOutputs, b: PretrainOutputs) -> None:
+    for net in ("cnn", "vit"):
+        wa, wb = load_file(str(a.weights(net))), load_file(str(b.weights(net)))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
+
+
 def test_a_checkpoint_of_the_bare_network_layout_still_resumes(prepared_dir: Path, demo_root: Path,
                                                                 tmp_path: Path) -> None:
     # Checkpoints written before the variants held each network's state_dict as "cnn"/"vit" without the
     # branch's "backbone." prefix; the paper's recipe resumes them to the same weights.
     params = _params(demo_root, pretrain={"epochs": 2})
-    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
-    with pytest.raises(Interrupt):
-        pretrain(params, prepared_dir, tmp_path / "old", callbacks=[interrupt_after(1)], progress=False)
-    path = PretrainOutputs(tmp_path / "old").checkpoint
+    full, path = _uninterrupted_and_interrupted(params, prepared_dir, tmp_path)
     state = load_checkpoint(path)
     for net in ("cnn", "vit"):
         assert all(k.startswith("backbone.") for k in state[net])
         state[net] = {k.removeprefix("backbone."): v for k, v in state[net].items()}
     save_checkpoint(state, path)
-    resumed = pretrain(params, prepared_dir, tmp_path / "old", progress=False)
-    for net in ("cnn", "vit"):
-        a, b = load_file(str(full.weights(net))), load_file(str(resumed.weights(net)))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
+    _assert_same_backbones(full, pretrain(params, prepared_dir, path.parent, progress=False))
 
 
 def test_resume_of_a_two_view_variant_with_ema_targets_matches_uninterrupted_run(
@@ -116,16 +125,10 @@ def test_resume_of_a_two_view_variant_with_ema_targets_matches_uninterrupted_run
     # byol: two views per image, predictors, and EMA targets that move after every optimiser step with a
     # momentum that depends on the global step; all of it must come back from the checkpoint.
     params = _params(demo_root, pretrain={"epochs": 2, "variant": "byol"})
-    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
-    with pytest.raises(Interrupt):
-        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[interrupt_after(1)], progress=False)
-    state = load_checkpoint(PretrainOutputs(tmp_path / "resumed").checkpoint)
-    assert {"cnn_target", "vit_target", "cnn_predictor", "vit_predictor"} <= set(state)  # EMA targets kept
-    resumed = pretrain(params, prepared_dir, tmp_path / "resumed", progress=False)
-    for net in ("cnn", "vit"):
-        a, b = load_file(str(full.weights(net))), load_file(str(resumed.weights(net)))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
+    full, path = _uninterrupted_and_interrupted(params, prepared_dir, tmp_path)
+    assert {"cnn_target", "vit_target", "cnn_predictor", "vit_predictor"} <= set(load_checkpoint(path))
+    resumed = pretrain(params, prepared_dir, path.parent, progress=False)
+    _assert_same_backbones(full, resumed)
     h_full, h_resumed = (pd.read_csv(o.history) for o in (full, resumed))
     np.testing.assert_allclose(h_full["loss"], h_resumed["loss"], rtol=0, atol=1e-6)
     spec = json.loads(resumed.networks.read_text())
