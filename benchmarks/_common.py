@@ -231,6 +231,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "CASS simsiam + vicreg": _cass("simsiam", 1.0),
     "CASS byol": _cass("byol"),
     "CASS byol + vicreg": _cass("byol", 1.0),
+    "CASS byol + strong views": {**_cass("byol"), "augment.recipe": "strong"},
+    "CASS simsiam + strong views": {**_cass("simsiam"), "augment.recipe": "strong"},
 }
 DEFAULT_METHODS = ("CASS", "DINO", "CASS + anti-collapse", "no pretraining")
 DATASETS = ("tissue", "shapes")

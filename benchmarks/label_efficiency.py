@@ -164,6 +164,35 @@ def report(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return summary
 
 
+def decision(summary: Sequence[dict], fraction: float = 0.1, baseline: str = "no pretraining",
+             rival: str = "DINO") -> dict[str, dict]:
+    """The rule of docs/baselines.md for each CASS variant measured: at ``fraction`` labels, for both networks on
+    every dataset, its mean beats ``baseline``'s by more than one sd (the larger of the two) and is at least
+    ``rival``'s. Returns per method whether it passes and, per (dataset, network), the margins."""
+    cell = {(r["dataset"], r["method"], r["network"]): r for r in summary if r["label_fraction"] == fraction}
+    kinds = sorted({k[0] for k in cell})
+    nets = sorted({k[2] for k in cell})
+    out: dict[str, dict] = {}
+    for method in sorted({k[1] for k in cell}):
+        if not method.startswith("CASS"):
+            continue
+        checks = {}
+        for kind in kinds:
+            for net in nets:
+                me, base, other = (cell.get((kind, m, net)) for m in (method, baseline, rival))
+                if me is None or base is None or other is None:
+                    checks[f"{kind}/{net}"] = None
+                    continue
+                margin = me["mean"] - base["mean"]
+                checks[f"{kind}/{net}"] = {
+                    "over_baseline": round(margin, 4), "sd": round(max(me["sd"], base["sd"]), 4),
+                    "over_rival": round(me["mean"] - other["mean"], 4),
+                    "passes": margin > max(me["sd"], base["sd"]) and me["mean"] >= other["mean"],
+                }
+        out[method] = {"passes": all(c is not None and c["passes"] for c in checks.values()), "checks": checks}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_arguments(ap)
@@ -189,7 +218,10 @@ def main() -> None:
             r.setdefault("dataset", "tissue")  # CSVs written before --datasets existed
         seeds = sorted({int(r["seed"]) for r in rows})
         kinds = list(dict.fromkeys(r["dataset"] for r in rows))
-        plot(pd.DataFrame(report(rows, args)), networks, args.plot, _title(args, len(seeds), env, kinds))
+        summary_records = report(rows, args)
+        plot(pd.DataFrame(summary_records), networks, args.plot, _title(args, len(seeds), env, kinds))
+        emit({"benchmark": "label_efficiency", "from_csv": str(args.from_csv),
+              "decision_rule": decision(summary_records)})
         return
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -203,17 +235,24 @@ def main() -> None:
                 for method in methods:
                     rows += run_method(raw, data_dir, work / kind / f"{method}-{seed}".replace(" ", "_"), method,
                                        seed, fractions, networks, extra)
+                    if args.csv:  # every finished run kept, should a long benchmark be stopped
+                        args.csv.parent.mkdir(parents=True, exist_ok=True)
+                        pd.DataFrame(rows).to_csv(args.csv, index=False)
     table = pd.DataFrame(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
     summary = pd.DataFrame(report(rows, args))
     plot(summary, networks, args.plot, _title(args, len(seeds), env))
+    rule = decision(summary.to_dict("records"))
+    log.info("decision rule at 10 %% labels (beats no pretraining by > 1 sd for both networks on every dataset, "
+             "and >= DINO): %s", {m: r["passes"] for m, r in rule.items()})
     pretrain_seconds = table[table["pretrain_seconds"] > 0].groupby(["dataset", "method"])["pretrain_seconds"].mean()
     emit({
         "benchmark": "label_efficiency",
         "settings": {k: v for k, v in vars(args).items() if k not in {"work", "csv", "plot", "table"}},
         "summary": summary.to_dict("records"),
+        "decision_rule": rule,
         "mean_pretrain_seconds": {f"{d} / {m}": v for (d, m), v in pretrain_seconds.items()},
         "plot": str(args.plot),
         "total_seconds": time.perf_counter() - started,

@@ -156,6 +156,11 @@ class Learner(ABC):
     name: str = "training"
     peak_lr: float
 
+    def begin(self, start_epoch: int) -> dict[str, float] | None:
+        """Before the first epoch this call trains (``start_epoch`` > 0 after a resume): a record to give
+        the callbacks at step ``start_epoch`` (a measurement of the starting point), or None."""
+        return None
+
     def start_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Before the first batch of ``epoch`` (0-based): training modes, per-epoch settings."""
 
@@ -330,6 +335,10 @@ class Engine:
             raise RuntimeError("Engine.fit before Engine.data: the engine has no training data")
         lrs = self.schedule(learner.peak_lr, self.cfg.min_lr, self.cfg.warmup_epochs)
         start, history = self._resume(learner, checkpoint)
+        before = learner.begin(start) if start < self.cfg.epochs else None
+        if before is not None and self.main:
+            for cb in self.callbacks:
+                cb(start, before)
         for epoch in range(start, self.cfg.epochs):
             if learner.should_stop():
                 break

@@ -1,9 +1,11 @@
 """Stage ``pretrain``: CASS self-supervised pretraining of a CNN and a ViT together.
 
-Every batch is ONE augmented view; it goes through both networks, and the loss ``2 - 2 cos`` between
-their embeddings trains both (the pair of :func:`cass.pair.build_pair`). Labels are not used, and every
-unlabelled training image is used (not only the label-fraction subset). Gradients are zeroed after every
-optimiser step. The engine (:mod:`cass.engine`) runs the loop; ``pretrain.method: dino`` runs the DINO
+In the paper's recipe (``pretrain.variant: paper``) every batch is ONE augmented view; it goes through both
+networks, and the loss ``2 - 2 cos`` between their embeddings trains both. The other variants (projectors,
+two views, predictors with stop-gradient, EMA targets; :mod:`cass.variants`) are other settings of the same
+pair, built by :func:`cass.variants.build_pair`; the learner and the loop do not change. Labels are not used,
+and every unlabelled training image is used (not only the label-fraction subset). Gradients are zeroed after
+every optimiser step. The engine (:mod:`cass.engine`) runs the loop; ``pretrain.method: dino`` runs the DINO
 baseline's learner instead.
 """
 
@@ -18,16 +20,16 @@ import torch
 
 from cass.baselines.dino import DinoPretraining
 from cass.config import Network, Params
-from cass.data.transforms import RepeatedViews, cass_transform
+from cass.data.transforms import pretrain_transform
 from cass.engine import Engine, EpochStats, Step, StepOutput
 from cass.layout import PretrainOutputs
-from cass.pair import CassPair, build_pair
 from cass.pretraining import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
+from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair
 
 log = logging.getLogger(__name__)
 
-RESERVED_PARTS = ("optimizer", "scaler")
+RESERVED_PARTS = ("optimizer", "scaler", "knn_start")
 
 
 def pair_parts(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -57,13 +59,10 @@ class CassLearner(PretrainingLearner):
         cfg = params.pretrain
         pair = build_pair(params)
         self.pair: CassPair
-        self.pair, self._forward = engine.module(
-            pair, channels_last=pair.backbones()["cnn"], sync_batchnorm=cfg.sync_batchnorm
-        )
+        self.pair, self._forward = engine.module(pair, channels_last=pair.cnn, sync_batchnorm=cfg.sync_batchnorm)
         self.updater = engine.updater(make_optimizer(cfg, self.pair.param_groups()))
         self.peak_lr = cfg.lr
-        self.transform = RepeatedViews.of(cass_transform(params.model.image_size, params.augment),
-                                          self.pair.views_per_image)
+        self.transform = pretrain_transform(params.model.image_size, params.augment, self.pair.views)
 
     @staticmethod
     def checkpoint_path(out: PretrainOutputs) -> Path:
@@ -71,7 +70,24 @@ class CassLearner(PretrainingLearner):
 
     def announce(self, images: int) -> None:
         m = self.params.model
-        log.info("CASS pretraining: %s + %s, %d images, %s", m.cnn, m.vit, images, self.engine.describe())
+        log.info("CASS pretraining (variant %s, %d view(s), %s views): %s + %s, %d images, %s", self.pair.variant,
+                 self.pair.views, self.params.augment.recipe, m.cnn, m.vit, images, self.engine.describe())
+
+    @property
+    def collapse_hint(self) -> str:
+        if self.pair.variant == "paper":
+            alternative = RANDOM_INIT_VARIANT if RANDOM_INIT_VARIANT != "paper" else "simsiam or byol"
+            return (f"From random weights the paper's recipe tends to collapse: set pretrain.variant to "
+                    f"{alternative} to keep the embeddings spread (docs/baselines.md: what each gains), or start "
+                    f"from pretrained weights (model.pretrained or *_weights).")
+        return (f"Variant {self.pair.variant} collapsed: try another pretrain.variant or add "
+                f"pretrain.anti_collapse: vicreg (docs/baselines.md).")
+
+    def recipe(self) -> dict[str, Any]:
+        cfg = self.params.pretrain
+        return {"variant": self.pair.variant, "views": self.pair.views, "augment_recipe": self.params.augment.recipe,
+                "anti_collapse": cfg.anti_collapse,
+                **({"anti_collapse_weight": cfg.anti_collapse_weight} if cfg.anti_collapse != "none" else {})}
 
     def start_epoch(self, epoch: int) -> None:
         self.pair.train()
@@ -106,12 +122,18 @@ class CassLearner(PretrainingLearner):
         return self.pair.backbones()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**pair_parts(self.pair.state_dict()), **self.updater.state_dict()}
+        return {**pair_parts(self.pair.state_dict()), **self.updater.state_dict(), **self.monitor_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        parts = pair_parts(self.pair.state_dict())
-        self.pair.load_state_dict({f"{part}.{k}": v for part in parts for k, v in state[part].items()})
+        flat = {}
+        for part, expected in pair_parts(self.pair.state_dict()).items():
+            saved = state[part]
+            if "backbone." + next(iter(saved), "") in expected:
+                saved = {f"backbone.{k}": v for k, v in saved.items()}  # before the variants: the bare network
+            flat.update({f"{part}.{k}": v for k, v in saved.items()})
+        self.pair.load_state_dict(flat)
         self.updater.load_state_dict(state)
+        self.load_monitor_state(state)
 
 
 def pretrain(

@@ -26,9 +26,12 @@ from cass.errors import DataError
 from cass.io import atomic_write_text
 from cass.layout import MANIFEST_FILE, PretrainOutputs
 from cass.lineage import git_commit
+from cass.monitor import KnnMonitor
 from cass.training import EpochCallback, save_weights
 
 log = logging.getLogger(__name__)
+
+LABELS = {"cnn": "CNN", "vit": "ViT"}
 
 
 def networks_spec(params: Params) -> dict:
@@ -66,14 +69,17 @@ def collapsed_networks(record: Mapping[str, float], healthy: Mapping[str, float]
     return [net for net, ok in healthy.items() if record[f"{net}_embedding_std"] < fraction * ok]
 
 
-def warn_collapse(method: str, record: Mapping[str, float], healthy: Mapping[str, float], fraction: float) -> None:
-    """Warn for each network whose embeddings collapsed in the epoch ``record``."""
-    for net in collapsed_networks(record, healthy, fraction):
-        log.warning(
-            "possible collapse: %s %s embedding std %.4f < %.2f x healthy %.4f. From random init %s tends to "
-            "collapse; start from pretrained weights (model.pretrained or *_weights).",
-            method, net.upper(), record[f"{net}_embedding_std"], fraction, healthy[net], method,
-        )
+def collapse_message(method: str, record: Mapping[str, float], healthy: Mapping[str, float], fraction: float,
+                     hint: str) -> str | None:
+    """The one warning of a run whose embeddings collapsed in the epoch ``record`` (None when none did):
+    which networks, by how much, and what to do (``hint``, the method's advice)."""
+    nets = collapsed_networks(record, healthy, fraction)
+    if not nets:
+        return None
+    spreads = ", ".join(f"{LABELS[net]} embedding std {record[f'{net}_embedding_std']:.4f} "
+                        f"< {fraction:.2f} x healthy {healthy[net]:.4f}" for net in nets)
+    return (f"possible collapse: {method} {spreads} (epoch {int(record['epoch'])}). {hint} "
+            "Reported once; the end of pretraining says whether it lasted.")
 
 
 def write_outputs(
@@ -84,12 +90,16 @@ def write_outputs(
     history: list[dict],
     details: dict,
     method: str = "cass",
+    recipe: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json,
-    history.csv and metrics.json (loss and speed summaries, lineage, then the method's ``details``)."""
+    """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json
+    (the networks, the method and its ``recipe``), history.csv and metrics.json (loss and speed summaries,
+    lineage, the ``recipe``, then the method's ``details``)."""
+    recipe = dict(recipe or {})
     for net, module in networks.items():
         save_weights(module, out.weights(net))
-    atomic_write_text(out.networks, json.dumps({**networks_spec(params), "method": method}, indent=2) + "\n")
+    spec = {**networks_spec(params), "method": method, **recipe}
+    atomic_write_text(out.networks, json.dumps(spec, indent=2) + "\n")
     atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
     summary = {
         "method": method,
@@ -100,6 +110,7 @@ def write_outputs(
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "data_version": info.data_version,
         "git_commit": git_commit(),
+        **recipe,
         **details,
     }
     atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
@@ -107,10 +118,14 @@ def write_outputs(
 
 class PretrainingLearner(Learner):
     """A self-supervised method over the pretraining pool; it trains both networks and reports, after
-    every epoch, each network's embedding spread (the collapse indicator) and a warning when it collapsed.
+    every epoch, each network's embedding spread (the collapse indicator), warns once when it first
+    collapses and says at the end whether it lasted; with a :class:`~cass.monitor.KnnMonitor`
+    (``pretrain.monitor_every``) it also measures, on rank 0, the kNN accuracy of each network's features
+    before the first epoch, every ``monitor_every`` epochs and after the last.
 
     A subclass gives its ``method`` (``cass``, ``dino``), the ``transform`` that makes an image's views,
-    its checkpoint file, its epoch ``record`` and log line, and the two networks it trained."""
+    its checkpoint file, its epoch ``record`` and log line, what to do about a collapse
+    (``collapse_hint``), the two networks it trained, and its ``state_dict`` (with :meth:`monitor_state`)."""
 
     method: ClassVar[str]
     epoch_log: ClassVar[tuple[str, tuple[str, ...]]]
@@ -119,6 +134,9 @@ class PretrainingLearner(Learner):
 
     def __init__(self, params: Params, engine: Engine) -> None:
         self.params, self.engine = params, engine
+        self.monitor: KnnMonitor | None = None
+        self.knn_start: dict[str, float] = {}
+        self.collapse_reported = False
 
     @staticmethod
     @abstractmethod
@@ -132,6 +150,15 @@ class PretrainingLearner(Learner):
     def record(self, stats: EpochStats) -> dict[str, float]:
         """The epoch's history row."""
 
+    @property
+    def collapse_hint(self) -> str:
+        """What to do when the embeddings collapse (one sentence or two)."""
+        return "Start from pretrained weights (model.pretrained or *_weights)."
+
+    def recipe(self) -> dict[str, Any]:
+        """What the method ran beyond the networks (networks.json and metrics.json): its variant, views..."""
+        return {}
+
     @staticmethod
     def healthy_of(record: Mapping[str, float]) -> dict[str, float]:
         """Each network's healthy embedding spread, as the ``record`` holds it: its own, or one for both."""
@@ -140,29 +167,84 @@ class PretrainingLearner(Learner):
 
     @abstractmethod
     def backbones(self) -> dict[str, torch.nn.Module]:
-        """The networks whose weights the stage saves."""
+        """The networks whose weights the stage saves (plain modules, never DDP wrappers)."""
 
     def details(self, last: Mapping[str, float]) -> dict[str, Any]:
         """metrics.json entries only this method has."""
         return {}
 
+    # -- the representation monitor ---------------------------------------------------------------
+
+    def watch(self, monitor: KnnMonitor | None) -> None:
+        """Measure the kNN accuracy of the backbones with ``monitor`` (rank 0 only; None: not at all)."""
+        self.monitor = monitor if self.engine.main else None
+
+    def _knn(self, monitor: KnnMonitor) -> dict[str, float]:
+        values = monitor(self.backbones(), self.engine.device)
+        log.info("%s kNN accuracy of the features: CNN %.3f / ViT %.3f", self.method.upper(),
+                 values["cnn_knn_accuracy"], values["vit_knn_accuracy"])
+        return values
+
+    def begin(self, start_epoch: int) -> dict[str, float] | None:
+        """Before a fresh run's first epoch: the kNN curve's start (a resumed run has it in its checkpoint)."""
+        if self.monitor is None or start_epoch > 0:
+            return None
+        self.knn_start = self._knn(self.monitor)
+        return self.knn_start
+
+    def monitor_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the monitor (the curve's start), beside the method's state."""
+        return {"knn_start": dict(self.knn_start)}
+
+    def load_monitor_state(self, state: Mapping[str, Any]) -> None:
+        self.knn_start = dict(state.get("knn_start", {}))
+
     def end_epoch(self, stats: EpochStats) -> dict[str, float]:
         record = self.record(stats)
         message, keys = self.epoch_log
         log.info(message, stats.epoch, stats.epochs, *(record[key] for key in keys))
-        fraction = self.params.pretrain.collapse_warn_fraction
-        warn_collapse(self.method.upper(), record, self.healthy_of(record), fraction)
+        every = self.params.pretrain.monitor_every
+        if self.monitor is not None and every > 0 and (stats.epoch % every == 0 or stats.epoch == stats.epochs):
+            record.update(self._knn(self.monitor))
+        if not self.collapse_reported:
+            fraction = self.params.pretrain.collapse_warn_fraction
+            message = collapse_message(self.method.upper(), record, self.healthy_of(record), fraction,
+                                       self.collapse_hint)
+            if message is not None:
+                log.warning("%s", message)
+                self.collapse_reported = True
         return record
 
     def summary(self, history: list[dict[str, float]], images: int) -> dict[str, Any]:
-        """metrics.json beyond what every method writes: the last epoch's indicator and verdict, where."""
+        """metrics.json beyond what every method writes: the last epoch's indicator and verdict, the kNN
+        curve's start and end, where. Logs the run's one collapse summary."""
         last = history[-1]
-        collapsed = collapsed_networks(last, self.healthy_of(last), self.params.pretrain.collapse_warn_fraction)
+        fraction = self.params.pretrain.collapse_warn_fraction
+        healthy = self.healthy_of(last)
+        collapsed = collapsed_networks(last, healthy, fraction)
+        tripped = [int(h["epoch"]) for h in history if collapsed_networks(h, self.healthy_of(h), fraction)]
+        spreads = ", ".join(f"{LABELS[net]} {last[f'{net}_embedding_std']:.4f}" for net in NETWORKS)
+        if collapsed:
+            log.warning("collapse check: %s pretraining ended collapsed (%s embedding std %s; healthy %.4f, "
+                        "warning under %.2f x). %s", self.method.upper(), "/".join(LABELS[n] for n in collapsed),
+                        spreads, healthy[collapsed[0]], fraction, self.collapse_hint)
+        elif tripped:
+            log.info("collapse check: %s embeddings collapsed in epoch(s) %s but ended spread (%s)",
+                     self.method.upper(), ", ".join(map(str, tripped)), spreads)
+        else:
+            log.info("collapse check: %s embeddings stayed spread (std %s)", self.method.upper(), spreads)
+        measured = [h for h in history if all(f"{net}_knn_accuracy" in h for net in NETWORKS)]
+        knn = {}
+        if self.knn_start:
+            knn.update({f"{key}_start": value for key, value in self.knn_start.items()})
+        if measured:
+            knn.update({f"{net}_knn_accuracy": measured[-1][f"{net}_knn_accuracy"] for net in NETWORKS})
         return {
             "images": images,
             **{f"{net}_embedding_std": last[f"{net}_embedding_std"] for net in NETWORKS},
             **self.details(last),
             "collapsed": bool(collapsed),
+            **knn,
             "precision": self.engine.precision.name,
             "device": str(self.engine.device),
             "processes": self.engine.ctx.world_size,
@@ -185,6 +267,8 @@ def run_pretraining(
     rows, info = pretraining_pool(params, Path(data_dir))
     engine = Engine(params.pretrain, seed=params.seed, key="pretrain", callbacks=callbacks, progress=progress)
     learner = learner_type(params, engine)
+    if params.pretrain.monitor_every > 0:
+        learner.watch(KnnMonitor.from_params(params, Path(data_dir)))
     checkpoint = Checkpoint(learner.checkpoint_path(out), pretrain_fingerprint(params, Path(data_dir)), resume,
                             restart_hint="delete it or rerun with --no-resume")
     dataset = ImageDataset(Path(info.root), rows["path"].tolist(), learner.transform,
@@ -193,5 +277,5 @@ def run_pretraining(
     learner.announce(len(dataset))
     history = engine.fit(learner, checkpoint)
     engine.finish(lambda: write_outputs(out, params, info, learner.backbones(), history,
-                                        learner.summary(history, len(dataset)), learner.method))
+                                        learner.summary(history, len(dataset)), learner.method, learner.recipe()))
     return out

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from cass.config import NETWORKS, Network, Params
+from cass.ema import ema_update
 from cass.errors import ConfigError
 from cass.losses import CASSLoss, CrossPredictionLoss, VarianceCovarianceLoss
 from cass.models import create_network
@@ -97,18 +98,15 @@ class Branch(nn.Module):
     """One network as a variant trains it: the timm backbone, then the layer whose output the loss compares,
     the backbone's own head (the paper) or a projector on the pooled features. Returns (features, embedding).
 
-    ``channels_last`` (set by the engine on CUDA, with the backbone converted) makes the branch convert its own
-    input, so a view shared with the other network is left as it is."""
+    The engine's channels_last (CUDA) converts the CNN branch's weights and, by a hook on the branch, its input
+    only, so a view shared with the other network is left as it is."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         fmap = self.backbone.forward_features(x)
         features = self.backbone.forward_head(fmap, pre_logits=True)
         if self.projector is None:
@@ -124,15 +122,6 @@ class PairOutput(NamedTuple):
     z_vit: torch.Tensor
 
 
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
-    t, s = list(target.parameters()), [p.detach() for p in online.parameters()]
-    if len(t) != len(s):
-        raise ValueError(f"target has {len(t)} parameters, online network {len(s)}; they must share an architecture")
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
-
-
 def ema_momentum(base: float, step: int, total_steps: int) -> float:
     """BYOL's schedule: ``1 - (1 - base) (cos(pi step / total) + 1) / 2``, from ``base`` up to 1."""
     progress = min(max(step, 0), total_steps) / max(total_steps, 1)
@@ -146,8 +135,8 @@ class CassPair(nn.Module):
     module itself, e.g. DDP-wrapped) on the device-side views, :meth:`param_groups` for its optimiser,
     :meth:`after_optimizer_step` after every optimiser step (EMA targets), :meth:`backbones` for what it
     saves, and ``state_dict``/``load_state_dict`` (every part, targets and BatchNorm statistics included)
-    to resume exactly. Autocast and memory format are the engine's (``pair.cnn.channels_last`` converts the
-    CNN's input only).
+    to resume exactly. Autocast and memory format are the engine's (:meth:`cass.engine.Engine.module` with
+    ``channels_last=pair.cnn`` converts the CNN branch and its input only).
 
     The embeddings returned for the collapse indicator are each network's projection (or, in the paper's
     recipe, head output): the vectors the objective pulls together, so the ones it can collapse (the
@@ -303,3 +292,10 @@ class CassPair(nn.Module):
     def backbones(self) -> dict[Network, nn.Module]:
         """The networks that pretraining keeps (``cnn.safetensors``, ``vit.safetensors``)."""
         return {"cnn": self.cnn.backbone, "vit": self.vit.backbone}
+
+
+def build_pair(params: Params) -> CassPair:
+    """The pair ``cass pretrain`` trains: the one place that chooses it from the settings (the resolved
+    ``pretrain.variant``, see :func:`resolve_variant`). The CNN is built before the ViT and the variant's parts
+    after both, so the paper's recipe draws the initial weights of every earlier run of a seed."""
+    return CassPair.from_params(params)

@@ -77,13 +77,18 @@ def test_unknown_model_lists_choices(tmp_path: Path, demo_root: Path, capsys: py
 
 def test_demo_end_to_end_through_the_console_script(tmp_path: Path, demo_root: Path) -> None:
     # Two-epoch tiny networks score low: the model gate (which fails the retraining flow) only warns here.
-    params = _write_params(tmp_path, demo_root, finetune={"epochs": 2},
+    params = _write_params(tmp_path, demo_root, finetune={"epochs": 2}, pretrain={"monitor_every": 1},
                            quality=LENIENT_MODEL_GATE)
     exe = Path(sys.executable).parent / "cass"
     proc = subprocess.run([str(exe), "demo", "--params", str(params), "--outputs", str(tmp_path / "out"), "-q"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "macro F1" in proc.stdout
+    # the kNN curve's start and end, one line per network, as pretraining recorded them
+    pre = json.loads((tmp_path / "out" / "pretrain" / "metrics.json").read_text())
+    for label, net in (("CNN", "cnn"), ("ViT", "vit")):
+        curve = f"{label} {pre[f'{net}_knn_accuracy_start']:.3f} -> {pre[f'{net}_knn_accuracy']:.3f}"
+        assert sum(curve in line for line in proc.stdout.splitlines()) == 1, proc.stdout
     for net in ("cnn", "vit"):
         metrics = json.loads((tmp_path / "out" / "evaluate" / net / "metrics.json").read_text())
         assert 0.0 <= metrics["macro_f1"] <= 1.0

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cass.cli.output import pretraining_lines
 from cass.config import params_from_mapping
 from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
 from cass.finetune import finetune, load_classifier
+from cass.layout import PretrainOutputs
 from cass.models import create_network
 from cass.pretrain import CassLearner, pretrain
-from cass.training import EpochCallback
+from cass.training import EpochCallback, load_checkpoint, save_checkpoint
 from tests.conftest import tiny_mapping
 
 
@@ -82,6 +87,132 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path,
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
     assert json.loads(resumed.metrics.read_text())["epochs"] == 2
+
+
+def _uninterrupted_and_interrupted(params, prepared_dir: Path, tmp_path: Path) -> tuple[PretrainOutputs, Path]:
+    """An uninterrupted pretraining, and the checkpoint of the same one interrupted after epoch 1."""
+    full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupt):
+        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[interrupt_after(1)], progress=False)
+    return full, PretrainOutputs(tmp_path / "resumed").checkpoint
+
+
+def _assert_same_backbones(a: PretrainOutputs, b: PretrainOutputs) -> None:
+    for net in ("cnn", "vit"):
+        wa, wb = load_file(str(a.weights(net))), load_file(str(b.weights(net)))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{net}.{k} differs after resume")
+
+
+def test_a_checkpoint_of_the_bare_network_layout_still_resumes(prepared_dir: Path, demo_root: Path,
+                                                                tmp_path: Path) -> None:
+    # Checkpoints written before the variants held each network's state_dict as "cnn"/"vit" without the
+    # branch's "backbone." prefix; the paper's recipe resumes them to the same weights.
+    params = _params(demo_root, pretrain={"epochs": 2})
+    full, path = _uninterrupted_and_interrupted(params, prepared_dir, tmp_path)
+    state = load_checkpoint(path)
+    for net in ("cnn", "vit"):
+        assert all(k.startswith("backbone.") for k in state[net])
+        state[net] = {k.removeprefix("backbone."): v for k, v in state[net].items()}
+    save_checkpoint(state, path)
+    _assert_same_backbones(full, pretrain(params, prepared_dir, path.parent, progress=False))
+
+
+def test_resume_of_a_two_view_variant_with_ema_targets_matches_uninterrupted_run(
+    prepared_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    # byol: two views per image, predictors, and EMA targets that move after every optimiser step with a
+    # momentum that depends on the global step; all of it must come back from the checkpoint.
+    params = _params(demo_root, pretrain={"epochs": 2, "variant": "byol"})
+    full, path = _uninterrupted_and_interrupted(params, prepared_dir, tmp_path)
+    assert {"cnn_target", "vit_target", "cnn_predictor", "vit_predictor"} <= set(load_checkpoint(path))
+    resumed = pretrain(params, prepared_dir, path.parent, progress=False)
+    _assert_same_backbones(full, resumed)
+    h_full, h_resumed = (pd.read_csv(o.history) for o in (full, resumed))
+    np.testing.assert_allclose(h_full["loss"], h_resumed["loss"], rtol=0, atol=1e-6)
+    spec = json.loads(resumed.networks.read_text())
+    assert spec["variant"] == "byol" and spec["views"] == 2 and spec["augment_recipe"] == "paper"
+
+
+@pytest.mark.parametrize("method", ["cass", "dino"])
+def test_knn_monitor_curve_reaches_callbacks_history_and_metrics(method: str, prepared_dir: Path, demo_root: Path,
+                                                                 tmp_path: Path) -> None:
+    params = _params(demo_root, pretrain={"epochs": 3, "monitor_every": 2, "method": method,
+                                          "dino": {"out_dim": 64, "local_crops": 1}})
+    seen: list[tuple[int, dict]] = []
+    out = pretrain(params, prepared_dir, tmp_path / "pre", progress=False,
+                   callbacks=[lambda epoch, record: seen.append((epoch, dict(record)))])
+    keys = ("cnn_knn_accuracy", "vit_knn_accuracy")
+    # before the first epoch (step 0), every monitor_every epochs (2) and at the end (3); not at epoch 1
+    assert [epoch for epoch, record in seen if all(k in record for k in keys)] == [0, 2, 3]
+    assert [epoch for epoch, _ in seen] == [0, 1, 2, 3]
+    for _, record in seen:
+        assert all(0.0 <= record[k] <= 1.0 for k in keys if k in record)
+    history = pd.read_csv(out.history)
+    assert history[list(keys)].notna().to_numpy().tolist() == [[False, False], [True, True], [True, True]]
+    metrics = json.loads(out.metrics.read_text())
+    for k in keys:
+        assert metrics[f"{k}_start"] == seen[0][1][k]
+        assert metrics[k] == history[k].iloc[-1] == seen[-1][1][k]
+    # what `cass demo` prints: one line per network, the curve's start and end
+    lines = pretraining_lines(out.out_dir)
+    for label, net in (("CNN", "cnn"), ("ViT", "vit")):
+        line = next(line for line in lines if line.strip().startswith(label))
+        assert f"{metrics[f'{net}_knn_accuracy_start']:.3f} -> {metrics[f'{net}_knn_accuracy']:.3f}" in line
+
+
+def test_knn_monitor_start_survives_a_resume(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    params = _params(demo_root, pretrain={"epochs": 2, "monitor_every": 1})
+    seen: list[tuple[int, dict]] = []
+    with pytest.raises(Interrupt):
+        pretrain(params, prepared_dir, tmp_path / "pre", progress=False,
+                 callbacks=[lambda e, r: seen.append((e, dict(r))), interrupt_after(1)])
+    resumed_calls: list[int] = []
+    out = pretrain(params, prepared_dir, tmp_path / "pre", progress=False,
+                   callbacks=[lambda e, r: resumed_calls.append(e)])
+    assert resumed_calls == [2]  # the resumed run does not measure a second start
+    assert json.loads(out.metrics.read_text())["cnn_knn_accuracy_start"] == seen[0][1]["cnn_knn_accuracy"]
+
+
+def test_collapse_is_reported_once_when_it_trips_and_once_at_the_end(
+    prepared_dir: Path, demo_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A threshold of 1 x healthy trips in every epoch (the mean per-dimension std of unit vectors never
+    # exceeds it): three collapsed epochs must still give one warning, then one summary.
+    params = _params(demo_root, pretrain={"epochs": 3, "collapse_warn_fraction": 1.0})
+    with caplog.at_level(logging.INFO, logger="cass"):
+        out = pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    tripped = [m for m in messages if "possible collapse" in m]
+    assert len(tripped) == 1, tripped
+    assert "CNN embedding std" in tripped[0] and "ViT embedding std" in tripped[0] and "(epoch 1)" in tripped[0]
+    assert "pretrain.variant" in tripped[0]  # says what to do
+    summary = [m for m in messages if m.startswith("collapse check")]
+    assert len(summary) == 1 and "ended collapsed" in summary[0], summary
+    assert json.loads(out.metrics.read_text())["collapsed"] is True
+
+
+ANTI_COLLAPSE_VARIANT = "simsiam"
+"""The variant the stage-level collapse test runs (docs/baselines.md)."""
+
+
+def test_anti_collapse_variant_keeps_both_networks_spread_where_the_paper_collapses(
+    prepared_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    # Through the real stage on the demo data, same seed and steps (16 epochs x 4 batches of 8, measured:
+    # the paper's recipe ends near 0.13 / 0.03 x healthy, simsiam near 0.91 / 0.76).
+    settings = {"epochs": 16, "batch_size": 8, "lr": 2e-3}
+    fraction = params_from_mapping({}).pretrain.collapse_warn_fraction
+    spread = {}
+    for variant in ("paper", ANTI_COLLAPSE_VARIANT):
+        params = _params(demo_root, model={"embed_dim": 32}, pretrain={**settings, "variant": variant})
+        out = pretrain(params, prepared_dir, tmp_path / variant, progress=False)
+        m = json.loads(out.metrics.read_text())
+        spread[variant] = {net: m[f"{net}_embedding_std"] / m["healthy_embedding_std"] for net in ("cnn", "vit")}
+        assert m["collapsed"] is (variant == "paper"), (variant, m)
+    assert max(spread["paper"].values()) < fraction, spread  # without this reference the check proves nothing
+    assert min(spread[ANTI_COLLAPSE_VARIANT].values()) > fraction, spread
 
 
 def test_non_finite_loss_stops_with_a_clear_message(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:

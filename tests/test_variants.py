@@ -25,6 +25,7 @@ from cass.config import AugmentConfig, Params, params_from_mapping
 from cass.data.dataset import ImageDataset
 from cass.data.manifest import read_manifest
 from cass.data.transforms import TwoViewTransform, cass_transform, pretrain_transform
+from cass.engine import _channels_last_input
 from cass.errors import ConfigError
 from cass.losses import AntiCollapseCASSLoss, CASSLoss, CrossPredictionLoss, EmbeddingSpread
 from cass.models import create_network
@@ -160,8 +161,8 @@ def test_channels_last_converts_the_cnn_input_only_and_keeps_the_embeddings() ->
 
     pair.cnn.backbone.conv1.register_forward_pre_hook(record("cnn"))  # the first layers the input reaches
     pair.vit.backbone.patch_embed.register_forward_pre_hook(record("vit"))
-    pair.cnn.channels_last = True
-    pair.cnn.backbone.to(memory_format=torch.channels_last)
+    pair.cnn.to(memory_format=torch.channels_last)  # what the engine does on CUDA with channels_last=pair.cnn
+    pair.cnn.register_forward_pre_hook(_channels_last_input)
     with torch.no_grad():
         _, after, _ = pair.forward_loss(x)
     assert seen == {"cnn": True, "vit": False}

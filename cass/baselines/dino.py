@@ -32,6 +32,7 @@ from torch import nn
 
 from cass.config import NETWORKS, DinoConfig, Network, Params
 from cass.data.transforms import MultiCropTransform
+from cass.ema import ema_update
 from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
 from cass.layout import PretrainOutputs
 from cass.losses import DINOLoss
@@ -110,16 +111,6 @@ class MultiCropNetwork(nn.Module):
             start = end
         f = torch.cat(feats)
         return f, self.head(f)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
-    if len(t) != len(s):
-        raise ValueError(f"teacher has {len(t)} parameters, student {len(s)}; they must share an architecture")
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
 
 
 def clip_gradients(model: nn.Module, clip: float) -> None:
@@ -376,11 +367,12 @@ class DinoPretraining(PretrainingLearner):
         return {net: learner.student.backbone for net, learner in self.networks.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {net: learner.state_dict() for net, learner in self.networks.items()}
+        return {**{net: learner.state_dict() for net, learner in self.networks.items()}, **self.monitor_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for net, learner in self.networks.items():
             learner.load_state_dict(state[net])
+        self.load_monitor_state(state)
 
 
 def pretrain_dino(

@@ -10,7 +10,6 @@ dataset seeded for that image, so each view is reproducible and the two views di
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -151,20 +150,3 @@ class MultiCropTransform:
 
     def __call__(self, image) -> list[torch.Tensor]:
         return [view(image) for view in self.global_views] + [self.local_view(image) for _ in range(self.local_crops)]
-
-
-class RepeatedViews:
-    """``views`` independent draws of one transform, as a list (a CASS pair that takes two views)."""
-
-    def __init__(self, transform: Callable[[Any], torch.Tensor], views: int) -> None:
-        if views < 2:
-            raise ValueError(f"RepeatedViews makes 2 or more views, not {views}; use the transform itself")
-        self.transform, self.views = transform, views
-
-    @classmethod
-    def of(cls, transform: Callable[[Any], torch.Tensor], views: int) -> Callable[[Any], Any]:
-        """The transform itself for one view (a batch is then one tensor), else ``views`` draws of it."""
-        return transform if views == 1 else cls(transform, views)
-
-    def __call__(self, image: Any) -> list[torch.Tensor]:
-        return [self.transform(image) for _ in range(self.views)]

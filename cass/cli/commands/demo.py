@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cass.cli.output import print_metrics, print_where_outputs_are
+from cass.cli.output import pretraining_lines, print_metrics, print_where_outputs_are
 from cass.cli.settings import outputs, settings
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def _flow(args: argparse.Namespace, params: Params, layout: Layout) -> int:
         print_where_outputs_are(layout)
         if result["pretraining"]["reused"]:
             print(f"pretraining reused (run {result['pretraining']['run_id']})")
+        _print_pretraining(layout)
     for line in (*run.where_to_look, *run.model_lines()):
         print(line)
     return 0
@@ -62,6 +63,7 @@ def _tracked(args: argparse.Namespace, params: Params, layout: Layout) -> int:
                                progress=not args.quiet, on_stage=_log_stage)
     print_metrics(tracked.results)
     print_where_outputs_are(layout)
+    _print_pretraining(layout)
     uri = redact(tracking_uri(params.mlflow))
     browse = uri if is_server(uri) else f"`mlflow ui --backend-store-uri {uri}`"
     print(f"MLflow run {tracked.run_id} in experiment '{params.mlflow.experiment}'; browse: {browse}")
@@ -76,4 +78,10 @@ def _stages_only(args: argparse.Namespace, params: Params, layout: Layout) -> in
 
     print_metrics(run_pipeline(params, layout, progress=not args.quiet, on_stage=_log_stage))
     print_where_outputs_are(layout)
+    _print_pretraining(layout)
     return 0
+
+
+def _print_pretraining(layout: Layout) -> None:
+    for line in pretraining_lines(layout.pretrain):
+        print(line)
