@@ -27,6 +27,7 @@ EPILOG = """examples:
   cass tune --network cnn --workers 2        # Optuna search; then cass finetune --best-params FILE
   cass promote --network cnn --version 3     # move 'champion' to v3 if it passes the gate and beats it
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
+  cass explain --model models:/cass-demo-vit@champion img1.png   # heat maps of what it looks at
   cass validate manifest                     # data-quality gate before training (also: splits, model)
 """
 
@@ -267,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs:/<run>/model, ...")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
     p.add_argument("--output", type=Path, metavar="FILE", help="write a CSV here instead of printing")
+    _common(p)
+
+    # -- issue 16: heat maps of any image from a registered model (cass.explain) --
+    p = sub.add_parser(
+        "explain",
+        help="heat maps of what a registered model looks at, for any images",
+        description="Load an MLflow model (e.g. models:/cass-demo-cnn@champion) or a fine-tuning folder and "
+        "write, per image, the image beside its heat map for the predicted class (CNN: Grad-CAM; ViT: "
+        "evaluate.vit_explainer) with the predicted label and probability, as <out>/<image>.<network>.png.",
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="models:/<name>@champion, models:/<name>/<version>, "
+                   "runs:/<run>/model, or a folder such as outputs/finetune/cnn")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
+    p.add_argument("--out", type=Path, default=Path("explanations"), metavar="DIR",
+                   help="folder for the overlays (default: %(default)s)")
     _common(p)
 
     p = sub.add_parser(
@@ -598,6 +614,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command in ("register", "promote", "rollback", "predict"):
         return _registry_command(args, params, layout)
+    if args.command == "explain":
+        return _explain(args, params)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -677,6 +695,18 @@ def _demo_flow(args: argparse.Namespace, params, layout) -> int:
     else:
         for promotion in result["promotions"].values():
             print(promotion["summary"])
+    return 0
+
+
+def _explain(args: argparse.Namespace, params) -> int:
+    """`cass explain` (issue 16): overlays written by cass.explain."""
+    from cass import tracking
+    from cass.explain import explain_files
+
+    if not Path(args.model).is_dir():
+        tracking.configure_client(params.mlflow)
+    for path in explain_files(args.model, list(args.images), args.out, params.evaluate.vit_explainer):
+        print(path)
     return 0
 
 

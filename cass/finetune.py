@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cass import distributed
+from cass.calibration import calibrate_classifier
 from cass.config import Params
 from cass.data.dataset import EpochLoader, ImageDataset, encode_targets, make_loader
 from cass.data.manifest import atomic_write_text, label_lists, read_manifest
@@ -70,10 +71,14 @@ class ClassifierSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     threshold: float = 0.5
+    # Fitted on the validation split after fine-tuning (cass.calibration); absent from older model.json files.
+    temperature: float = 1.0
+    thresholds: tuple[float, ...] | None = None  # multi-label: one decision threshold per class
 
     def to_json(self) -> str:
         d = asdict(self)
         d.update(classes=list(self.classes), mean=list(self.mean), std=list(self.std))
+        d["thresholds"] = None if self.thresholds is None else list(self.thresholds)
         return json.dumps(d, indent=2) + "\n"
 
     @classmethod
@@ -82,6 +87,8 @@ class ClassifierSpec:
             raise TrainingError(f"{path}: model spec not found; run `cass finetune` first")
         d = json.loads(path.read_text())
         d.update(classes=tuple(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+        if d.get("thresholds") is not None:
+            d["thresholds"] = tuple(d["thresholds"])
         return cls(**d)
 
     def build(self) -> nn.Module:
@@ -344,6 +351,7 @@ def finetune(
         distributed.barrier()  # return once rank 0 has written the outputs
         return out
     out.out_dir.mkdir(parents=True, exist_ok=True)
+    spec = calibrate_classifier(model, val_loader, spec, params.evaluate, device)  # temperature, thresholds
     save_weights(model, out.weights)
     atomic_write_text(out.spec, spec.to_json())
     atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))

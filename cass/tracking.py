@@ -425,8 +425,7 @@ class RunLogger:
                 if _finite(scores.get(name)):
                     values[metric_key(f"test_{cls}_{name}")] = float(scores[name])
         self.metrics(values, model_id=model_id) if model_id else self.metrics(values)
-        for name in ("metrics.json", "confusion_matrix.png", "roc_curves.png", "predictions.csv"):
-            self.artifact(eval_dir / name, EVALUATION_DIR)
+        self.artifact(eval_dir, EVALUATION_DIR)  # every file of the stage: plots, calibration, explanations
         return metrics
 
 
@@ -678,6 +677,9 @@ def register_candidate(params: Params, candidate, parent_run_id: str) -> str:
         mv = done[0]
         if not mv.description:
             client.update_model_version(name, mv.version, description=registry.describe_version(params, candidate))
+        if registry.model_card.CARD_TAG not in mv.tags:  # the card failed after the version was created
+            registry.model_card.attach(params, candidate, name, mv.version, client,
+                                       registry.describe_version(params, candidate))
     else:
         mv = registry.register(params, candidate, client)
     client.set_tag(parent_run_id, f"{candidate.network}_registered_version", f"{name}/{mv.version}")
