@@ -5,6 +5,8 @@ pale polygonal cells with thin membranes), ``lymphocytes`` (dense small dark rou
 ``stroma`` (wavy pink fibres) and ``tumor`` (large irregular crowded nuclei). Stain colour, scale,
 orientation and noise vary per image, so a network has to learn texture and shape, not one colour.
 Generation is deterministic (one seed per image) and takes a few seconds for the default size.
+``metadata.csv`` records two acquisition facts of each image as subgroups: ``focus`` (sharp or blurred,
+an out-of-focus scan) and ``patch`` (pure, or mixed where another tissue covers part of it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from cass.data.manifest import atomic_write_text
 
 CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
 _MARKER = ".cass-demo"
+METADATA_FILE = "metadata.csv"
 
 Painter = Callable[[np.random.Generator, int], np.ndarray]
 
@@ -116,13 +119,21 @@ PAINTERS: dict[str, Painter] = {
 
 def render(class_name: str, index: int, size: int = 64, seed: int = 0) -> Image.Image:
     """One deterministic demo image."""
+    return _render(class_name, index, size, seed)[0]
+
+
+def _render(class_name: str, index: int, size: int, seed: int) -> tuple[Image.Image, dict[str, str]]:
+    """One demo image and how it was made: ``focus`` (sharp / blurred) and ``patch`` (pure / mixed tissue),
+    the subgroups the demo's ``metadata.csv`` records."""
     digest = hashlib.sha256(f"{seed}:{class_name}:{index}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     img = PAINTERS[class_name](rng, size)
+    facts = {"focus": "sharp", "patch": "pure"}
     if rng.random() < 0.6:
         # Patches straddle tissue boundaries: part of the patch shows another tissue type.
         other = CLASSES[int(rng.integers(len(CLASSES)))]
         if other != class_name:
+            facts["patch"] = "mixed"
             yy, xx = _grid(size)
             theta = rng.uniform(0, 2 * np.pi)
             edge = (xx - size / 2) * np.cos(theta) + (yy - size / 2) * np.sin(theta)
@@ -131,23 +142,29 @@ def render(class_name: str, index: int, size: int = 64, seed: int = 0) -> Image.
             img = img * (1 - region) + PAINTERS[other](rng, size) * region
     if rng.random() < 0.5:
         img = _blur(img, rng.uniform(0.5, 1.2))  # out-of-focus scan
+        facts["focus"] = "blurred"
     img = img + rng.normal(0.0, 0.05, size=img.shape)  # sensor noise
     img = img * rng.uniform(0.9, 1.08)  # exposure
-    return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB"), facts
 
 
 def generate_demo(root: Path, images_per_class: int = 300, size: int = 64, seed: int = 0, force: bool = False) -> Path:
-    """Write the demo dataset as an ImageFolder tree under ``root``; a no-op if it is already there."""
+    """Write the demo dataset as an ImageFolder tree under ``root``, with ``metadata.csv`` (path, focus,
+    patch: the subgroups of each image, for ``data.group_columns``); a no-op if it is already there."""
     marker = root / _MARKER
-    stamp = f"classes={','.join(CLASSES)} per_class={images_per_class} size={size} seed={seed}\n"
+    stamp = f"classes={','.join(CLASSES)} per_class={images_per_class} size={size} seed={seed} metadata=1\n"
     if not force and marker.is_file() and marker.read_text() == stamp:
         return root
+    rows = ["path,focus,patch"]
     for cls in CLASSES:
         folder = root / cls
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.png"):
             stale.unlink()
         for i in range(images_per_class):
-            render(cls, i, size, seed).save(folder / f"{cls}_{i:04d}.png", optimize=False)
+            image, facts = _render(cls, i, size, seed)
+            image.save(folder / f"{cls}_{i:04d}.png", optimize=False)
+            rows.append(f"{cls}/{cls}_{i:04d}.png,{facts['focus']},{facts['patch']}")
+    atomic_write_text(root / METADATA_FILE, "\n".join(rows) + "\n")
     atomic_write_text(marker, stamp)
     return root
