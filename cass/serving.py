@@ -42,7 +42,6 @@ from cass.errors import DataError
 IMAGE_COLUMN = "image"
 LABELS_COLUMN = "labels"
 CLASSIFIER_ARTIFACT = "classifier"
-BATCH_SIZE = 64
 
 # What the saved model needs to run; versions are pinned to the ones it was logged with.
 REQUIREMENTS = (
@@ -97,18 +96,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise DataError(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
-        values = model_input[IMAGE_COLUMN].tolist()
-        chunks = []
-        for start in range(0, len(values), BATCH_SIZE):
-            batch = [
-                self.transform(to_rgb8(decode_image(_image_bytes(v, start + i), f"input row {start + i}",
-                                                     DEFAULT_MAX_PIXELS)))
-                for i, v in enumerate(values[start : start + BATCH_SIZE])
-            ]
+        rows = []
+        for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
+            image = self.transform(to_rgb8(decode_image(_image_bytes(value, i), f"input row {i}", DEFAULT_MAX_PIXELS)))
+            # One image per forward pass: batched kernels round differently with the batch's size, and the
+            # temperature (often < 1) magnifies that; an image's probabilities must not depend on its neighbours.
             with torch.no_grad():
-                logits = self.model(torch.stack(batch)).float()
-            chunks.append(probabilities(logits.numpy(), self.spec.multilabel, self.spec.temperature))
-        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.spec.classes)))
+                logits = self.model(image[None]).float()
+            rows.append(probabilities(logits.numpy(), self.spec.multilabel, self.spec.temperature)[0])
+        probs = np.stack(rows) if rows else np.zeros((0, len(self.spec.classes)))
         out = pd.DataFrame(probs, columns=list(self.spec.classes), index=model_input.index)
         if self.spec.multilabel:
             cut = np.asarray(self.spec.thresholds if self.spec.thresholds is not None else self.spec.threshold)
