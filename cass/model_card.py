@@ -122,10 +122,24 @@ def changed_settings(settings: Mapping[str, str]) -> list[tuple[str, str, str]]:
             if not k.startswith(_NOT_A_SETTING) and defaults.get(k) != v]
 
 
-def _read_csv(path: Path | None) -> pd.DataFrame | None:
+def _read_csv(path: Path | None, text_columns: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """A table of the evaluation; ``text_columns`` keep values such as "NA" or "None" as written (group names),
+    the other columns are numbers where they can be (an empty cell is NaN)."""
     if path is None or not path.is_file():
         return None
-    return pd.read_csv(path, keep_default_na=False)
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+
+    def column(values: pd.Series) -> pd.Series:
+        if values.name in text_columns:
+            return values
+        if set(values) <= {"True", "False"}:
+            return values == "True"
+        try:
+            return pd.to_numeric(values.replace("", math.nan))
+        except (TypeError, ValueError):
+            return values
+
+    return raw.apply(column)
 
 
 def _gate(params: Params, tags: Mapping[str, str], network: str, metrics: Mapping[str, Any], tmp: Path) -> dict:
@@ -170,8 +184,8 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
     facts = CardFacts(name=name, version=str(version), network=candidate.network, tags=tags,
                       metrics=dict(candidate.metrics), settings=settings, changed=changed_settings(settings))
     if folder is not None:
-        facts.class_counts = _read_csv(folder / "class_counts.csv")
-        facts.subgroups = _read_csv(folder / "subgroups.csv")
+        facts.class_counts = _read_csv(folder / "class_counts.csv", ("class",))
+        facts.subgroups = _read_csv(folder / "subgroups.csv", ("column", "group"))
         facts.reliability = _read_csv(folder / "reliability.csv")
         facts.figures = {f: folder / f for f in FIGURES if (folder / f).is_file()}
     pre = _run(client, tags.get("pretraining_run_id"))
@@ -232,7 +246,7 @@ def to_markdown(f: CardFacts) -> str:
            f"*Generated {f.created} by cass from the records of this version.*", "",
            f"**Summary:** {_headline(f)}.", ""]
 
-    out += ["## Model", "", _table(["", ""], [
+    out += ["## Model", "", _table(["", "value"], [
         ("registered model", f"{f.name} v{f.version}"),
         ("network", f"{f.network} ({m.get('arch') or t.get('arch', '?')})"),
         ("input", "a column `image` of encoded image bytes (PNG, JPEG, TIFF, ...)"),
@@ -250,7 +264,7 @@ def to_markdown(f: CardFacts) -> str:
         ("pipeline run", t.get("pipeline_run_id", "none")), ("pretraining run", t.get("pretraining_run_id", "none")),
         ("fine-tuning run", t.get("finetune_run_id", "?")), ("evaluation run", t.get("evaluation_run_id", "?")),
     ]
-    out += ["## Lineage", "", _table(["", ""], lineage), ""]
+    out += ["## Lineage", "", _table(["", "value"], lineage), ""]
 
     out += ["## Data", ""]
     if f.class_counts is not None:
@@ -261,7 +275,7 @@ def to_markdown(f: CardFacts) -> str:
 
     init = f.settings.get("finetune.init", "?")
     method = f.pretraining.get("method", "none") if init == "cass" else "none"
-    out += ["## Training", "", _table(["", ""], [
+    out += ["## Training", "", _table(["", "value"], [
         ("start", {"cass": "self-supervised pretraining", "random": "random initialisation",
                    "weights": "given weights (model.*_weights)"}.get(init, init)),
         ("pretraining method", method),
@@ -304,7 +318,7 @@ def to_markdown(f: CardFacts) -> str:
     out += ["## Subgroups", ""]
     if f.subgroups is not None:
         rows = [(r.column, r.group, int(r.images), _fmt(r.macro_f1), _fmt(r.balanced_accuracy),
-                 "yes" if str(r.counted) in ("True", "true", "1") else "no") for r in f.subgroups.itertuples()]
+                 "yes" if r.counted else "no") for r in f.subgroups.itertuples()]
         out += ["Worst-subgroup gap (largest shortfall below the whole test split): "
                 f"**{_fmt(m.get('subgroup_gap'))}** (macro F1 {_fmt(m.get('subgroup_gap_macro_f1'))}, "
                 f"balanced accuracy {_fmt(m.get('subgroup_gap_balanced_accuracy'))}).", "",
@@ -393,11 +407,20 @@ def write(f: CardFacts, out_dir: Path) -> Path:
     return out_dir
 
 
+def logged_model_id(mv) -> str | None:
+    """The MLflow 3 logged model behind a version (its ``model_id``, or the id in a ``models:/m-...`` source)."""
+    model_id = getattr(mv, "model_id", None)
+    if model_id:
+        return str(model_id)
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", str(mv.source or ""))
+    return match.group(1) if match else None
+
+
 def attach(params: Params, candidate, name: str, version: str, client, description: str = "") -> str:
     """Build the card of version ``version``, log it beside the model's files, tag the version and append the
     card's summary to ``description`` (the version's description); returns the card folder's URI."""
     mv = client.get_model_version(name, version)
-    model_id = getattr(mv, "model_id", None)
+    model_id = logged_model_id(mv)
     with tempfile.TemporaryDirectory(prefix="cass-card-") as tmp:
         facts = gather(params, candidate, name, version, client, Path(tmp))
         if model_id:

@@ -204,6 +204,7 @@ def test_register_promote_force_and_rollback_commands(local, capsys) -> None:
     assert _cli(local, "register", "--network", "cnn") == 0
     candidate = str(max(int(v.version) for v in local.client.search_model_versions(f"name = '{name}'")))
     assert candidate != champion
+    assert "model_card" in local.client.get_model_version(name, candidate).tags  # registered outside a pipeline
 
     # Same model, same metrics: it does not beat the champion by the margin, so the champion stays.
     assert _cli(local, "promote", "--network", "cnn", "--version", candidate) == 1
