@@ -176,22 +176,26 @@ def spread(xs: Sequence[float]) -> dict[str, float]:
 # Settings for the stage-level benchmarks (demo dataset, small models)
 
 
-def demo_mapping(root: Path, *, images_per_class: int, image_size: int, cnn: str, vit: str) -> dict[str, Any]:
+def demo_mapping(
+    root: Path, *, images_per_class: int, image_size: int, cnn: str, vit: str, kind: str = "tissue"
+) -> dict[str, Any]:
+    """Settings over a generated dataset: ``kind`` tissue (the demo) or shapes (cass.data.shapes)."""
     return {
         "seed": 77,
         "data": {
-            "name": "demo",
+            "name": "demo" if kind == "tissue" else f"demo-{kind}",
             "root": str(root),
             "layout": "imagefolder",
             "demo_images_per_class": images_per_class,
             "demo_image_size": image_size,
+            "demo_kind": kind,
             "workers": 2,
         },
         "split": {"val": 0.1, "test": 0.2, "seed": 77, "label_fractions": [0.01, 0.1, 1.0]},
         "model": {"cnn": cnn, "vit": vit, "image_size": image_size, "embed_dim": 128},
         "pretrain": {"epochs": 10, "batch_size": 32, "num_workers": 0, "lr": 1e-3, "optimizer": "adam"},
         "finetune": {"epochs": 15, "batch_size": 16, "num_workers": 0, "lr": 1e-3, "patience": 5},
-        "evaluate": {"batch_size": 128},
+        "evaluate": {"batch_size": 128, "explain_per_class": 0},  # no heat-map panels: only metrics are compared
     }
 
 
@@ -207,12 +211,45 @@ def with_changes(raw: dict[str, Any], changes: dict[str, Any]) -> Params:
     return params_from_mapping(data, "benchmark settings")
 
 
+def _cass(variant: str, vicreg_weight: float | None = None) -> dict[str, Any]:
+    changes: dict[str, Any] = {"pretrain.method": "cass", "pretrain.variant": variant, "pretrain.anti_collapse": "none"}
+    if vicreg_weight is not None:
+        changes.update({"pretrain.anti_collapse": "vicreg", "pretrain.anti_collapse_weight": vicreg_weight})
+    return changes
+
+
+# Each method is a set of settings (the CASS variants are pretrain.variant values of the one CASS stage).
 METHODS: dict[str, dict[str, Any]] = {
-    "CASS": {"pretrain.method": "cass", "pretrain.anti_collapse": "none"},
+    "CASS": _cass("paper"),
     "DINO": {"pretrain.method": "dino"},
-    "CASS + anti-collapse": {"pretrain.method": "cass", "pretrain.anti_collapse": "vicreg"},
+    "CASS + anti-collapse": _cass("paper", 1.0),
     "no pretraining": {},
+    "CASS + vicreg 25": _cass("paper", 25.0),
+    "CASS projector": _cass("projector"),
+    "CASS projector + vicreg 25": _cass("projector", 25.0),
+    "CASS simsiam": _cass("simsiam"),
+    "CASS simsiam + vicreg": _cass("simsiam", 1.0),
+    "CASS byol": _cass("byol"),
+    "CASS byol + vicreg": _cass("byol", 1.0),
 }
+DEFAULT_METHODS = ("CASS", "DINO", "CASS + anti-collapse", "no pretraining")
+DATASETS = ("tissue", "shapes")
+
+
+def parse_methods(text: str) -> list[str]:
+    """A comma-separated list of METHODS names, or ``all``; an unknown name fails with the known ones."""
+    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)} (or all)")
+    return names
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set section.key=value`` options (values read as YAML), applied to every run after the method's."""
+    from cass.config import parse_override
+
+    return {".".join(parts): value for parts, value in (parse_override(item) for item in items)}
 
 
 def run_method(
@@ -231,7 +268,7 @@ def run_method(
     from cass.finetune import finetune
     from cass.pretrain import pretrain
 
-    changes = {"seed": seed, **(extra or {}), **METHODS[method]}
+    changes = {"seed": seed, **METHODS[method], **(extra or {})}
     pre_dir = None
     pre_seconds = 0.0
     if method != "no pretraining":
@@ -249,6 +286,7 @@ def run_method(
             metrics = json.loads(out.metrics.read_text())
             rows.append(
                 {
+                    "dataset": params.data.demo_kind,
                     "method": method,
                     "seed": seed,
                     "label_fraction": fraction,
@@ -270,8 +308,22 @@ def prepare_demo(raw: dict[str, Any], work: Path) -> Path:
     from cass.data.prepare import prepare_data
 
     params = params_from_mapping(raw)
-    generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+    d = params.data
+    generate_demo(Path(d.root), d.demo_images_per_class, d.demo_image_size, kind=d.demo_kind)
     return prepare_data(params, work / "data")
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], column: str, rows: Sequence[str]) -> str:
+    """A markdown table of ``mean ± sd`` per combination of ``rows`` (one line each) across ``column``'s values."""
+    columns = sorted({r[column] for r in summary})
+    cells: dict[tuple, dict[Any, str]] = {}
+    for r in summary:
+        cells.setdefault(tuple(r[k] for k in rows), {})[r[column]] = f"{r['mean']:.3f} ± {r['sd']:.3f}"
+    header = [*rows, *(f"{column} {c:g}" if isinstance(c, float) else f"{column} {c}" for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in sorted(cells, key=lambda k: tuple(str(x) for x in k)):
+        lines.append("| " + " | ".join([*map(str, key), *(cells[key].get(c, "-") for c in columns)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -306,36 +358,30 @@ def step_params(cnn: str, vit: str, image_size: int, batch_size: int, *, embed_d
     )
 
 
-def cass_step_fn(params: Params, device: torch.device, precision: Any) -> Callable[[], None]:
-    """One CASS optimiser step (both networks, one view) through the functions the CASS loop uses."""
-    from cass.losses import CASSLoss
-    from cass.models import create_network
-    from cass.pretrain import cass_step, optimizer_step
-    from cass.training import make_optimizer
+def cass_step_fn(params: Params) -> Callable[[], None]:
+    """One CASS optimiser step (both networks, one view) through the learner the pretrain stage trains:
+    ``CassLearner.step`` (forward under the engine's autocast, loss, backward) and its optimiser step."""
+    from cass.engine import Engine, Step
+    from cass.pretrain import CassLearner
 
     m, cfg = params.model, params.pretrain
-    cnn = create_network(m.cnn, m.embed_dim, "cnn", m.image_size).to(device).train()
-    vit = create_network(m.vit, m.embed_dim, "vit", m.image_size).to(device).train()
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        cnn.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, [{"params": list(cnn.parameters())}, {"params": list(vit.parameters())}])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    criterion = CASSLoss()
-    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=device)
+    engine = Engine(cfg, seed=0, key="pretrain")
+    learner = CassLearner(params, engine)
+    learner.start_epoch(0)
+    x = torch.randn(cfg.batch_size, 3, m.image_size, m.image_size, device=engine.device)
+    batch, step = (x, torch.full((cfg.batch_size,), -1, device=engine.device)), Step(lr=cfg.lr)
 
-    def step() -> None:
-        cass_step(cnn, vit, x, criterion, scaler, device=device, precision=precision, channels_last=channels_last)
-        optimizer_step(optimizer, scaler)
+    def run() -> None:
+        learner.step(batch, step)
+        learner.optimizer_step(step)
 
-    return step
+    return run
 
 
 def single_network_step_fn(params: Params, network: str, device: torch.device, precision: Any) -> Callable[[], None]:
     """One network alone: forward, a loss on its embedding, backward, optimiser step (the ceiling's T)."""
     from cass.models import create_network
-    from cass.pretrain import optimizer_step
-    from cass.training import autocast, make_optimizer
+    from cass.training import autocast, make_optimizer, optimizer_step
 
     m, cfg = params.model, params.pretrain
     arch = m.cnn if network == "cnn" else m.vit

@@ -1,8 +1,10 @@
 """Robustness to small batches: test macro F1 of CASS- and DINO-pretrained networks, pretrained at batch 8
 and at batch 32, then fine-tuned at one label fraction (default 10 %).
 
-Same stages and demo settings as label_efficiency.py; only ``pretrain.batch_size`` changes (DINO's learning
-rate follows its linear scaling rule, 5e-4 x batch / 256, as in the official recipe). Prints one JSON line.
+Same stages, datasets (``--datasets``), methods (any of label_efficiency.py's, e.g. ``CASS simsiam``) and
+settings as label_efficiency.py; only ``pretrain.batch_size`` changes (DINO's learning rate follows its
+linear scaling rule, 5e-4 x batch / 256, as in the official recipe). Prints one JSON line, and the table of
+mean ± sd on stderr.
 
     python benchmarks/batch_robustness.py
 """
@@ -16,8 +18,19 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import apply_threads, emit, environment, prepare_demo, run_method, setup_logging, summarize
-from label_efficiency import add_experiment_arguments, experiment_settings
+from _common import (
+    apply_threads,
+    emit,
+    environment,
+    log,
+    markdown_table,
+    parse_methods,
+    parse_sets,
+    run_method,
+    setup_logging,
+    summarize,
+)
+from label_efficiency import add_experiment_arguments, datasets, prepared
 
 from cass.training import resolve_device
 
@@ -34,32 +47,38 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     networks = args.networks.split(",")
+    methods = parse_methods(args.methods)
+    extra = parse_sets(args.sets)
+    datasets(args)  # fail on a bad name before any training
     env = environment(resolve_device("auto"))
     started = time.perf_counter()
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory(prefix="cass-batch-") as tmp:
         work = args.work or Path(tmp)
-        raw = experiment_settings(args, work / "demo", [args.fraction])
-        data_dir = prepare_demo(raw, work)
         rows = []
-        for seed in seeds:
-            for method in args.methods.split(","):
-                for batch in batches:
-                    rows += run_method(
-                        raw, data_dir, work / f"{method}-{batch}-{seed}", method, seed, [args.fraction], networks,
-                        extra={"pretrain.batch_size": batch},
-                    )
+        for raw, data_dir in prepared(args, work, [args.fraction]):
+            kind = raw["data"]["demo_kind"]
+            for seed in seeds:
+                for method in methods:
+                    for batch in batches:
+                        rows += run_method(
+                            raw, data_dir, work / kind / f"{method}-{batch}-{seed}".replace(" ", "_"), method, seed,
+                            [args.fraction], networks, extra={**extra, "pretrain.batch_size": batch},
+                        )
     for r in rows:
         r["pretrain_batch_size"] = r.pop("pretrain.batch_size")
     table = pd.DataFrame(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
+    summary = summarize(rows, ["dataset", "method", "network", "pretrain_batch_size"])
+    log.info("test macro F1 at %g labels, mean ± sd over seeds:\n%s", args.fraction,
+             markdown_table(summary, "pretrain_batch_size", ["dataset", "method", "network"]))
     emit({
         "benchmark": "batch_robustness",
         "settings": {k: v for k, v in vars(args).items() if k not in {"work", "csv"}},
-        "summary": summarize(rows, ["method", "network", "pretrain_batch_size"]),
+        "summary": summary,
         "total_seconds": time.perf_counter() - started,
         **env,
     })

@@ -143,7 +143,7 @@ def main() -> None:
         }
 
     torch.manual_seed(0)
-    times = interleaved_times({"cass": cass_step_fn(step, device, precision)}, device, 5, args.steps)
+    times = interleaved_times({"cass": cass_step_fn(step)}, device, 5, args.steps)
     model_rate = batch / median(times["cass"])
     default = loaders["cass_loader"][str(default_workers)]["images_per_second"]
     per_worker = {

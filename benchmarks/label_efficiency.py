@@ -1,17 +1,23 @@
-"""Test macro F1 at 1 %, 10 % and 100 % labels: CASS vs DINO vs no pretraining vs CASS + anti-collapse.
+"""Test macro F1 at 1 %, 10 % and 100 % labels: CASS (the paper's recipe and its variants) vs DINO vs no
+pretraining, on one or more generated datasets.
 
-On the demo dataset, over several seeds (mean and sd), through the library's stages: ``prepare_data``
-once, then per seed and method ``pretrain`` (CASS, DINO, or CASS with ``pretrain.anti_collapse:
-vicreg``; none for the supervised-only baseline, ``finetune.init: random``), then per label fraction and
-network ``finetune`` and ``evaluate``. The seed changes initialisation, augmentation and batch order;
-the data split and the label-fraction subsets stay fixed (``split.seed``). Writes a PNG plot of F1 against
-label fraction and a CSV of every run; prints one JSON line.
+On each dataset (``--datasets``: the demo tissue set and/or the grayscale shapes set, cass.data.shapes), over
+several seeds (mean and sd), through the library's stages: ``prepare_data`` once per dataset, then per seed
+and method ``pretrain`` (CASS with its ``pretrain.variant`` and ``pretrain.anti_collapse`` settings, DINO;
+none for the supervised-only baseline, ``finetune.init: random``), then per label fraction and network
+``finetune`` and ``evaluate``. Methods are named settings (``--methods all`` lists every CASS variant);
+``--set section.key=value`` changes every run (e.g. ``--set augment.recipe=strong``). The seed changes
+initialisation, augmentation and batch order; the data split and the label-fraction subsets stay fixed
+(``split.seed``). Writes a PNG plot of F1 against label fraction, a CSV of every run and a markdown table
+of mean ± sd per dataset x method x network x label fraction (also on stderr); prints one JSON line.
 
 The defaults are sized for a 2-core CPU (timm's test networks, 32 px, short schedules). They show the
 pipeline working side by side, not the paper's numbers: those need ImageNet-initialised ResNet-50 and
 ViT-B/16 at 384 px, 100 pretraining epochs and the real datasets.
 
     python benchmarks/label_efficiency.py --plot docs/images/label_efficiency.png
+    python benchmarks/label_efficiency.py --methods all --datasets tissue,shapes --image-size 64 \
+        --table outputs/benchmarks/label_efficiency.md
 """
 
 from __future__ import annotations
@@ -25,11 +31,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 from _common import (
+    DATASETS,
+    DEFAULT_METHODS,
     METHODS,
     apply_threads,
     demo_mapping,
     emit,
     environment,
+    log,
+    markdown_table,
+    parse_methods,
+    parse_sets,
     prepare_demo,
     run_method,
     setup_logging,
@@ -39,6 +51,16 @@ from _common import (
 from cass.training import resolve_device
 
 COLORS = {"CASS": "tab:blue", "CASS + anti-collapse": "tab:cyan", "DINO": "tab:orange", "no pretraining": "tab:gray"}
+SUMMARY_KEYS = ["dataset", "method", "network", "label_fraction"]
+NETWORK_NAMES = {"cnn": "CNN", "vit": "ViT"}
+SPARE_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black", "gold",
+                "lime", "navy", "teal")
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """The fixed colours of the original four methods, then a distinct colour for each other method."""
+    spare = iter(c for c in SPARE_COLORS if c not in COLORS.values())
+    return {m: COLORS[m] if m in COLORS else next(spare, "tab:gray") for m in methods}
 
 
 def add_experiment_arguments(ap: argparse.ArgumentParser) -> None:
@@ -46,8 +68,11 @@ def add_experiment_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--networks", default="cnn,vit")
     ap.add_argument("--cnn", default="test_resnet")
     ap.add_argument("--vit", default="test_vit")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--images-per-class", type=int, default=100, help="demo dataset size (4 classes)")
+    ap.add_argument("--image-size", type=int, default=32, help="64 gives the test ViT 16 patches instead of 4")
+    ap.add_argument("--images-per-class", type=int, default=100, help="generated dataset size (4 classes)")
+    ap.add_argument("--datasets", default="tissue", help=f"generated datasets, of {', '.join(DATASETS)}")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every run, e.g. augment.recipe=strong (repeatable)")
     ap.add_argument("--pretrain-epochs", type=int, default=10)
     ap.add_argument("--pretrain-batch-size", type=int, default=32)
     ap.add_argument("--finetune-epochs", type=int, default=15)
@@ -60,10 +85,10 @@ def add_experiment_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def experiment_settings(args: argparse.Namespace, root: Path, fractions: Sequence[float]) -> dict:
-    """The demo settings of the F1 benchmarks, preparing the label subsets of ``fractions``."""
+def experiment_settings(args: argparse.Namespace, root: Path, fractions: Sequence[float], kind: str = "tissue") -> dict:
+    """The settings of the F1 benchmarks on generated dataset ``kind``, preparing the subsets of ``fractions``."""
     raw = demo_mapping(root, images_per_class=args.images_per_class, image_size=args.image_size, cnn=args.cnn,
-                       vit=args.vit)
+                       vit=args.vit, kind=kind)
     raw["pretrain"].update(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size,
                            dino={"local_crops": args.dino_local_crops, "out_dim": args.dino_out_dim})
     raw["split"]["label_fractions"] = list(fractions)
@@ -72,26 +97,48 @@ def experiment_settings(args: argparse.Namespace, root: Path, fractions: Sequenc
     return raw
 
 
+def datasets(args: argparse.Namespace) -> list[str]:
+    kinds = [k.strip() for k in args.datasets.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in DATASETS]
+    if unknown or not kinds:
+        raise SystemExit(f"unknown dataset(s) {unknown or kinds}; known: {', '.join(DATASETS)}")
+    return kinds
+
+
+def prepared(args: argparse.Namespace, work: Path, fractions: Sequence[float]) -> list[tuple[dict, Path]]:
+    """Each dataset of ``--datasets`` generated and prepared under ``work``: its settings and prepared folder."""
+    out = []
+    for kind in datasets(args):
+        raw = experiment_settings(args, work / kind / "images", fractions, kind)
+        out.append((raw, prepare_demo(raw, work / kind)))
+    return out
+
+
 def plot(summary: pd.DataFrame, networks: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(networks), figsize=(5.2 * len(networks), 4), sharey=True, squeeze=False)
-    for ax, network in zip(axes[0], networks, strict=True):
-        for method, rows in summary[summary["network"] == network].groupby("method", sort=False):
-            rows = rows.sort_values("label_fraction")
-            ax.errorbar(rows["label_fraction"] * 100, rows["mean"], yerr=rows["sd"], marker="o", capsize=3,
-                        label=method, color=COLORS.get(str(method)))
-        ax.set_xscale("log")
-        ticks = sorted(summary["label_fraction"].unique() * 100)
-        ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("labelled training images")
-        ax.set_title({"cnn": "CNN", "vit": "ViT"}.get(network, network))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test macro F1 (mean ± sd over seeds)")
+    kinds = list(dict.fromkeys(summary["dataset"]))
+    colors = method_colors(list(dict.fromkeys(summary["method"])))
+    fig, axes = plt.subplots(len(kinds), len(networks), figsize=(5.2 * len(networks), 4 * len(kinds)), sharey=True,
+                             squeeze=False)
+    for row, kind in zip(axes, kinds, strict=True):
+        for ax, network in zip(row, networks, strict=True):
+            shown = summary[(summary["network"] == network) & (summary["dataset"] == kind)]
+            for method, rows in shown.groupby("method", sort=False):
+                rows = rows.sort_values("label_fraction")
+                ax.errorbar(rows["label_fraction"] * 100, rows["mean"], yerr=rows["sd"], marker="o", capsize=3,
+                            label=method, color=colors[str(method)])
+            ax.set_xscale("log")
+            ticks = sorted(summary["label_fraction"].unique() * 100)
+            ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled training images")
+            ax.set_title(f"{NETWORK_NAMES.get(network, network)} ({kind})")
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("test macro F1 (mean ± sd over seeds)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -100,56 +147,74 @@ def plot(summary: pd.DataFrame, networks: list[str], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def _title(args: argparse.Namespace, seeds: int, env: dict) -> str:
-    return (f"demo dataset ({4 * args.images_per_class} images, {args.image_size} px), {args.cnn} / {args.vit}, "
+def _title(args: argparse.Namespace, seeds: int, env: dict, kinds: Sequence[str] | None = None) -> str:
+    names = ", ".join(kinds) if kinds else args.datasets
+    return (f"{names} ({4 * args.images_per_class} images, {args.image_size} px), {args.cnn} / {args.vit}, "
             f"{args.pretrain_epochs} pretraining epochs, {seeds} seeds; {env['device_name']}")
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The summary (mean ± sd over seeds) as records; the markdown table on stderr and in ``--table``."""
+    summary = summarize(rows, SUMMARY_KEYS)
+    table = markdown_table(summary, "label_fraction", ["dataset", "method", "network"])
+    log.info("test macro F1, mean ± sd over seeds:\n%s", table)
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table)
+    return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_arguments(ap)
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
-    ap.add_argument("--methods", default=",".join(METHODS), help="default: %(default)s")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"default: %(default)s; all = every one of: {', '.join(METHODS)}")
     ap.add_argument("--plot", type=Path, default=Path("outputs/benchmarks/label_efficiency.png"))
-    ap.add_argument("--from-csv", type=Path, help="only redraw the plot from a CSV written by --csv")
+    ap.add_argument("--table", type=Path, help="write the markdown table of mean ± sd here")
+    ap.add_argument("--from-csv", type=Path, help="only redraw the plot (and table) from a CSV written by --csv")
     args = ap.parse_args()
     setup_logging()
     apply_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     networks = args.networks.split(",")
-    methods = args.methods.split(",")
+    methods = parse_methods(args.methods)
+    extra = parse_sets(args.sets)
+    datasets(args)  # fail on a bad name before any training
     env = environment(resolve_device("auto"))
     if args.from_csv:
         rows = pd.read_csv(args.from_csv).to_dict("records")
+        for r in rows:
+            r.setdefault("dataset", "tissue")  # CSVs written before --datasets existed
         seeds = sorted({int(r["seed"]) for r in rows})
-        plot(pd.DataFrame(summarize(rows, ["method", "network", "label_fraction"])), networks, args.plot,
-             _title(args, len(seeds), env))
+        kinds = list(dict.fromkeys(r["dataset"] for r in rows))
+        plot(pd.DataFrame(report(rows, args)), networks, args.plot, _title(args, len(seeds), env, kinds))
         return
     started = time.perf_counter()
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory(prefix="cass-labels-") as tmp:
         work = args.work or Path(tmp)
-        raw = experiment_settings(args, work / "demo", fractions)
-        data_dir = prepare_demo(raw, work)
         rows = []
-        for seed in seeds:
-            for method in methods:
-                rows += run_method(raw, data_dir, work / f"{method}-{seed}".replace(" ", "_"), method, seed,
-                                   fractions, networks)
+        for raw, data_dir in prepared(args, work, fractions):
+            kind = raw["data"]["demo_kind"]
+            for seed in seeds:
+                for method in methods:
+                    rows += run_method(raw, data_dir, work / kind / f"{method}-{seed}".replace(" ", "_"), method,
+                                       seed, fractions, networks, extra)
     table = pd.DataFrame(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
-    summary = pd.DataFrame(summarize(rows, ["method", "network", "label_fraction"]))
+    summary = pd.DataFrame(report(rows, args))
     plot(summary, networks, args.plot, _title(args, len(seeds), env))
-    pretrain_seconds = table[table["pretrain_seconds"] > 0].groupby("method")["pretrain_seconds"].mean()
+    pretrain_seconds = table[table["pretrain_seconds"] > 0].groupby(["dataset", "method"])["pretrain_seconds"].mean()
     emit({
         "benchmark": "label_efficiency",
-        "settings": {k: v for k, v in vars(args).items() if k not in {"work", "csv", "plot"}},
+        "settings": {k: v for k, v in vars(args).items() if k not in {"work", "csv", "plot", "table"}},
         "summary": summary.to_dict("records"),
-        "mean_pretrain_seconds": pretrain_seconds.to_dict(),
+        "mean_pretrain_seconds": {f"{d} / {m}": v for (d, m), v in pretrain_seconds.items()},
         "plot": str(args.plot),
         "total_seconds": time.perf_counter() - started,
         **env,

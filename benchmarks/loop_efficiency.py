@@ -4,7 +4,7 @@ T_cnn and T_vit are the training throughputs (images/s: forward, backward, optim
 network alone on the same device, batch, image size and precision. A CASS step runs both networks on the
 same images, so it can at best reach that ceiling; the ratio says how much the CASS loop loses on top.
 Two CASS figures are reported:
-  - step_efficiency: the CASS step (``cass_step`` + ``optimizer_step``) on a synthetic batch;
+  - step_efficiency: the CASS step (``CassLearner.step`` + ``optimizer_step``) on a synthetic batch;
   - loop_efficiency (headline): the ``pretrain`` stage's training loop itself (DataLoader with decoding
     and augmentation at the stage's worker count, learning-rate schedule, loss and collapse statistics,
     logging), images/s of each epoch after the first as the stage records it (the checkpoint written
@@ -69,7 +69,7 @@ def main() -> None:
     steps = {
         "cnn_alone": single_network_step_fn(params, "cnn", device, precision),
         "vit_alone": single_network_step_fn(params, "vit", device, precision),
-        "cass_step": cass_step_fn(params, device, precision),
+        "cass_step": cass_step_fn(params),
     }
     # The ceiling is measured between the stage's epochs (a callback after each one), and each epoch is
     # compared with the step rounds on either side of it: a change in background load moves both alike.

@@ -4,7 +4,7 @@ Both methods use the same backbones (built by ``cass.models.create_network``), b
 and precision. Timed: one optimiser step each, on synthetic batches already on the device (the data
 pipeline is measured by data_pipeline.py):
   - CASS: one view through the CNN and the ViT, loss, backward, one optimiser step for both
-    (``cass.pretrain.cass_step`` + ``optimizer_step``, the functions the CASS loop calls);
+    (``cass.pretrain.CassLearner``'s ``step`` + ``optimizer_step``, what the CASS stage runs);
   - DINO, per network: student on 2 global + N local crops, teacher on the 2 global crops, centring,
     backward, clipping, AdamW step, EMA update (``cass.baselines.dino.DinoLearner``).
 CASS produces a pretrained CNN and ViT in one step; DINO needs one run per network, so the headline
@@ -55,7 +55,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     steps = {
-        "cass": cass_step_fn(params, device, precision),
+        "cass": cass_step_fn(params),
         "dino_cnn": dino_step_fn(params, "cnn", device, precision),
         "dino_vit": dino_step_fn(params, "vit", device, precision),
     }

@@ -200,7 +200,7 @@ def plot_reliability(before: pd.DataFrame, after: pd.DataFrame, ece_before: floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cass.training import atomic_path
+    from cass.io import atomic_path
 
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = float(before["upper"].iloc[0] - before["lower"].iloc[0])

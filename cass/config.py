@@ -8,7 +8,6 @@ schema, so a typo on the command line is rejected exactly like a typo in the fil
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,14 +15,23 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cass.errors import ConfigError
+from cass.data.layouts import get_layout
+from cass.errors import ConfigError, did_you_mean
+
+Network = Literal["cnn", "vit"]
+"""The two networks CASS pretrains together: the CNN and the Vision Transformer."""
+NETWORKS: tuple[Network, ...] = ("cnn", "vit")
+
+AUTO = "auto"
+"""A setting the dataset implies (model names from its name, gate metrics from its task), resolved by Params."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting can train with inf or nan (finetune.lr=.inf used to pass and fail at epoch 2).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CsvLayout(_Section):
@@ -35,7 +43,11 @@ class CsvLayout(_Section):
         default=None, description="one-hot label columns; default: every column but image/group"
     )
     image_dir: str = Field(default=".", description="folder of the images, relative to data.root")
-    extension: str = Field(default=".jpg", description="appended to the image id to form the file name")
+    extension: str = Field(
+        default=AUTO,
+        description="appended to the image id to form the file name; auto: nothing for ids that already end in "
+        "an image extension (x.png), else .jpg (ISIC); '' for none",
+    )
     multilabel: bool = False
     drop_columns: tuple[str, ...] = Field(
         default=(), description="label columns to ignore, e.g. ['UNK'] when no row uses it"
@@ -45,7 +57,10 @@ class CsvLayout(_Section):
 class DataConfig(_Section):
     name: str = Field(default="demo", description="dataset name, used in tags and registered model descriptions")
     root: str = Field(default="data/demo", description="dataset directory (tracked by data.dvc)")
-    layout: Literal["imagefolder", "csv", "medmnist"] = "imagefolder"
+    layout: str = Field(
+        default="imagefolder",
+        description="how the dataset is organised: a registered layout (cass.data.layouts.layout_names())",
+    )
     csv: CsvLayout | None = None
     medmnist_file: str | None = Field(default=None, description=".npz file relative to data.root")
     group_column: str | None = Field(
@@ -68,15 +83,25 @@ class DataConfig(_Section):
     )
     demo_images_per_class: int = Field(default=300, ge=8, description="size of the generated demo dataset")
     demo_image_size: int = Field(default=64, ge=16, le=512)
-    max_image_pixels: int = Field(default=89_478_485, gt=0, description="decompression-bomb limit (Pillow's default)")
+    demo_kind: Literal["tissue", "shapes"] = Field(
+        default="tissue", description="generated dataset: tissue (H&E-like colour/texture) or shapes (grayscale, shape)"
+    )
+    max_image_pixels: int = Field(
+        default=89_478_485, gt=0, description="decompression-bomb limit per image, checked before decoding"
+    )
     workers: int = Field(default=0, ge=0, description="processes that hash/decode images; 0 = one per core")
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, v: str) -> str:
+        get_layout(v)  # an unknown name: an error listing the registered layouts and the closest one
+        return v
 
     @model_validator(mode="after")
     def _layout_settings(self) -> DataConfig:
-        if self.layout == "csv" and self.csv is None:
-            raise ValueError("data.layout is 'csv' but data.csv is not set (file, image_column, ...)")
-        if self.layout == "medmnist" and not self.medmnist_file:
-            raise ValueError("data.layout is 'medmnist' but data.medmnist_file is not set")
+        missing = get_layout(self.layout).missing_settings(self)
+        if missing:
+            raise ValueError(f"data.layout is '{self.layout}' but " + "; ".join(missing))
         if self.group_columns and not self.groups_file and self.layout != "csv":
             raise ValueError(
                 "data.group_columns needs data.groups_file: a CSV under data.root with a key column (data.groups_key, "
@@ -123,6 +148,23 @@ class AugmentConfig(_Section):
     vflip_p: float = Field(default=0.3, ge=0.0, le=1.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    recipe: Literal["paper", "strong"] = Field(
+        default="paper",
+        description="views of self-supervised pretraining: paper (the settings above) or strong (random resized "
+        "crop, stronger colour jitter, grayscale, blur: the keys below); fine-tuning always uses the paper's",
+    )
+    crop_scale: tuple[float, float] = Field(default=(0.25, 1.0), description="strong: area share of the random crop")
+    strong_color_jitter: float = Field(default=0.4, ge=0.0, le=1.0, description="strong: brightness/contrast jitter")
+    strong_color_jitter_p: float = Field(default=0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(default=0.2, ge=0.0, le=1.0, description="strong: drop colour (stain) information")
+    blur_p: float = Field(default=0.5, ge=0.0, le=1.0, description="strong: Gaussian blur (out-of-focus scan)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"crop scale {list(v)} must satisfy 0 < low <= high <= 1")
+        return v
 
 
 class ModelConfig(_Section):
@@ -213,8 +255,40 @@ class DinoConfig(_Section):
         return v
 
 
+CassVariant = Literal["paper", "projector", "simsiam", "byol", "auto"]
+
+
+class CassConfig(_Section):
+    """The parts of the CASS variants beyond the paper (``pretrain.variant``, see cass.variants); each part
+    is used only by the variants that have it, and the paper recipe uses none."""
+
+    views: int | None = Field(
+        default=None, ge=1, le=2,
+        description="views per image: 1 = one view through both networks, 2 = each network its own view; "
+        "default: 1 for paper, 2 for the others",
+    )
+    projector_dim: int | None = Field(default=None, ge=2, description="projection width; default: model.embed_dim")
+    projector_hidden_dim: int = Field(default=512, ge=1)
+    predictor_hidden_dim: int = Field(default=128, ge=1)
+    ema_momentum: float = Field(default=0.99, ge=0.0, le=1.0, description="byol: EMA target momentum, cosine to 1")
+
+
 class PretrainConfig(TrainerConfig):
     method: Literal["cass", "dino"] = Field(default="cass", description="cass, or the DINO baseline (pretrain.dino)")
+    variant: CassVariant = Field(
+        default="paper",
+        description="CASS recipe: paper (unchanged), projector, simsiam, byol (cass.variants); auto = the "
+        "measured choice for the start (pretrained weights: paper)",
+    )
+    cass: CassConfig = CassConfig()
+    monitor_every: int = Field(
+        default=0, ge=0, description="kNN accuracy of each network's embeddings every N epochs; 0 = off"
+    )
+    monitor_k: int = Field(default=20, ge=1, description="neighbours of the kNN monitor")
+    monitor_label_fraction: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="labelled training subset the kNN monitor fits on; default: finetune.label_fraction",
+    )
     epochs: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     pool: Literal["train", "train+val"] = Field(
@@ -234,7 +308,7 @@ ClassWeights = Literal["inverse_frequency", "authors", "none"]
 
 
 class FinetuneConfig(TrainerConfig):
-    networks: tuple[Literal["cnn", "vit"], ...] = ("cnn", "vit")
+    networks: tuple[Network, ...] = NETWORKS
     init: Literal["cass", "random", "weights"] = Field(
         default="cass", description="cass = the pretraining checkpoint; weights = model.*_weights"
     )
@@ -281,7 +355,11 @@ class MlflowConfig(_Section):
         default="mlruns", description="artifact root for new experiments when the store is local"
     )
     experiment: str = "cass"
-    model_prefix: str = Field(default="cass-demo", description="registered models are <prefix>-cnn, <prefix>-vit")
+    model_prefix: str = Field(
+        default=AUTO,
+        description="registered models are <prefix>-cnn, <prefix>-vit; auto: cass-<data.name>, so that models of "
+        "different datasets are never versions of one registered model",
+    )
     server_timeout_s: float = Field(
         default=5.0, gt=0.0, description="how long to wait for the tracking server before giving up (before training)"
     )
@@ -300,6 +378,9 @@ class MlflowConfig(_Section):
 
 
 Severity = Literal["warn", "fail"]
+
+ALL_MODES = ("RGB", "RGBA", "L", "LA", "P", "I;16", "I;16B", "I;16L", "I", "F")
+"""Pillow modes the loader converts to 8-bit RGB faithfully (cass.data.images.to_rgb8)."""
 
 # Every check of the data and model gates (cass.quality) with its default severity. A failed "fail" check stops
 # the pipeline; a failed "warn" check is reported and the run goes on. quality.severity overrides these.
@@ -338,6 +419,37 @@ QUALITY_CHECKS: dict[str, Severity] = {
 }
 
 
+SINGLE_LABEL_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc")
+MULTI_LABEL_METRICS = ("macro_f1", "balanced_accuracy", "exact_match", "macro_auroc")
+"""The metrics in [0, 1] that evaluation writes (cass.metrics), per task; the model gate may require any of them."""
+
+
+def task_metrics(multilabel: bool | None) -> tuple[str, ...]:
+    """What ``quality.expected_metrics: auto`` stands for: every metric evaluation writes for the task, or
+    those it writes for both when the settings alone do not tell the task (MedMNIST)."""
+    if multilabel is None:
+        return tuple(m for m in SINGLE_LABEL_METRICS if m in MULTI_LABEL_METRICS)
+    return MULTI_LABEL_METRICS if multilabel else SINGLE_LABEL_METRICS
+
+
+def unwritten_metrics(metrics: Iterable[str], multilabel: bool | None) -> list[str]:
+    """The metrics of ``metrics`` that evaluation does not write for this task (none known when it is unknown)."""
+    if multilabel is None:
+        return []
+    written = task_metrics(multilabel)
+    return [m for m in metrics if m not in written]
+
+
+def metrics_fix(metrics: Iterable[str], multilabel: bool) -> str:
+    """The sentence that says which metrics a task lacks and the value of quality.expected_metrics to set."""
+    wrong = unwritten_metrics(metrics, multilabel)
+    task = "multi-label" if multilabel else "single-label"
+    return (
+        f"quality.expected_metrics lists {wrong}, which evaluation of {task} data does not write, so the model "
+        f"gate would fail after training; set quality.expected_metrics: auto (here {list(task_metrics(multilabel))})"
+    )
+
+
 class QualityConfig(_Section):
     """Thresholds and severities of the Great Expectations gates (``cass validate manifest|splits|model``)."""
 
@@ -346,15 +458,16 @@ class QualityConfig(_Section):
     min_height: int = Field(default=16, ge=1)
     max_height: int = Field(default=16384, ge=1)
     allowed_modes: tuple[str, ...] = Field(
-        default=("RGB", "RGBA", "L", "LA", "P", "I;16", "I;16B", "I;16L", "I", "F"),
-        description="Pillow modes accepted (those the loader converts to 8-bit RGB faithfully)",
+        default=ALL_MODES,
+        description="Pillow modes accepted (default: every mode the loader converts to 8-bit RGB faithfully)",
     )
     min_images_per_class: int = Field(default=5, ge=1, description="fewer images than this in a class fails")
     imbalance_warn_ratio: float = Field(default=10.0, ge=1.0, description="largest/smallest class count: warn above")
     imbalance_fail_ratio: float = Field(default=100.0, ge=1.0, description="largest/smallest class count: fail above")
-    expected_metrics: tuple[str, ...] = Field(
-        default=("macro_f1", "balanced_accuracy", "macro_auroc"),
-        description="keys the evaluation metrics.json must hold, each a number in [0, 1]",
+    expected_metrics: tuple[str, ...] | Literal["auto"] = Field(
+        default=AUTO,
+        description="keys the evaluation metrics.json must hold, each a number in [0, 1]; auto: every metric "
+        "evaluation writes for the data's task (accuracy for single-label, exact_match for multi-label data)",
     )
     min_macro_f1: float = Field(default=0.5, ge=0.0, le=1.0, description="test macro F1 floor")
     min_balanced_accuracy: float = Field(default=0.5, ge=0.0, le=1.0, description="test balanced accuracy floor")
@@ -376,9 +489,20 @@ class QualityConfig(_Section):
     def _known_checks(cls, v: dict[str, Severity]) -> dict[str, Severity]:
         for name in v:
             if name not in QUALITY_CHECKS:
-                close = difflib.get_close_matches(name, QUALITY_CHECKS, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"unknown check '{name}'{hint} Known: {', '.join(QUALITY_CHECKS)}")
+                raise ValueError(f"unknown check '{name}'{did_you_mean(name, QUALITY_CHECKS)} Known: "
+                                 f"{', '.join(QUALITY_CHECKS)}")
+        return v
+
+    @field_validator("expected_metrics")
+    @classmethod
+    def _known_metrics(cls, v: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        if v == AUTO:
+            return v
+        known = list(dict.fromkeys((*SINGLE_LABEL_METRICS, *MULTI_LABEL_METRICS)))
+        for name in v:
+            if name not in known:
+                hint = did_you_mean(name, known)
+                raise ValueError(f"unknown metric '{name}'{hint} Known: {', '.join(known)}, or auto")
         return v
 
     @model_validator(mode="after")
@@ -457,10 +581,9 @@ def _check_search_param(name: str, spec: FloatSpec | IntSpec | CategoricalSpec) 
     key = f"tune.space.{name}"
     fields = FinetuneConfig.model_fields
     if name not in fields:
-        close = difflib.get_close_matches(name, TUNABLE_FINETUNE_KEYS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(
-            f"{key}: '{name}' is not a finetune setting{hint}; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}"
+            f"{key}: '{name}' is not a finetune setting{did_you_mean(name, TUNABLE_FINETUNE_KEYS)} Tunable: "
+            f"{', '.join(TUNABLE_FINETUNE_KEYS)}"
         )
     if name not in TUNABLE_FINETUNE_KEYS:
         raise ValueError(f"{key}: finetune.{name} cannot be tuned; tunable: {', '.join(TUNABLE_FINETUNE_KEYS)}")
@@ -632,12 +755,32 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _fraction_listed(self) -> Params:
-        if self.finetune.label_fraction not in self.split.label_fractions:
-            raise ValueError(
-                f"finetune.label_fraction {self.finetune.label_fraction} is not one of split.label_fractions "
-                f"{list(self.split.label_fractions)}; add it there so its subset file is written"
-            )
+        for key, fraction in (
+            ("finetune.label_fraction", self.finetune.label_fraction),
+            ("pretrain.monitor_label_fraction", self.pretrain.monitor_label_fraction),
+        ):
+            if fraction is not None and fraction not in self.split.label_fractions:
+                raise ValueError(
+                    f"{key} {fraction} is not one of split.label_fractions "
+                    f"{list(self.split.label_fractions)}; add it there so its subset file is written"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _derived(self) -> Params:
+        """Resolve what the dataset implies: ``auto`` model names from its name, gate metrics from its task."""
+        if self.mlflow.model_prefix == AUTO:
+            self._set_derived("mlflow", model_prefix=f"cass-{self.data.name}")
+        multilabel = get_layout(self.data.layout).multilabel(self.data)
+        if self.quality.expected_metrics == AUTO:
+            self._set_derived("quality", expected_metrics=task_metrics(multilabel))
+        elif multilabel is not None and unwritten_metrics(self.quality.expected_metrics, multilabel):
+            raise ValueError(metrics_fix(self.quality.expected_metrics, multilabel))
+        return self
+
+    def _set_derived(self, section: str, **values: Any) -> None:
+        """Replace values of a section while validating; once validation returns, the object is frozen."""
+        self.__dict__[section] = getattr(self, section).model_copy(update=values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,8 +810,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, loc)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(loc[-1], allowed)
             lines.append(f"  - {key}: unknown key{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             got = e.get("input")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,61 +25,17 @@ from cass.calibration import (
 )
 from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
-from cass.data.manifest import SPLITS, atomic_write_text, label_lists, read_manifest
+from cass.data.manifest import SPLITS, label_lists, read_manifest
 from cass.data.transforms import eval_transform
 from cass.errors import DataError
 from cass.finetune import ClassifierSpec, load_classifier
+from cass.io import atomic_path, atomic_write_text
+from cass.layout import EvaluateOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
-from cass.training import atomic_path, resolve_device, resolve_num_workers
+from cass.training import resolve_device, resolve_num_workers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvaluateOutputs:
-    out_dir: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.json"
-
-    @property
-    def confusion_matrix(self) -> Path:
-        return self.out_dir / "confusion_matrix.png"
-
-    @property
-    def roc(self) -> Path:
-        return self.out_dir / "roc_curves.png"
-
-    @property
-    def predictions(self) -> Path:
-        return self.out_dir / "predictions.csv"
-
-    @property
-    def reliability(self) -> Path:
-        """Reliability diagram before and after temperature scaling."""
-        return self.out_dir / "reliability.png"
-
-    @property
-    def reliability_table(self) -> Path:
-        """The ECE's per-bin table, raw and scaled."""
-        return self.out_dir / "reliability.csv"
-
-    @property
-    def explanations(self) -> Path:
-        """Heat maps of a seeded sample of test images per class."""
-        return self.out_dir / "explanations.png"
-
-    @property
-    def subgroups(self) -> Path:
-        """Per-subgroup macro F1 and balanced accuracy (when data.group_columns is set)."""
-        return self.out_dir / "subgroups.csv"
-
-    @property
-    def class_counts(self) -> Path:
-        """Images per class and split of the data the model was evaluated on."""
-        return self.out_dir / "class_counts.csv"
 
 
 def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> EvaluateOutputs:

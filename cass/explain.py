@@ -230,7 +230,7 @@ def _plt():
 
 def save_panel(items: Sequence[Explained], path: Path, title: str, per_row: int = 2) -> Path:
     """A grid of (image, overlay) pairs captioned with true and predicted label and the probability."""
-    from cass.training import atomic_path
+    from cass.io import atomic_path
 
     if not items:
         raise ExplainError("no images to explain")
@@ -301,10 +301,11 @@ def explain_files(
 
 def _load(model_uri: str):
     """The torch network and its spec, from a fine-tuning folder or an MLflow model of :mod:`cass.serving`."""
-    from cass.finetune import SPEC_FILE, load_classifier
+    from cass.finetune import load_classifier
+    from cass.layout import FinetuneOutputs
 
     local = Path(model_uri)
-    if (local / SPEC_FILE).is_file():
+    if FinetuneOutputs(local).spec.is_file():
         return load_classifier(local, "cpu")
     import mlflow
 

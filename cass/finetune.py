@@ -2,7 +2,10 @@
 
 Starts from the CASS checkpoint (or random init, or given weights), trains with focal loss and class
 weights on the label-fraction subset of the training split, validates on the whole validation split
-after EVERY epoch, stops early on validation loss and keeps the best weights.
+after EVERY epoch, stops early on validation loss and keeps the best weights. The engine
+(:mod:`cass.engine`) runs the loop and checkpoints every epoch: an interrupted fine-tuning resumes
+after its last finished epoch when its settings, data and initial weights are the same, and the
+checkpoint is removed once the stage has written its outputs.
 """
 
 from __future__ import annotations
@@ -12,51 +15,34 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cass import distributed
 from cass.calibration import calibrate_classifier
-from cass.config import Params
-from cass.data.dataset import EpochLoader, ImageDataset, encode_targets, make_loader
-from cass.data.manifest import atomic_write_text, label_lists, read_manifest
+from cass.config import Network, Params
+from cass.data.dataset import ImageDataset, encode_targets, make_loader
+from cass.data.manifest import DatasetInfo, label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
+from cass.engine import Checkpoint, Engine, EpochStats, Learner, Step, StepOutput, file_digest, fingerprint
 from cass.errors import DataError, TrainingError
+from cass.io import atomic_write_text
+from cass.layout import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
 from cass.metrics import classification_metrics
 from cass.models import create_network, head_parameters, reset_head
-from cass.pretrain import PretrainOutputs
-from cass.training import (
-    EpochCallback,
-    autocast,
-    check_finite,
-    cosine_schedule,
-    epoch_seed,
-    load_weights_file,
-    make_optimizer,
-    resolve_device,
-    resolve_num_workers,
-    resolve_precision,
-    save_weights,
-    seed_everything,
-    set_lr,
-)
+from cass.training import EpochCallback, load_weights_file, make_optimizer, resolve_num_workers, save_weights
 
 log = logging.getLogger(__name__)
-
-Network = Literal["cnn", "vit"]
-SPEC_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -94,27 +80,6 @@ class ClassifierSpec:
     def build(self) -> nn.Module:
         role: Network = "vit" if self.network == "vit" else "cnn"
         return create_network(self.arch, len(self.classes), role, self.image_size)
-
-
-@dataclass(frozen=True)
-class FinetuneOutputs:
-    out_dir: Path
-
-    @property
-    def weights(self) -> Path:
-        return self.out_dir / WEIGHTS_FILE
-
-    @property
-    def spec(self) -> Path:
-        return self.out_dir / SPEC_FILE
-
-    @property
-    def history(self) -> Path:
-        return self.out_dir / "history.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.json"
 
 
 def load_classifier(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ClassifierSpec]:
@@ -173,6 +138,204 @@ def _pretrain_method(init: str, pretrain_dir: Path | None) -> str:
     return str(json.loads(spec.read_text()).get("method", "cass")) if spec.is_file() else "cass"
 
 
+@dataclass(frozen=True)
+class LabelledData:
+    """What fine-tuning reads: the label-fraction subset of the training split, the whole validation
+    split, their encoded targets, and the subset's count of each class."""
+
+    info: DatasetInfo
+    train: pd.DataFrame
+    val: pd.DataFrame
+    y_train: np.ndarray
+    y_val: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def read(cls, params: Params, data_dir: Path) -> LabelledData:
+        cfg = params.finetune
+        df, info = read_manifest(data_dir)
+        subset = set(read_subset(data_dir, cfg.label_fraction))
+        train = df[(df["split"] == "train") & df["path"].isin(subset)]
+        val = df[df["split"] == "val"]
+        if val.empty:
+            raise DataError(f"{data_dir}: the validation split is empty; early stopping needs one (split.val > 0)")
+        classes = info.classes
+        y_train = encode_targets(label_lists(train), classes, info.multilabel)
+        y_val = encode_targets(label_lists(val), classes, info.multilabel)
+        counts = y_train.sum(axis=0) if info.multilabel else np.bincount(y_train, minlength=len(classes))
+        if cfg.class_weights == "inverse_frequency" and (counts == 0).any():
+            missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+            raise DataError(f"label-fraction subset {cfg.label_fraction:g} has no example of {missing}")
+        return cls(info, train, val, y_train, y_val, counts)
+
+
+def _init_digest(params: Params, network: Network, pretrain_dir: Path | None) -> str:
+    """The content of the weights fine-tuning starts from (a URI stands for an object store's file)."""
+    m, init = params.model, params.finetune.init
+    if init == "cass" and pretrain_dir is not None:
+        pre = PretrainOutputs(Path(pretrain_dir))
+        return fingerprint({"networks": file_digest(pre.networks), "weights": file_digest(pre.weights(network))})
+    source = m.cnn_weights if network == "cnn" else m.vit_weights
+    if init == "weights" and source and Path(source).is_file():
+        return file_digest(Path(source))
+    return f"{init}:{source}"
+
+
+def finetune_fingerprint(params: Params, data_dir: Path, network: Network, pretrain_dir: Path | None) -> str:
+    """What a fine-tuning checkpoint depends on: the settings that change its result, the data (manifest
+    and label-fraction subset) and the initial weights; a checkpoint with another one is not resumed."""
+    cfg = params.finetune
+    return fingerprint({
+        "seed": params.seed,
+        "network": network,
+        "max_image_pixels": params.data.max_image_pixels,
+        "model": params.model.model_dump(),
+        "augment": params.augment.model_dump(),
+        "finetune": cfg.model_dump(exclude={"networks", "num_workers", "device", "compile", "sync_batchnorm"}),
+        "evaluate": params.evaluate.model_dump(),
+        "manifest": file_digest(Path(data_dir) / MANIFEST_FILE),
+        "subset": file_digest(subset_file(Path(data_dir), cfg.label_fraction)),
+        "init": _init_digest(params, network, pretrain_dir),
+    })
+
+
+class FinetuneLearner(Learner):
+    """One network, focal loss with class weights, one optimiser (backbone and head groups). After every
+    epoch rank 0 validates; every rank follows its loss, keeps the best weights and stops early alike."""
+
+    def __init__(self, params: Params, engine: Engine, network: Network, data: LabelledData,
+                 pretrain_dir: Path | None) -> None:
+        cfg, info = params.finetune, data.info
+        self.params, self.engine, self.network, self.data = params, engine, network, data
+        self.name, self.peak_lr = f"fine-tuning {network}", cfg.lr
+        model = _initial_model(params, network, len(info.classes), pretrain_dir)
+        self.pretrain_method = _pretrain_method(cfg.init, pretrain_dir)
+        self.weights = class_weights(data.counts.tolist(), cfg.class_weights)
+        self.criterion = FocalLoss(cfg.focal_gamma, cfg.focal_alpha, self.weights, info.multilabel).to(engine.device)
+        # Several processes: DDP averages the gradients (frozen-backbone epochs leave parameters unused).
+        self.model, self._forward = engine.module(
+            model, channels_last=model if network == "cnn" else None, sync_batchnorm=cfg.sync_batchnorm and
+            network == "cnn", find_unused_parameters=cfg.freeze_epochs > 0,
+        )
+        self.head = {id(p) for p in head_parameters(self.model)}
+        backbone = [p for p in self.model.parameters() if id(p) not in self.head]
+        self.updater = engine.updater(
+            make_optimizer(cfg, [{"params": backbone}, {"params": head_parameters(self.model)}])
+        )
+        self.spec = ClassifierSpec(
+            network, params.model.cnn if network == "cnn" else params.model.vit, params.model.image_size,
+            info.classes, info.multilabel, params.augment.mean, params.augment.std, params.evaluate.threshold,
+        )
+        self.train_set, self.val_loader = self._datasets()
+        self.best_loss, self.best_epoch, self.best_state, self.stale = math.inf, 0, None, 0
+
+    def _datasets(self) -> tuple[ImageDataset, torch.utils.data.DataLoader]:
+        params, data, size = self.params, self.data, self.params.model.image_size
+        root, pixels = Path(data.info.root), params.data.max_image_pixels
+        train_transform = cass_transform(size, params.augment, params.finetune.augment_strength)
+        train = ImageDataset(root, data.train["path"].tolist(), train_transform, data.y_train, pixels)
+        val = ImageDataset(root, data.val["path"].tolist(), eval_transform(size, params.augment), data.y_val, pixels)
+        workers = resolve_num_workers(params.finetune.num_workers, self.engine.device, distributed.local_world_size())
+        return train, make_loader(val, params.evaluate.batch_size, shuffle=False, num_workers=workers, seed=0,
+                                  persistent_workers=True)
+
+    def start_epoch(self, epoch: int) -> None:
+        frozen = epoch < self.params.finetune.freeze_epochs
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen or id(p) in self.head)
+        self.model.train()
+
+    def step(self, batch: Any, step: Step) -> StepOutput:
+        x, y = batch
+        with self.engine.autocast():
+            logits = self._forward(x)
+        loss = self.criterion(logits, y)
+        self.updater.backward(loss, step.divisor)
+        return StepOutput({"loss": loss})
+
+    def optimizer_step(self, step: Step) -> None:
+        self.updater.step(step.lr)
+
+    def end_epoch(self, stats: EpochStats) -> dict[str, float]:
+        started = time.perf_counter()
+        # Rank 0 validates; every rank follows its loss, so early stopping cannot diverge.
+        val_loss, val_metrics = math.nan, {"macro_f1": math.nan, "balanced_accuracy": math.nan}
+        if self.engine.main:
+            val_loss, val_metrics = _validate(self.model, self.val_loader, self.criterion, self.spec, self.engine)
+        val_loss = distributed.broadcast_float(val_loss, self.engine.device)
+        record = {
+            "epoch": stats.epoch,
+            "train_loss": stats.losses["loss"],
+            "val_loss": val_loss,
+            "val_macro_f1": val_metrics["macro_f1"],
+            "val_balanced_accuracy": val_metrics["balanced_accuracy"],
+            "lr": stats.lr,
+            "epoch_seconds": stats.seconds + time.perf_counter() - started,
+        }
+        log.info("finetune %s epoch %d: train loss %.4f, val loss %.4f, val macro F1 %.3f", self.network,
+                 stats.epoch, record["train_loss"], val_loss, record["val_macro_f1"])
+        self._keep_best(stats.epoch, val_loss)
+        return record
+
+    def _keep_best(self, epoch: int, val_loss: float) -> None:
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.stale = val_loss, epoch, 0
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        else:
+            self.stale += 1
+        if self.should_stop():
+            log.info("early stop: validation loss has not improved for %d epochs", self.stale)
+
+    def should_stop(self) -> bool:
+        return self.stale >= self.params.finetune.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        best = {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
+        return {"model": self.model.state_dict(), **self.updater.state_dict(), **best, "stale": self.stale}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updater.load_state_dict(state)
+        self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        self.best_state, self.stale = state["best_state"], int(state["stale"])
+
+    def restore_best(self) -> None:
+        """The weights of the epoch with the lowest validation loss (on every rank)."""
+        if self.best_state is None:
+            raise TrainingError(f"fine-tuning {self.network} produced no finite validation loss")
+        self.model.load_state_dict(self.best_state)
+
+    def write_outputs(self, out: FinetuneOutputs, history: list[dict[str, float]]) -> None:
+        """Weights, the spec that rebuilds the classifier, history.csv and metrics.json (rank 0)."""
+        cfg, best = self.params.finetune, history[self.best_epoch - 1]
+        out.out_dir.mkdir(parents=True, exist_ok=True)
+        # Temperature (and multi-label thresholds) fitted on the validation split: cass.calibration.
+        self.spec = calibrate_classifier(self.model, self.val_loader, self.spec, self.params.evaluate,
+                                         self.engine.device)
+        save_weights(self.model, out.weights)
+        atomic_write_text(out.spec, self.spec.to_json())
+        atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
+        summary = {
+            "network": self.network,
+            "arch": self.spec.arch,
+            "init": cfg.init,
+            "pretrain_method": self.pretrain_method,
+            "label_fraction": cfg.label_fraction,
+            "labelled_images": len(self.train_set),
+            "class_weights": cfg.class_weights,
+            "class_weight_values": [round(float(w), 6) for w in self.weights],
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(history),
+            "best_val_loss": best["val_loss"],
+            "best_val_macro_f1": best["val_macro_f1"],
+            "best_val_balanced_accuracy": best["val_balanced_accuracy"],
+            "train_seconds": sum(h["epoch_seconds"] for h in history),
+            "data_version": self.data.info.data_version,
+            "git_commit": git_commit(),
+        }
+        atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
+
+
 def finetune(
     params: Params,
     data_dir: Path,
@@ -182,209 +345,34 @@ def finetune(
     *,
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
+    resume: bool = True,
 ) -> FinetuneOutputs:
-    """Fine-tune ``network`` on the ``finetune.label_fraction`` subset; keep the best epoch's weights."""
-    cfg = params.finetune
+    """Fine-tune ``network`` on the ``finetune.label_fraction`` subset; keep the best epoch's weights.
+
+    An unfinished fine-tuning in ``out_dir`` resumes after its last epoch (``resume=False`` starts over)."""
     out = FinetuneOutputs(Path(out_dir))
-    df, info = read_manifest(Path(data_dir))
-    subset = set(read_subset(Path(data_dir), cfg.label_fraction))
-    train = df[(df["split"] == "train") & df["path"].isin(subset)]
-    val = df[df["split"] == "val"]
-    if val.empty:
-        raise DataError(f"{data_dir}: the validation split is empty; early stopping needs one (split.val > 0)")
-    classes = info.classes
-    y_train = encode_targets(label_lists(train), classes, info.multilabel)
-    y_val = encode_targets(label_lists(val), classes, info.multilabel)
-    counts = y_train.sum(axis=0) if info.multilabel else np.bincount(y_train, minlength=len(classes))
-    if cfg.class_weights == "inverse_frequency" and (counts == 0).any():
-        missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-        raise DataError(f"label-fraction subset {cfg.label_fraction:g} has no example of {missing}")
-
-    ctx = distributed.setup(resolve_device(cfg.device))
-    device = ctx.device
-    precision = resolve_precision(cfg.precision, device)
-    seed_everything(params.seed)
-    model = _initial_model(params, network, len(classes), pretrain_dir).to(device)
-    channels_last = cfg.channels_last and device.type == "cuda" and network == "cnn"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    weights = class_weights(counts.tolist(), cfg.class_weights)
-    criterion = FocalLoss(cfg.focal_gamma, cfg.focal_alpha, weights, info.multilabel).to(device)
-    # Validation loss is reported unweighted-by-batching: the mean over all validation images.
-    head = {id(p) for p in head_parameters(model)}
-    optimizer = make_optimizer(
-        cfg, [{"params": [p for p in model.parameters() if id(p) not in head]}, {"params": head_parameters(model)}]
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    # Several processes: DDP averages the gradients (frozen-backbone epochs leave parameters unused).
-    model, ddp_model = distributed.wrap(
-        model, device, sync_batchnorm=cfg.sync_batchnorm and network == "cnn", key="finetune.sync_batchnorm",
-        find_unused_parameters=cfg.freeze_epochs > 0,
-    )
-    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-
-    image_size = params.model.image_size
-    train_set = ImageDataset(
-        Path(info.root),
-        train["path"].tolist(),
-        cass_transform(image_size, params.augment, cfg.augment_strength),
-        y_train,
-        params.data.max_image_pixels,
-    )
-    val_set = ImageDataset(
-        Path(info.root),
-        val["path"].tolist(),
-        eval_transform(image_size, params.augment),
-        y_val,
-        params.data.max_image_pixels,
-    )
-    # batch_size is the global batch: each process loads its share (padded to equal shares) per epoch.
-    local_batch = distributed.local_batch_size(cfg.batch_size, "finetune.batch_size")
-    workers = resolve_num_workers(cfg.num_workers, device, distributed.local_world_size())
-    sampler = distributed.sampler(train_set, shuffle=True, seed=params.seed, drop_last=False)
-    shard = len(sampler)
-    drop_last = shard > local_batch and shard % local_batch == 1  # a last batch of one breaks BatchNorm
-    batches = shard // local_batch if drop_last else math.ceil(shard / local_batch)
-    steps_per_epoch = math.ceil(batches / cfg.accumulate)
-    schedule = cosine_schedule(cfg.lr, cfg.min_lr, steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs)
-    val_loader = make_loader(val_set, params.evaluate.batch_size, shuffle=False, num_workers=workers, seed=0,
-                             persistent_workers=True)
-
-    spec = ClassifierSpec(
-        network,
-        params.model.cnn if network == "cnn" else params.model.vit,
-        image_size,
-        classes,
-        info.multilabel,
-        params.augment.mean,
-        params.augment.std,
-        params.evaluate.threshold,
-    )
-    log.info(
-        "fine-tuning %s (%s) on %d labelled images (fraction %g), validating on %d",
-        network,
-        spec.arch,
-        len(train_set),
-        cfg.label_fraction,
-        len(val_set),
-    )
-    history: list[dict] = []
-    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
-    loaders = EpochLoader(train_set, sampler, local_batch, workers, drop_last)
-    for epoch in range(cfg.epochs):
-        frozen = epoch < cfg.freeze_epochs
-        for p in model.parameters():
-            p.requires_grad_(not frozen or id(p) in head)
-        loader = loaders.for_epoch(epoch_seed(params.seed, epoch), epoch, ctx.rank)
-        model.train()
-        started, total, seen = time.perf_counter(), 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(
-            loader,
-            desc=f"finetune {network} {epoch + 1}/{cfg.epochs}",
-            disable=None if progress and ctx.main else True,
-            leave=False,
-        )
-        for i, (x, y) in enumerate(bar):
-            group_size = min(cfg.accumulate, batches - (i // cfg.accumulate) * cfg.accumulate)
-            set_lr(optimizer, float(schedule[min(epoch * steps_per_epoch + i // cfg.accumulate, len(schedule) - 1)]))
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            last_of_group = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
-            with distributed.no_sync((ddp_model,), enabled=not last_of_group):
-                with autocast(device, precision):
-                    logits = step_model(x)
-                loss = criterion(logits, y)
-                check_finite(loss, f"fine-tuning {network}, epoch {epoch + 1}, batch {i + 1}")
-                scaler.scale(loss / group_size).backward()
-            if last_of_group:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            total += loss.item() * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-
-        totals = torch.tensor([total, seen], dtype=torch.float64, device=device)
-        distributed.all_reduce_sum(totals)
-        total, seen = float(totals[0]), int(totals[1])
-        # Rank 0 validates; every rank follows its loss, so early stopping cannot diverge.
-        val_loss, val_metrics = math.nan, {"macro_f1": math.nan, "balanced_accuracy": math.nan}
-        if ctx.main:
-            val_loss, val_metrics = _validate(model, val_loader, criterion, spec, device, precision)
-        val_loss = distributed.broadcast_float(val_loss, device)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(seen, 1),
-            "val_loss": val_loss,
-            "val_macro_f1": val_metrics["macro_f1"],
-            "val_balanced_accuracy": val_metrics["balanced_accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        log.info(
-            "finetune %s epoch %d: train loss %.4f, val loss %.4f, val macro F1 %.3f",
-            network,
-            epoch + 1,
-            record["train_loss"],
-            val_loss,
-            record["val_macro_f1"],
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch + 1, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            stale += 1
-        for cb in callbacks if ctx.main else ():
-            cb(epoch + 1, record)
-        if stale >= cfg.patience:
-            log.info("early stop: validation loss has not improved for %d epochs", stale)
-            break
-
-    if best_state is None:
-        raise TrainingError(f"fine-tuning {network} produced no finite validation loss")
-    model.load_state_dict(best_state)
-    best = history[best_epoch - 1]
-    if not ctx.main:
-        distributed.barrier()  # return once rank 0 has written the outputs
-        return out
-    out.out_dir.mkdir(parents=True, exist_ok=True)
-    spec = calibrate_classifier(model, val_loader, spec, params.evaluate, device)  # temperature, thresholds
-    save_weights(model, out.weights)
-    atomic_write_text(out.spec, spec.to_json())
-    atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
-    summary = {
-        "network": network,
-        "arch": spec.arch,
-        "init": cfg.init,
-        "pretrain_method": _pretrain_method(cfg.init, pretrain_dir),
-        "label_fraction": cfg.label_fraction,
-        "labelled_images": len(train_set),
-        "class_weights": cfg.class_weights,
-        "class_weight_values": [round(float(w), 6) for w in weights],
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "best_val_loss": best["val_loss"],
-        "best_val_macro_f1": best["val_macro_f1"],
-        "best_val_balanced_accuracy": best["val_balanced_accuracy"],
-        "train_seconds": sum(h["epoch_seconds"] for h in history),
-        "data_version": info.data_version,
-        "git_commit": git_commit(),
-    }
-    atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
-    distributed.barrier()
+    data = LabelledData.read(params, Path(data_dir))
+    engine = Engine(params.finetune, seed=params.seed, key="finetune", callbacks=callbacks, progress=progress)
+    learner = FinetuneLearner(params, engine, network, data, pretrain_dir)
+    engine.data(learner.train_set, full_batches=False)
+    log.info("fine-tuning %s (%s) on %d labelled images (fraction %g), validating on %d", network,
+             learner.spec.arch, len(learner.train_set), params.finetune.label_fraction, len(data.val))
+    checkpoint = Checkpoint(out.checkpoint, finetune_fingerprint(params, Path(data_dir), network, pretrain_dir),
+                            resume, keep=False)
+    history = engine.fit(learner, checkpoint)
+    learner.restore_best()
+    engine.finish(lambda: learner.write_outputs(out, history), checkpoint)
     return out
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader, criterion: FocalLoss, spec: ClassifierSpec, device: torch.device, precision):
+def _validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: FocalLoss, spec: ClassifierSpec,
+              engine: Engine) -> tuple[float, dict[str, Any]]:
     model.eval()
     total, n, probs, targets = 0.0, 0, [], []
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
+        x, y = x.to(engine.device), y.to(engine.device)
+        with engine.autocast():
             logits = model(x)
         logits = logits.float()
         total += criterion(logits, y).item() * len(x)  # criterion is a mean over the batch

@@ -9,17 +9,14 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from cass.config import Network
 from cass.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
-
-Role = Literal["cnn", "vit"]
-
 
 def known_models() -> list[str]:
     import timm
@@ -42,7 +39,7 @@ def check_model_name(name: str, key: str = "model") -> None:
 def create_network(
     name: str,
     num_classes: int,
-    role: Role,
+    role: Network,
     image_size: int | None = None,
     pretrained: bool = False,
     weights: str | None = None,
@@ -130,6 +127,11 @@ def _head_keys(model: nn.Module) -> set[str]:
     head = getter()
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)] for p in head.parameters() if id(p) in names}
+
+
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features before the head (timm's ``pre_logits``): what fine-tuning builds on."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def reset_head(model: nn.Module, num_classes: int) -> None:

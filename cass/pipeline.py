@@ -1,71 +1,429 @@
-"""The stages in order, with one output layout shared by the CLI, DVC and the Prefect flow."""
+"""The stages of a retraining run, declared once and in order, and the one runner that calls them.
+
+    check MLflow -> [dvc pull] -> prepare -> nothing changed? -> start MLflow run -> data gate -> [pretrain]
+      -> [tune <net>] -> fine-tune <net> -> evaluate <net> -> model gate -> log quality reports
+      -> register <net> -> promote <net> -> finish MLflow run
+
+:data:`STAGES` is that list: each :class:`Stage` names itself, says when it applies (pretraining only
+when ``finetune.init`` is ``cass``, tuning only when asked, MLflow steps only in a tracked run) and holds
+the function that runs it. :func:`run_stages` walks it, and three callers run it:
+
+- :func:`run_pipeline`: untracked, in this process (``cass demo --no-mlflow``);
+- :func:`tracked_pipeline`: MLflow runs, registration and promotion, in this process (``cass demo --no-flow``);
+- the Prefect flow ``flows/retrain.py``: the same runner with each stage a task (retries on I/O only,
+  fine-tunings side by side on a GPU).
+
+``dvc.yaml`` runs the training stages as CLI commands (``cass data prepare``, ``cass validate``, ``cass
+pretrain``, ``cass tune``, ``cass finetune``, ``cass evaluate``), which call the functions the stages here
+call. Stages hand each other plain values (paths, run ids, metrics) in a :class:`PipelineRun`, never models.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cass.config import Params
-from cass.data.demo import generate_demo
-from cass.data.prepare import prepare_data
-from cass.evaluate import evaluate
-from cass.finetune import finetune
-from cass.pretrain import pretrain
-from cass.quality import validate_manifest, validate_model, validate_splits
+from cass import tracking
+from cass.config import Network, Params
+from cass.errors import ConfigError, GateFailed, VersioningError
+from cass.layout import Layout
+from cass.retraining import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
+from cass.tracking import FinetuneRun, StageRun
+
+if TYPE_CHECKING:
+    from cass.quality import GateResult
+    from cass.registry import Candidate, PromotionResult
 
 log = logging.getLogger(__name__)
 
-NETWORKS = ("cnn", "vit")
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stage writes, under one root (``outputs/`` by default)."""
-
-    root: Path = Path("outputs")
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "pretrain"
-
-    def finetune(self, network: str) -> Path:
-        return self.root / "finetune" / network
-
-    def evaluate(self, network: str) -> Path:
-        return self.root / "evaluate" / network
-
-    def quality(self, gate: str) -> Path:
-        """Report folder of a gate (Data Docs, result.json): manifest, splits, model[/<network>]."""
-        return self.root / "quality" / gate
-
-    @property
-    def decode_cache(self) -> Path:
-        """Decode results by content hash, kept beside (not inside) the gate reports that tools may delete."""
-        return self.root / "quality" / "decode-cache.json"
+# --------------------------------------------------------------------------------------------------
+# The gates
 
 
 def ensure_demo_data(params: Params) -> None:
     """Generate the embedded demo dataset at ``data.root`` when the settings point at it."""
-    if params.data.name == "demo" and params.data.layout == "imagefolder":
-        generate_demo(Path(params.data.root), params.data.demo_images_per_class, params.data.demo_image_size)
+    from cass.data.demo import generate_demo
+
+    d = params.data
+    if d.name == "demo" and d.layout == "imagefolder":
+        generate_demo(Path(d.root), d.demo_images_per_class, d.demo_image_size, kind=d.demo_kind)
 
 
-def validate_data(params: Params, layout: Layout, on_stage: Callable[[str], None] = lambda stage: None) -> None:
+def validate_data(params: Params, layout: Layout) -> None:
     """The data gates, manifest then splits; :class:`cass.errors.GateFailed` stops the run before any training.
 
     Both run before pretraining (not only the split gate before fine-tuning): pretraining reads the splits too.
     """
-    on_stage("validate manifest")
+    from cass.quality import validate_manifest, validate_splits
+
     validate_manifest(params, layout.data, layout.quality("manifest"), cache_path=layout.decode_cache)
-    on_stage("validate splits")
     validate_splits(params, layout.data, layout.quality("splits"))
+
+
+def model_gate(params: Params, layout: Layout, network: Network, report_root: Path | None = None) -> GateResult:
+    """The model gate on ``network``'s test metrics (``<outputs>/evaluate/<network>/metrics.json``).
+
+    The one way every caller (the stages here, ``cass validate model``) applies it; the report goes to
+    ``<report_root>/<network>``, by default ``<outputs>/quality/model/<network>``. Returns the result
+    without raising: a caller decides whether a failure stops it.
+    """
+    from cass.quality import validate_model
+
+    report = (report_root or layout.quality("model")) / network
+    return validate_model(params, layout.evaluate_metrics(network), report, raise_on_failure=False)
+
+
+class ModelGateFailed(GateFailed):
+    """The model gate failed for one or more networks; ``failed`` holds each ``(network, GateResult)``."""
+
+    failed: tuple[tuple[str, GateResult], ...] = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# What the stages share
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the evaluate stage hands on: the test metrics and, in a tracked run, what registration needs."""
+
+    metrics: Mapping[str, Any]
+    candidate: Candidate | None = None
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One run of the stages: its settings, where its outputs go, and what earlier stages returned.
+
+    Frozen and made of plain values, so that a Prefect task can take it as its input; the runner hands
+    each stage the run as it stands and keeps the stage's result in a new copy.
+    """
+
+    params: Params
+    layout: Layout = Layout()
+    tracked: bool = False  # MLflow runs, then registration and promotion
+    register: bool = True
+    promote: bool = True
+    tuning: bool = False
+    force: bool = False  # train even when a completed run had the same data and settings
+    data_version: str | None = None  # a git revision whose data.dvc names the data to pull first
+    params_file: Path | None = None
+    run_tags: Mapping[str, str] = field(default_factory=dict)  # extra tags on the MLflow parent run
+    progress: bool = True  # progress bars of the training stages
+    # What the stages returned, in their order
+    run_key: str | None = None
+    earlier_run_id: str | None = None  # a completed run with the same run key: nothing to train
+    run_id: str | None = None  # the MLflow parent run
+    pretraining: StageRun | None = None
+    best_params: Mapping[Network, str] = field(default_factory=dict)
+    finetuned: Mapping[Network, FinetuneRun | None] = field(default_factory=dict)
+    evaluations: Mapping[Network, Evaluation] = field(default_factory=dict)
+    versions: Mapping[Network, str] = field(default_factory=dict)
+    promotions: Mapping[Network, PromotionResult] = field(default_factory=dict)
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        return tuple(self.params.finetune.networks)
+
+    @property
+    def pretrain_dir(self) -> Path | None:
+        """The pretrained weights fine-tuning starts from (None unless ``finetune.init`` is ``cass``)."""
+        return self.layout.pretrain if self.params.finetune.init == "cass" else None
+
+    @property
+    def pretraining_run_id(self) -> str | None:
+        return self.pretraining.run_id if self.pretraining else None
+
+    @property
+    def metrics(self) -> dict[Network, dict]:
+        """Test metrics per evaluated network."""
+        return {network: dict(e.metrics) for network, e in self.evaluations.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage functions: (run, network) -> what the stage hands on. ``network`` is None for stages that
+# run once. Tracked variants come from cass.tracking, which logs each training stage as a child run.
+
+
+def _check_tracking(run: PipelineRun, _: None) -> str:
+    """The tracking store answers (a server within mlflow.server_timeout_s) and the experiment exists."""
+    return tracking.configure(run.params.mlflow)
+
+
+def _pull_data(run: PipelineRun, _: None) -> str:
+    """The dataset of ``data_version``: its data.dvc from git, then ``dvc pull`` (a checked remote)."""
+    from cass import versioning
+
+    revision = run.data_version
+    root = versioning.project_root()
+    proc = subprocess.run(["git", "checkout", revision, "--", versioning.DATA_DVC], cwd=root, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise ConfigError(f"data_version {revision!r}: `git checkout {revision} -- {versioning.DATA_DVC}` failed: "
+                          f"{proc.stderr.strip()}; give a commit, tag or branch whose {versioning.DATA_DVC} holds it")
+    try:
+        return versioning.pull([versioning.DATA_DVC], root=root)
+    except VersioningError as exc:
+        raise VersioningError(f"data_version {revision}: {exc}") from None
+
+
+def _prepare(run: PipelineRun, _: None) -> str:
+    """Manifest, splits and subsets (the demo data is generated first); returns the run key."""
+    from cass.data.prepare import prepare_data
+
+    ensure_demo_data(run.params)
+    prepare_data(run.params, run.layout.data)
+    return run_key(run.params, run.layout.data, tuning=run.tuning)
+
+
+def _find_unchanged(run: PipelineRun, _: None) -> str | None:
+    """A completed pipeline run with the same run key (data and result-changing settings), if any."""
+    return tracking.completed_run(run.params, run.run_key)
+
+
+def _start_run(run: PipelineRun, _: None) -> str:
+    tags = {RUN_KEY_TAG: run.run_key, **run.run_tags}
+    return tracking.start_pipeline_run(run.params, run.layout, params_file=run.params_file, tags=tags)
+
+
+def _data_gate(run: PipelineRun, _: None) -> None:
+    validate_data(run.params, run.layout)
+
+
+def _pretrain(run: PipelineRun, _: None) -> StageRun | None:
+    """CASS pretraining; a tracked run reuses a finished pretraining with the same settings and data."""
+    if run.tracked:
+        return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress)
+    from cass.pretrain import pretrain
+
+    pretrain(run.params, run.layout.data, run.layout.pretrain, progress=run.progress)
+    return None
+
+
+def with_study_suffix(params: Params, key: str) -> Params:
+    """One Optuna study per run key: trials of other settings or data never mix (cass.tune refuses them)."""
+    name = f"{params.tune.study_name}-{key[:12]}"
+    return params.model_copy(update={"tune": params.tune.model_copy(update={"study_name": name})})
+
+
+def _tune(run: PipelineRun, network: Network) -> str:
+    """The Optuna search of one network; its study's MLflow run is nested under the pipeline run."""
+    from cass.tune import route_optuna_logging, tune
+
+    route_optuna_logging()
+    params = with_study_suffix(run.params, run.run_key)
+    return str(tune(params, run.layout.data, network, run.layout.tune, run.pretrain_dir, parent_run_id=run.run_id))
+
+
+def _finetune(run: PipelineRun, network: Network) -> FinetuneRun | None:
+    """Fine-tune ``network``, with the best settings tuning found when it ran."""
+    params = run.params
+    if network in run.best_params:
+        from cass.tune import apply_best_params
+
+        params = apply_best_params(params, Path(run.best_params[network]), network)
+    if run.tracked:
+        return tracking.tracked_finetune(params, run.layout, network, run.run_id, run.pretraining_run_id,
+                                         progress=run.progress)
+    from cass.finetune import finetune
+
+    finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress)
+    return None
+
+
+def _evaluate(run: PipelineRun, network: Network) -> Evaluation:
+    if run.tracked:
+        candidate = tracking.tracked_evaluate(run.params, run.layout, network, run.run_id,
+                                              run.finetuned[network], run.pretraining_run_id)
+        return Evaluation(dict(candidate.metrics), candidate)
+    from cass.evaluate import evaluate
+
+    out = evaluate(run.params, run.layout.data, run.layout.finetune(network), run.layout.evaluate(network))
+    return Evaluation(json.loads(out.metrics.read_text()))
+
+
+def _model_gate(run: PipelineRun, _: None) -> None:
+    """The model gate on every network. A failure stops a run that registers (nothing is registered or
+    promoted); a run that registers nothing only reports it."""
+    failed = [(network, result) for network in run.networks
+              if not (result := model_gate(run.params, run.layout, network)).success]
+    if not failed:
+        return
+    if run.tracked and run.register:
+        error = ModelGateFailed("\n".join(f"{network}: {r.summary()}" for network, r in failed)
+                                + "\nnothing was registered or promoted", failed[0][1])
+        error.failed = tuple(failed)
+        raise error
+    for _network, result in failed:
+        log.warning("%s", result.summary())
+
+
+def _log_quality(run: PipelineRun, _: None) -> None:
+    tracking.log_quality(run.params, run.layout, run.run_id)
+
+
+def _register(run: PipelineRun, network: Network) -> str:
+    return tracking.register_candidate(run.params, run.evaluations[network].candidate, run.run_id)
+
+
+def _promote(run: PipelineRun, network: Network) -> PromotionResult:
+    return tracking.promote_candidate(run.params, network, run.versions[network], run.run_id)
+
+
+def _finish_run(run: PipelineRun, _: None) -> None:
+    """End the parent run FINISHED; ``outcome=completed`` (what the "nothing changed" check looks for)
+    once both networks were registered and their promotion decided."""
+    outcome = {OUTCOME_TAG: COMPLETED} if run.register and run.promote else {}
+    tracking.end_pipeline_run(run.params, run.run_id, "FINISHED", outcome)
+
+
+# --------------------------------------------------------------------------------------------------
+# The list
+
+
+def _always(run: PipelineRun) -> bool:
+    return True
+
+
+def _tracked(run: PipelineRun) -> bool:
+    return run.tracked
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    ``keep`` names the :class:`PipelineRun` field that receives the result (a mapping by network for a
+    per-network stage). ``io`` steps talk to MLflow, S3 or DVC: only they are retried (by the flow), as a
+    training step that failed for a real reason would only fail again. ``parallel`` steps may run their
+    networks at the same time; ``shown`` steps get a numbered progress line (bookkeeping steps do not).
+    """
+
+    name: str
+    run: Callable[[PipelineRun, Network | None], Any]
+    keep: str | None = None
+    when: Callable[[PipelineRun], bool] = _always
+    per_network: bool = False
+    io: bool = False
+    parallel: bool = False
+    shown: bool = True
+
+    def label(self, network: Network | None) -> str:
+        return f"{self.name} {network}" if network else self.name
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("check MLflow", _check_tracking, when=_tracked, io=True, shown=False),
+    Stage("dvc pull", _pull_data, when=lambda run: bool(run.data_version), io=True),
+    Stage("prepare", _prepare, keep="run_key"),
+    Stage("find an unchanged run", _find_unchanged, keep="earlier_run_id",
+          when=lambda run: run.tracked and not run.force, io=True, shown=False),
+    Stage("start MLflow run", _start_run, keep="run_id", when=_tracked, io=True, shown=False),
+    Stage("data gate", _data_gate),
+    Stage("pretrain", _pretrain, keep="pretraining", when=lambda run: run.params.finetune.init == "cass"),
+    Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True),
+    Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True),
+    Stage("evaluate", _evaluate, keep="evaluations", per_network=True),
+    Stage("model gate", _model_gate),
+    Stage("log quality reports", _log_quality, when=_tracked, io=True, shown=False),
+    Stage("register", _register, keep="versions", when=lambda run: run.tracked and run.register,
+          per_network=True, io=True),
+    Stage("promote", _promote, keep="promotions", when=lambda run: run.tracked and run.register and run.promote,
+          per_network=True, io=True),
+    Stage("finish MLflow run", _finish_run, when=_tracked, io=True, shown=False),
+)
+
+
+def plan(run: PipelineRun) -> list[Stage]:
+    """The stages that apply to ``run``, in order."""
+    if run.tuning and not run.tracked:
+        raise ConfigError("tuning logs its trials to MLflow: run it in a tracked pipeline")
+    return [stage for stage in STAGES if stage.when(run)]
+
+
+def progress_lines(run: PipelineRun) -> list[str]:
+    """The numbered progress lines of ``run``, in order ("[4/10] fine-tune cnn")."""
+    labels = [stage.label(network) for stage in plan(run) if stage.shown for network in _networks(stage, run)]
+    return [f"[{i}/{len(labels)}] {label}" for i, label in enumerate(labels, 1)]
+
+
+def _networks(stage: Stage, run: PipelineRun) -> Sequence[Network | None]:
+    return run.networks if stage.per_network else (None,)
+
+
+# --------------------------------------------------------------------------------------------------
+# The runner
+
+
+Execute = Callable[[Stage, PipelineRun, Sequence[Network | None], Callable[[Network | None], None]], list[Any]]
+"""Runs one stage for the given networks, calling ``started(network)`` as each starts, and returns their
+results in order. The flow's runs each as a Prefect task; a ``parallel`` stage is handed all its networks
+at once, so that it may run them side by side."""
+
+
+def call(
+    stage: Stage, run: PipelineRun, networks: Sequence[Network | None], started: Callable[[Network | None], None]
+) -> list[Any]:
+    """Run a stage in this process, one network after the other."""
+    results = []
+    for network in networks:
+        started(network)
+        results.append(stage.run(run, network))
+    return results
+
+
+def run_stages(
+    run: PipelineRun, execute: Execute = call, on_stage: Callable[[str], None] = lambda line: None
+) -> PipelineRun:
+    """Run the stages of :func:`plan` in order; returns the run with every stage's result.
+
+    ``on_stage`` gets the numbered progress line of each shown step as it starts. Stops early, training
+    nothing, when a completed run had the same run key (``earlier_run_id``). Once the MLflow parent run
+    exists, any failure ends it FAILED (KILLED on Ctrl-C), with the gate reports logged when a gate
+    stopped it; nothing after the failed stage (registration, promotion) runs.
+    """
+    lines = iter(progress_lines(run))
+    try:
+        for stage in plan(run):
+            started = (lambda network: on_stage(next(lines))) if stage.shown else (lambda network: None)
+            networks = _networks(stage, run)
+            batches = [networks] if stage.parallel else [[network] for network in networks]
+            results = [result for batch in batches for result in execute(stage, run, batch, started)]
+            run = _keep(run, stage, networks, results)
+            if run.earlier_run_id is not None:  # nothing changed since a completed run: nothing to train
+                return run
+    except BaseException as exc:
+        if run.run_id is not None:
+            _end_failed(run, exc)
+        raise
+    return run
+
+
+def _keep(run: PipelineRun, stage: Stage, networks: Sequence[Network | None], results: list[Any]) -> PipelineRun:
+    if stage.keep is None:
+        return run
+    if stage.per_network:
+        return replace(run, **{stage.keep: {**getattr(run, stage.keep), **dict(zip(networks, results, strict=True))}})
+    return replace(run, **{stage.keep: results[0]})
+
+
+def _end_failed(run: PipelineRun, exc: BaseException) -> None:
+    with contextlib.suppress(Exception):  # the error that stopped the run is what the user must see
+        if isinstance(exc, GateFailed):
+            tracking.log_quality(run.params, run.layout, run.run_id)
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        tracking.end_pipeline_run(run.params, run.run_id, status)
+
+
+# --------------------------------------------------------------------------------------------------
+# The callers in this process
 
 
 def run_pipeline(
@@ -73,29 +431,40 @@ def run_pipeline(
     layout: Layout = Layout(),
     *,
     progress: bool = True,
-    on_stage: Callable[[str], None] = lambda stage: None,
-) -> dict[str, dict]:
-    """prepare -> pretrain -> fine-tune and evaluate each network; returns test metrics per network.
+    on_stage: Callable[[str], None] = lambda line: None,
+) -> dict[Network, dict]:
+    """prepare -> data gate -> pretrain -> fine-tune and evaluate each network, without MLflow; returns
+    the test metrics per network. The model gate only warns: nothing is registered after it."""
+    return run_stages(PipelineRun(params, layout, progress=progress), on_stage=on_stage).metrics
 
-    Untracked; :func:`cass.tracking.tracked_pipeline` and the Prefect flow run the same stages with MLflow.
+
+@dataclass(frozen=True)
+class TrackedPipeline:
+    run_id: str
+    results: dict[Network, dict]
+    versions: dict[Network, str]
+    promotions: dict[Network, Any]
+    pretraining: StageRun | None = None
+
+
+def tracked_pipeline(
+    params: Params,
+    layout: Layout,
+    *,
+    params_file: Path | None = None,
+    register: bool = True,
+    promote: bool = True,
+    progress: bool = True,
+    on_stage: Callable[[str], None] = lambda line: None,
+) -> TrackedPipeline:
+    """The stages logged to MLflow in this process, then registration and promotion of both networks.
+
+    The Prefect flow's code path without Prefect (and without tuning): the tracking store is checked
+    before anything is prepared, ``params.yaml`` uploaded before anything is trained, and any failure (an
+    upload that failed every retry, a gate) ends the runs FAILED before registration, so the champion is
+    untouched. Unlike the flow it always trains: it does not look for an unchanged completed run.
     """
-    on_stage("prepare")
-    ensure_demo_data(params)
-    prepare_data(params, layout.data)
-    validate_data(params, layout, on_stage)
-    pre_dir = None
-    if params.finetune.init == "cass":
-        on_stage("pretrain")
-        pre_dir = pretrain(params, layout.data, layout.pretrain, progress=progress).out_dir
-    results = {}
-    for network in params.finetune.networks:
-        on_stage(f"finetune {network}")
-        model_dir = finetune(params, layout.data, network, layout.finetune(network), pre_dir, progress=progress).out_dir
-        on_stage(f"evaluate {network}")
-        metrics_path = evaluate(params, layout.data, model_dir, layout.evaluate(network)).metrics
-        results[network] = json.loads(metrics_path.read_text())
-        # Reported only: the demo registers nothing; registration and promotion stop on this gate.
-        gate = validate_model(params, metrics_path, layout.quality("model") / network, raise_on_failure=False)
-        if not gate.success:
-            log.warning("%s", gate.summary())
-    return results
+    run = PipelineRun(params, layout, tracked=True, register=register, promote=promote, force=True,
+                      params_file=params_file, progress=progress)
+    done = run_stages(run, on_stage=on_stage)
+    return TrackedPipeline(done.run_id, done.metrics, dict(done.versions), dict(done.promotions), done.pretraining)

@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +36,18 @@ from typing import Any
 from cass import model_card
 from cass.config import MlflowConfig, Params
 from cass.errors import CassError, ConfigError
+from cass.layout import METRICS_FILE, EvaluateOutputs
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 LOCK_SUFFIX = ".promotion-lock"
 SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc")
+
+# Where a version's evaluation run keeps its test metrics: :mod:`cass.tracking` logs them there and the
+# promotion reads them back, so both sides take the path from here.
+EVALUATION_DIR = "evaluation"
+METRICS_ARTIFACT = f"{EVALUATION_DIR}/{METRICS_FILE}"
 
 
 class RegistryError(CassError):
@@ -64,8 +70,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+def finite(value: Any) -> bool:
+    """A metric value MLflow can store and a promotion can compare: a finite number, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,7 +99,7 @@ def default_gate(params: Params) -> ModelGate:
         from cass.quality import validate_model
 
         with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
-            path = Path(tmp) / "metrics.json"
+            path = EvaluateOutputs(Path(tmp)).metrics
             path.write_text(json.dumps(dict(metrics)))
             result = validate_model(params, path, Path(tmp) / "report", raise_on_failure=False)
         return GateVerdict(result.success, tuple(f.describe() for f in result.failures))
@@ -115,7 +122,7 @@ class Candidate:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if _finite(v) else "n/a"
+    return f"{v:.4f}" if finite(v) else "n/a"
 
 
 def describe_version(params: Params, candidate: Candidate) -> str:
@@ -158,7 +165,7 @@ def register(params: Params, candidate: Candidate, client=None):
     name = model_name(params.mlflow, candidate.network)
     tags = dict(candidate.tags)
     tags.update({f"test_{k}": f"{candidate.metrics[k]:.6g}" for k in SUMMARY_METRICS
-                 if _finite(candidate.metrics.get(k))})
+                 if finite(candidate.metrics.get(k))})
     try:
         mv = mlflow.register_model(candidate.model_uri, name, tags=tags)
         client.update_model_version(name, mv.version, description=describe_version(params, candidate))
@@ -170,11 +177,27 @@ def register(params: Params, candidate: Candidate, client=None):
     return mv
 
 
+def register_once(params: Params, candidate: Candidate, client=None):
+    """:func:`register`, safe to retry: a version already registered from the same evaluation run (the
+    answer lost on the way back) is found and completed, not registered twice. Returns the ModelVersion."""
+    client = client or _client()
+    name = model_name(params.mlflow, candidate.network)
+    evaluation = candidate.tags.get("evaluation_run_id")
+    done = [v for v in client.search_model_versions(f"name = '{name}'")
+            if evaluation and v.tags.get("evaluation_run_id") == evaluation]
+    if not done:
+        return register(params, candidate, client)
+    mv = done[0]
+    if not mv.description:
+        client.update_model_version(name, mv.version, description=describe_version(params, candidate))
+    if model_card.CARD_TAG not in mv.tags:  # the card failed after the version was created
+        model_card.attach(params, candidate, name, mv.version, client, describe_version(params, candidate))
+    return mv
+
+
 def version_metrics(client, name: str, version: str) -> dict:
     """The test metrics of a version: the metrics.json its evaluation run logged."""
     import mlflow
-
-    from cass.tracking import METRICS_ARTIFACT
 
     mv = client.get_model_version(name, version)
     run_id = mv.tags.get("evaluation_run_id")
@@ -329,7 +352,7 @@ def promote(
                 champion_value = version_metrics(client, name, previous).get(metric)
                 compared["champion"] = champion_value
                 value = candidate_metrics.get(metric)
-                if not (_finite(value) and _finite(champion_value)):
+                if not (finite(value) and finite(champion_value)):
                     refusal = f"{metric} is missing (candidate {value}, champion {champion_value})"
                 elif value - champion_value < cfg.promotion_margin:
                     refusal = (
@@ -391,6 +414,20 @@ def rollback(name: str, params: Params, *, reason: str, client=None) -> Promotio
                                            "restore_reason": reason.strip(), "restored_by": _user()})
     log.info("%s: champion rolled back v%s -> v%s", name, current, previous)
     return PromotionResult(name, previous, True, previous, current, f"rollback: {reason.strip()}")
+
+
+def champions(cfg: MlflowConfig, networks: Sequence[str], client=None) -> dict[str, str | None]:
+    """Each network's champion as ``<name> v<version>``; None where the model or its champion does not exist."""
+    client = client or _client()
+    found: dict[str, str | None] = {}
+    for network in networks:
+        name = model_name(cfg, network)
+        try:
+            version = _champion(client, name)
+        except RegistryError:
+            version = None
+        found[network] = f"{name} v{version}" if version else None
+    return found
 
 
 def latest_version(name: str, client=None) -> str:

@@ -5,9 +5,11 @@ every image's sha256, label and split) and every setting that changes a result; 
 as the tag ``run_key`` on its MLflow parent run, and ``outcome=completed`` once the models are registered
 and the promotion decided. A scheduled run whose key matches such a finished run trains nothing.
 
-Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretrain`):
+Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretraining`):
 when the checkpoint on disk has finished with the current fingerprint and an MLflow run recorded that
 fingerprint, a run with, say, another fine-tuning learning rate reuses it instead of training again.
+
+The decisions and the searches they need are here; :mod:`cass.tracking` runs the searches in MLflow.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import Params, params_to_flat_dict
-from cass.data.manifest import MANIFEST_FILE
+from cass.layout import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,65 +68,32 @@ def run_key(params: Params, data_dir: Path, *, tuning: bool) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _experiment_id(params: Params) -> str | None:
-    import mlflow
-
-    experiment = mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)
-    return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
+def completed_run_filter(key: str) -> str:
+    """The MLflow search for a finished pipeline run with this run key whose models were registered."""
+    return f"tags.{RUN_KEY_TAG} = '{key}' and tags.{OUTCOME_TAG} = '{COMPLETED}' and attributes.status = 'FINISHED'"
 
 
-def _latest_run(params: Params, filter_string: str):
-    import mlflow
-
-    experiment_id = _experiment_id(params)
-    if experiment_id is None:
-        return None
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0] if runs else None
-
-
-def find_completed_run(params: Params, key: str):
-    """The latest finished pipeline run with this run key whose models were registered; None if there is none.
-
-    Call after :func:`cass.tracking.configure_client`."""
-    return _latest_run(
-        params,
-        f"tags.{RUN_KEY_TAG} = '{key}' and tags.{OUTCOME_TAG} = '{COMPLETED}' and attributes.status = 'FINISHED'",
-    )
+def pretraining_filter(fingerprint: str) -> str:
+    """The MLflow search for a finished pretraining run that recorded this fingerprint."""
+    return f"tags.{PRETRAIN_FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'"
 
 
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
     """What the pretraining checkpoint depends on (the fingerprint :func:`cass.pretrain.pretrain` resumes by)."""
-    from cass.pretrain import _fingerprint
+    from cass.pretraining import pretrain_fingerprint as fingerprint
 
-    return _fingerprint(params, Path(data_dir))
+    return fingerprint(params, Path(data_dir))
 
 
 def finished_checkpoint(params: Params, data_dir: Path, pretrain_dir: Path) -> bool:
     """True when ``pretrain_dir`` holds the weights of a pretraining that finished with the current settings."""
-    from cass.pretrain import CHECKPOINT, PretrainOutputs
+    from cass.layout import PretrainOutputs
     from cass.training import load_checkpoint
 
     out = PretrainOutputs(Path(pretrain_dir))
-    checkpoint = out.out_dir / CHECKPOINT
+    checkpoint = out.checkpoint
     if not all(p.is_file() for p in (checkpoint, out.cnn, out.vit, out.networks, out.metrics)):
         return False
     state = load_checkpoint(checkpoint)
     done = int(state.get("epoch", -1)) + 1
     return state.get("fingerprint") == pretrain_fingerprint(params, data_dir) and done >= params.pretrain.epochs
-
-
-def reusable_pretraining(params: Params, data_dir: Path, pretrain_dir: Path) -> str | None:
-    """The MLflow run of the finished pretraining on disk, when the current settings would train the same.
-
-    None when the checkpoint is missing, unfinished or made with other settings or data, or when no
-    finished run recorded its fingerprint (then the stage runs: it resumes, and logs a run)."""
-    if not finished_checkpoint(params, data_dir, pretrain_dir):
-        return None
-    fingerprint = pretrain_fingerprint(params, data_dir)
-    run = _latest_run(
-        params, f"tags.{PRETRAIN_FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'"
-    )
-    return None if run is None else run.info.run_id

@@ -138,14 +138,16 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
     applies (temperature, multi-label thresholds) is recorded in the MLmodel file's metadata too.
     """
     import cass
-    from cass.finetune import SPEC_FILE, WEIGHTS_FILE, ClassifierSpec
+    from cass.finetune import ClassifierSpec
+    from cass.layout import FinetuneOutputs
 
-    spec = ClassifierSpec.from_file(Path(model_dir) / SPEC_FILE)
+    out = FinetuneOutputs(Path(model_dir))
+    spec = ClassifierSpec.from_file(out.spec)
     with tempfile.TemporaryDirectory(prefix="cass-model-") as tmp:
         staged = Path(tmp) / CLASSIFIER_ARTIFACT
         staged.mkdir()
-        for file in (SPEC_FILE, WEIGHTS_FILE):
-            shutil.copy2(Path(model_dir) / file, staged / file)
+        for file in (out.spec, out.weights):
+            shutil.copy2(file, staged / file.name)
         code = Path(tmp) / "cass_classifier.py"
         code.write_text(_MODEL_CODE)
         package = Path(tmp) / "cass"

@@ -6,8 +6,7 @@ import contextlib
 import math
 import os
 import random
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from cass.config import TrainerConfig
 from cass.errors import ConfigError, TrainingError
+from cass.io import atomic_path
 
 EpochCallback = Callable[[int, Mapping[str, float]], None]
 """Called after every epoch with (epoch, metrics); MLflow logging and Optuna pruning plug in here."""
@@ -119,6 +119,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Step the parameters (through the fp16 loss scaler), then zero the gradients: the public CASS
+    notebook never zeroed them, so they accumulated over the whole run."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(
@@ -129,20 +137,6 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -31,11 +31,21 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cass.config import CategoricalSpec, FloatSpec, IntSpec, Params, TuneConfig, params_from_mapping
-from cass.data.manifest import atomic_write_text
+from cass.config import (
+    CategoricalSpec,
+    FloatSpec,
+    IntSpec,
+    MlflowConfig,
+    Network,
+    Params,
+    TuneConfig,
+    params_from_mapping,
+)
 from cass.errors import CassError, ConfigError, TrainingError
-from cass.finetune import Network, finetune
-from cass.tracking import redact
+from cass.finetune import finetune
+from cass.io import atomic_write_text
+from cass.layout import best_params_path, optuna_storage_file
+from cass.tracking import Lineage, RunLogger, configure, redact, run_tags
 from cass.training import EpochCallback
 
 if TYPE_CHECKING:
@@ -44,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "CASS_TUNE_STORAGE"
-STORAGE_FILE = "optuna_{network}.db"  # one file per network: one DVC output per tune stage
 SETTINGS_ATTR = "cass_settings"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
@@ -76,10 +85,6 @@ def study_name(cfg: TuneConfig, network: str) -> str:
     return f"{cfg.study_name}-{network}"
 
 
-def best_params_path(out_dir: Path, network: str) -> Path:
-    return Path(out_dir) / f"best_{network}.yaml"
-
-
 def resolve_storage(params: Params, out_dir: Path, network: str, storage: str | None = None) -> str:
     """The study's database URL: ``storage`` (--storage), then $CASS_TUNE_STORAGE, then tune.storage,
     else a SQLite file per network under ``out_dir``. Keep passwords in the variable, not in params.yaml."""
@@ -87,7 +92,7 @@ def resolve_storage(params: Params, out_dir: Path, network: str, storage: str | 
     if url:
         return url
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(Path(out_dir) / STORAGE_FILE.format(network=network)).resolve()}"
+    return f"sqlite:///{optuna_storage_file(out_dir, network).resolve()}"
 
 
 def database_url(url: str) -> str:
@@ -210,45 +215,36 @@ class _SurplusTrial(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# MLflow
+# MLflow: one run per study, a nested run per trial. Each is a RunLogger addressed by id (no active-run
+# state), so worker processes and Optuna's stale-trial callback log side by side.
 
 
-class _Tracker:
-    """One parent run per study, one child run per trial. Runs are addressed by id through the client
-    API (no active-run state), so worker processes and the heartbeat thread can log side by side."""
+@dataclass(frozen=True)
+class _Runs:
+    """Where a study's runs go and the lineage tags they carry, looked up once per worker."""
 
-    def __init__(self, params: Params) -> None:
-        from mlflow import MlflowClient
+    cfg: MlflowConfig
+    experiment_id: str
+    lineage: Lineage
 
+    @classmethod
+    def open(cls, params: Params) -> _Runs:
         from cass.lineage import data_version, git_commit
-        from cass.tracking import Lineage, configure, tracking_uri
 
-        self.experiment_id = configure(params.mlflow)  # checks a server answers before any trial
-        self.client = MlflowClient(tracking_uri=tracking_uri(params.mlflow))
-        self.lineage = Lineage(
-            params.data.name, params.finetune.label_fraction, git_commit(), data_version(params.data.root)
-        )
+        experiment_id = configure(params.mlflow)  # checks a server answers before any trial
+        data = params.data
+        return cls(params.mlflow, experiment_id,
+                   Lineage(data.name, params.finetune.label_fraction, git_commit(), data_version(data.root)))
 
-    def _log_params(self, run_id: str, params: Params) -> None:
-        from mlflow.entities import Param
-
-        from cass.tracking import loggable_params
-
-        items = [Param(k, v[:6000]) for k, v in loggable_params(params).items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
-            self.client.log_batch(run_id, params=items[i : i + 100])
-
-    def start_study(self, params: Params, network: str, name: str, url: str) -> str:
-        from cass.tracking import run_tags
-
+    def study(self, params: Params, network: str, name: str, url: str) -> RunLogger:
         tags = run_tags(self.lineage.tags(network, stage="tune", study=name, storage=redact(url)))
-        run = self.client.create_run(self.experiment_id, run_name=f"tune-{name}", tags=tags)
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+        run = RunLogger.create(self.cfg, self.experiment_id, f"tune-{name}", tags)
+        run.params(params)
+        return run
 
-    def start_trial(
+    def trial(
         self, parent: str, trial: optuna.Trial, network: str, settings: Params, retry_of: int | None
-    ) -> str:
+    ) -> RunLogger:
         tags = self.lineage.tags(
             network,
             stage="tune-trial",
@@ -257,33 +253,17 @@ class _Tracker:
             worker=f"{socket.gethostname()}:{os.getpid()}",
             retry_of=None if retry_of is None else str(retry_of),
         )
-        tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, run_name=f"{network}-trial-{trial.number}", tags=tags)
-        self._log_params(run.info.run_id, settings)
-        return run.info.run_id
+        run = RunLogger.create(self.cfg, self.experiment_id, f"{network}-trial-{trial.number}", tags, parent)
+        run.params(settings)
+        return run
 
-    def log_epoch(self, run_id: str, epoch: int, record: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
 
-        from cass.tracking import metric_key, numeric_items
-
-        now = int(time.time() * 1000)
-        values = numeric_items({k: v for k, v in record.items() if k != "epoch"})
-        self.client.log_batch(run_id, metrics=[Metric(metric_key(k), v, now, epoch) for k, v in values.items()])
-
-    def end_trial(self, run_id: str, state: str, objective: str, value: float | None) -> None:
-        self.client.set_tag(run_id, "trial_state", state)
-        if value is not None:
-            self.client.log_metric(run_id, f"best_{objective}", value)
-        status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
-        self.client.set_terminated(run_id, status)
-
-    def end_study(self, run_id: str, summary: Mapping[str, float], best_file: Path | None, status: str) -> None:
-        for key, value in summary.items():
-            self.client.log_metric(run_id, key, value)
-        if best_file is not None:
-            self.client.log_artifact(run_id, str(best_file))
-        self.client.set_terminated(run_id, status)
+def _end_trial(run: RunLogger, state: str, objective: str, value: float | None) -> None:
+    """Record how the trial ended (``trial_state``: complete, pruned, failed, interrupted) and its best value."""
+    run.tags({"trial_state": state})
+    if value is not None:
+        run.metrics({f"best_{objective}": value})
+    run.finish({"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,10 +274,10 @@ class _OnStaleTrial:
     """Called by the live worker that finds a trial whose worker stopped beating: the trial is already
     failed by Optuna; mark its MLflow run failed too and queue the same settings again."""
 
-    def __init__(self, max_retry: int, tracker: _Tracker) -> None:
+    def __init__(self, max_retry: int, cfg: MlflowConfig) -> None:
         self.storage_kwarg, self._retry = _retry_callback(max_retry)
         self._max_retry = max_retry
-        self._tracker = tracker
+        self._cfg = cfg
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         retried = len(trial.system_attrs.get("retry_history", []))
@@ -306,7 +286,7 @@ class _OnStaleTrial:
         run_id = trial.user_attrs.get(RUN_ATTR)
         if run_id:
             try:
-                self._tracker.end_trial(run_id, "failed", "", None)
+                _end_trial(RunLogger(self._cfg, run_id), "failed", "", None)
             except Exception as exc:  # the re-queue matters more than the run's status
                 log.warning("could not mark MLflow run %s of trial %d failed: %s", run_id, trial.number, exc)
         self._retry(study, trial)
@@ -360,7 +340,7 @@ def _settings(params: Params) -> dict[str, Any]:
 @dataclass
 class _OpenStudy:
     study: optuna.Study
-    tracker: _Tracker
+    runs: _Runs
     parent_run_id: str
 
 
@@ -371,10 +351,10 @@ def _open_study(params: Params, network: str, url: str, worker_index: int) -> _O
 
     cfg = params.tune
     name = study_name(cfg, network)
-    tracker = _Tracker(params)
+    runs = _Runs.open(params)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     seed = (params.seed if cfg.seed is None else cfg.seed) + worker_index
-    on_stale = _OnStaleTrial(cfg.max_retry, tracker)
+    on_stale = _OnStaleTrial(cfg.max_retry, params.mlflow)
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in name only (since Optuna 2.9)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -417,9 +397,9 @@ def _open_study(params: Params, network: str, url: str, worker_index: int) -> _O
         )
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent is None:
-        parent = tracker.start_study(params, network, name, url)
+        parent = runs.study(params, network, name, url).run_id
         study.set_user_attr(PARENT_RUN_ATTR, parent)
-    return _OpenStudy(study, tracker, parent)
+    return _OpenStudy(study, runs, parent)
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: FloatSpec | IntSpec | CategoricalSpec) -> Any:
@@ -461,13 +441,12 @@ class _Objective:
         values = {name: _suggest(trial, name, spec) for name, spec in cfg.space.items()}
         fixed = {} if cfg.epochs is None else {"epochs": cfg.epochs}
         settings = trial_params(self.params, {**values, **fixed}, f"tune trial {trial.number}")
-        tracker = self.opened.tracker
-        run_id = tracker.start_trial(self.opened.parent_run_id, trial, self.network, settings, retry_of)
-        trial.set_user_attr(RUN_ATTR, run_id)
+        run = self.opened.runs.trial(self.opened.parent_run_id, trial, self.network, settings, retry_of)
+        trial.set_user_attr(RUN_ATTR, run.run_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
         def report(epoch: int, record: Mapping[str, float]) -> None:
-            tracker.log_epoch(run_id, epoch, record)
+            run.epoch(epoch, record)
             value = float(record[cfg.objective])
             trial.report(value, epoch)
             if trial.should_prune():
@@ -499,7 +478,7 @@ class _Objective:
             trial.set_user_attr(INTERRUPTED_ATTR, True)
             raise
         finally:
-            tracker.end_trial(run_id, state, cfg.objective, value)
+            _end_trial(run, state, cfg.objective, value)
 
 
 def _work(opened: _OpenStudy, objective: _Objective, cfg: TuneConfig) -> int:
@@ -637,16 +616,20 @@ def tune(
     workers: int = 1,
     storage: str | None = None,
     callbacks: Sequence[EpochCallback] = (),
+    parent_run_id: str | None = None,
 ) -> Path:
     """Search the fine-tuning settings of ``network``; returns the best-parameters file.
 
     Creates (or resumes) the study ``<tune.study_name>-<network>``, runs its trials with ``workers``
     processes here (other machines may join with :func:`run_worker`), then writes
-    ``<out_dir>/best_<network>.yaml`` from the best complete trial."""
+    ``<out_dir>/best_<network>.yaml`` from the best complete trial. ``parent_run_id``: the MLflow run
+    (a pipeline's) that the study's run is nested under."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {workers})")
     url = resolve_storage(params, out_dir, network, storage)
     opened = _open_study(params, network, url, worker_index=0)
+    if parent_run_id:
+        RunLogger(params.mlflow, opened.parent_run_id).tags({"mlflow.parentRunId": parent_run_id})
     log.info(
         "tuning %s: study %s in %s, %d trials", network, opened.study.study_name, redact(url), params.tune.n_trials
     )
@@ -680,7 +663,11 @@ def _end_study(opened: _OpenStudy, cfg: TuneConfig, best_file: Path | None, stat
     if progress.complete:
         summary[f"best_{cfg.objective}"] = opened.study.best_value
         summary["best_trial"] = opened.study.best_trial.number
-    opened.tracker.end_study(opened.parent_run_id, summary, best_file, status)
+    run = RunLogger(opened.runs.cfg, opened.parent_run_id)
+    run.metrics(summary)
+    if best_file is not None:
+        run.artifact(best_file)
+    run.finish(status)
 
 
 def best_params_by_network(files: Sequence[Path], networks: Sequence[str]) -> dict[str, Path]:

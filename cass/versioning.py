@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from urllib.parse import urlparse
 import yaml
 
 from cass.errors import DataError, VersioningError
+from cass.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,16 @@ DATA_DVC = "data.dvc"
 LOCK_FILE = "dvc.lock"
 DEFAULT_REMOTE = "store"
 AWS_S3_ENDPOINT = "https://s3.amazonaws.com"
-# Keys that describe one particular dataset; `track_dataset` drops them unless they are given again.
+# Keys that describe one particular dataset; `track_dataset` drops them unless they are given again. (The
+# registered layouts' own settings, cass.data.layouts, are among them: see `_dataset_keys`.)
 DATASET_KEYS = ("csv", "medmnist_file", "group_column", "classes")
+
+
+def _dataset_keys() -> tuple[str, ...]:
+    from cass.data.layouts import get_layout, layout_names
+
+    layout_keys = [key for name in layout_names() for key in get_layout(name).settings]
+    return tuple(dict.fromkeys((*DATASET_KEYS, *layout_keys)))
 
 NO_REMOTE_HELP = """no DVC remote is configured, so there is nowhere to push to or pull from. Configure one:
   cass data remote s3://BUCKET/cass                                   # AWS S3
@@ -115,9 +123,10 @@ class TrackedDataset:
     md5: str  # the data version
     nfiles: int
     size: int
-    images: int | None  # None when the layout was not listed before tracking (medmnist)
+    images: int
     classes: tuple[str, ...]
     copied: bool
+    model_prefix: str = ""  # registered models will be <model_prefix>-cnn / -vit
 
 
 def dvc_out(dvc_file: Path) -> dict[str, Any]:
@@ -142,20 +151,17 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _list_layout(raw: Mapping[str, Any], source: Path) -> tuple[int | None, tuple[str, ...]]:
-    """Read the dataset the way `cass data prepare` will (file list and labels, no decoding)."""
+def _list_layout(raw: Mapping[str, Any], source: Path) -> tuple[int, tuple[str, ...]]:
+    """Read the dataset as `cass data prepare` will, through its registered layout: every image and label,
+    every referenced file checked to exist, nothing decoded or written. Every problem is reported at once."""
     from cass.config import params_from_mapping
-    from cass.data.prepare import load_layout
+    from cass.data.layouts import get_layout
+    from cass.data.problems import Problems
 
     params = params_from_mapping({**raw, "data": {**raw.get("data", {}), "root": str(source)}}, "dataset settings")
-    if params.data.layout == "medmnist":
-        assert params.data.medmnist_file is not None  # guaranteed by DataConfig validation
-        npz = source / params.data.medmnist_file
-        if not npz.is_file():
-            raise DataError(f"{npz}: MedMNIST file not found (data.medmnist_file is relative to the dataset folder)")
-        return None, params.data.classes or ()
-    with tempfile.TemporaryDirectory() as work:
-        result = load_layout(params, Path(work))
+    problems = Problems()
+    result = get_layout(params.data.layout).list_files(params.data, problems)
+    problems.raise_if_any(f"{source}: not added (nothing was copied, tracked or written)")
     if result.rows.empty:
         raise DataError(f"{source}: no images found for layout {params.data.layout!r}")
     return len(result.rows), result.classes
@@ -205,11 +211,16 @@ def track_dataset(
     rel_path = dest.relative_to(root).as_posix()
 
     data = dict(raw.get("data") or {})
+    dataset_keys = _dataset_keys()
     if data.get("root") != rel_path:  # another dataset: its CSV columns, class list... do not apply
-        data = {k: v for k, v in data.items() if k not in DATASET_KEYS}
+        data = {k: v for k, v in data.items() if k not in dataset_keys}
+    old_name = str(data.get("name", "demo"))
     data.update(name=name, root=rel_path, layout=layout)
     new_raw = apply_overrides({**raw, "data": data}, overrides)
-    params_from_mapping(new_raw, f"{params_path} with the new dataset")  # reject bad settings before any copy
+    mlflow_section = _model_prefix_update(raw, old_name, name)
+    if mlflow_section is not None:
+        new_raw["mlflow"] = mlflow_section
+    checked = params_from_mapping(new_raw, f"{params_path} with the new dataset")  # bad settings: before any copy
     images, classes = _list_layout(new_raw, src)
 
     copied = False
@@ -233,20 +244,25 @@ def track_dataset(
     previous = dvc_file.read_text() if dvc_file.is_file() else None
     try:
         if previous is None or dvc_out(dvc_file).get("path") != rel_path:
-            _atomic_write(dvc_file, f"outs:\n- path: {rel_path}\n")
+            atomic_write_text(dvc_file, f"outs:\n- path: {rel_path}\n")
         log.info("hashing %s into the DVC cache", rel_path)
         _dvc_checked(root, "commit", "--force", DATA_DVC, what=f"tracking {rel_path} in {DATA_DVC}")
     except BaseException:
         if previous is None:
             dvc_file.unlink(missing_ok=True)
         else:
-            _atomic_write(dvc_file, previous)
+            atomic_write_text(dvc_file, previous)
         if copied:
             shutil.rmtree(dest, ignore_errors=True)
         elif move and not inside:
             shutil.move(str(dest), str(src))
         raise
-    _write_params(params_path, data_section=new_raw["data"], drop=[k for k in DATASET_KEYS if k not in new_raw["data"]])
+    _write_params(
+        params_path,
+        data_section=new_raw["data"],
+        drop=[k for k in dataset_keys if k not in new_raw["data"]],
+        mlflow_section=mlflow_section,
+    )
     out = dvc_out(dvc_file)
     return TrackedDataset(
         path=rel_path,
@@ -256,17 +272,36 @@ def track_dataset(
         images=images,
         classes=tuple(classes),
         copied=copied or (move and not inside),
+        model_prefix=checked.mlflow.model_prefix,
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from cass.data.manifest import atomic_write_text
+def _model_prefix_update(raw: Mapping[str, Any], old_name: str, new_name: str) -> dict[str, Any] | None:
+    """Registered model names must follow the dataset, or a new dataset's model becomes a version of the old
+    one's. ``mlflow.model_prefix: auto`` (the default) does that; a prefix spelled as the old dataset's auto
+    value (``cass-demo``) is turned into ``auto`` (returned: the new mlflow section); any other prefix was
+    chosen on purpose and is kept, with a warning."""
+    section = dict(raw.get("mlflow") or {})
+    prefix = section.get("model_prefix", "auto")
+    if prefix == "auto" or new_name == old_name:
+        return None
+    if prefix == f"cass-{old_name}":
+        log.warning("mlflow.model_prefix %s named the models of dataset %r; set to auto (cass-%s)", prefix,
+                    old_name, new_name)
+        section["model_prefix"] = "auto"
+        return section
+    log.warning(
+        "mlflow.model_prefix is %r (set in params.yaml), so the models of dataset %r are registered as %s-cnn / "
+        "%s-vit like those of the previous dataset %r; set mlflow.model_prefix: auto to name them cass-%s-*",
+        prefix, new_name, prefix, prefix, old_name, new_name,
+    )
+    return None
 
-    atomic_write_text(path, text)
 
-
-def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[str]) -> None:
-    """Update the ``data`` section of params.yaml in place, keeping its comments and layout."""
+def _write_params(
+    path: Path, data_section: Mapping[str, Any], drop: Iterable[str], mlflow_section: Mapping[str, Any] | None = None
+) -> None:
+    """Update the ``data`` section (and ``mlflow.model_prefix``) of params.yaml in place, keeping its comments."""
     import io
 
     from ruamel.yaml import YAML  # installed with dvc, which edits params.yaml the same way for `exp run -S`
@@ -281,6 +316,13 @@ def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[st
     section = doc["data"]
     changes = [key for key in drop if key in section]
     changes += [key for key, value in data_section.items() if section.get(key) != value]
+    prefix = (mlflow_section or {}).get("model_prefix")
+    if prefix is not None:
+        if doc.get("mlflow") is None:
+            doc["mlflow"] = {}
+        if doc["mlflow"].get("model_prefix") != prefix:
+            doc["mlflow"]["model_prefix"] = prefix
+            changes.append("mlflow.model_prefix")
     if not changes:
         return
     for key in drop:
@@ -290,7 +332,7 @@ def _write_params(path: Path, data_section: Mapping[str, Any], drop: Iterable[st
             section[key] = value
     buf = io.StringIO()
     rt.dump(doc, buf)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def _write(folder: Path, text: str) -> Path:
 def test_model_gate_ece_ceiling(tmp_path: Path, tiny_params: Params) -> None:
     from cass.quality import validate_model
 
-    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9, "ece": 0.12,
+    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "accuracy": 0.8, "macro_auroc": 0.9, "ece": 0.12,
                "per_class": {"a": {"recall": 0.9}, "b": {"recall": 0.8}}}
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(metrics))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,152 @@ def test_demo_end_to_end_through_the_console_script(tmp_path: Path, demo_root: P
         metrics = json.loads((tmp_path / "out" / "evaluate" / net / "metrics.json").read_text())
         assert 0.0 <= metrics["macro_f1"] <= 1.0
         assert (tmp_path / "out" / "evaluate" / net / "confusion_matrix.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The parser: one handler per command, one --network
+
+
+def _leaves(parser, name: str = ""):
+    subs = list(_subparsers(parser))
+    if not subs:
+        yield name, parser
+    for sub_name, sub in subs:
+        yield from _leaves(sub, f"{name} {sub_name}".strip())
+
+
+def test_every_command_runs_a_handler() -> None:
+    for name, parser in _leaves(build_parser()):
+        assert callable(parser.get_default("func")), f"`cass {name}` has no handler"
+
+
+def test_network_choices_come_from_the_network_type() -> None:
+    from cass.config import NETWORKS
+
+    for name, parser in _leaves(build_parser()):
+        network = next((a for a in parser._actions if "--network" in a.option_strings), None)
+        if network is None:
+            continue
+        if name in ("promote", "rollback"):  # one registered model: no "both", no default
+            assert (list(network.choices), network.default) == (list(NETWORKS), None), name
+        else:
+            assert (list(network.choices), network.default) == ([*NETWORKS, "both"], "both"), name
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["promote", "--network", "both"])
+    assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings read once: flags that set a setting are typed updates, validated like --set
+
+
+def test_flag_that_sets_a_setting_is_rejected_like_set_naming_the_key(
+    tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    params = _write_params(tmp_path, demo_root)
+    common = ["tune", "--network", "cnn", "--params", str(params), "--outputs", str(tmp_path / "out")]
+    assert main([*common, "--n-trials", "0"]) == 2
+    by_flag = capsys.readouterr().err
+    assert main([*common, "--set", "tune.n_trials=0"]) == 2
+    by_set = capsys.readouterr().err
+    line = "  - tune.n_trials: Input should be greater than or equal to 1 (got 0)"
+    assert line in by_flag.splitlines() and line in by_set.splitlines()
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_setting_updates_apply_after_set_through_the_same_validation(tmp_path: Path, demo_root: Path) -> None:
+    from cass.cli.settings import apply_updates, load_settings
+    from cass.config import load_params
+    from cass.errors import ConfigError
+
+    params = _write_params(tmp_path, demo_root)
+    got = load_settings(params, ["tune.n_trials=3", "pretrain.epochs=2"],
+                        {"tune.n_trials": 4, "tune.timeout": 30.0, "pretrain.method": "dino"})
+    expected = load_params(params, ["pretrain.epochs=2", "tune.n_trials=4", "tune.timeout=30.0",
+                                    "pretrain.method=dino"])
+    assert got == expected and got.tune.n_trials == 4 and got.pretrain.method == "dino"
+
+    with pytest.raises(ConfigError, match=r"pretrain\.method: Input should be 'cass' or 'dino' \(got 'byol'\)"):
+        load_settings(params, [], {"pretrain.method": "byol"})
+    with pytest.raises(ConfigError, match=r"pretrain\.epoch: unknown key; did you mean 'epochs'\?"):
+        load_settings(params, [], {"pretrain.epoch": 2})
+    with pytest.raises(ConfigError, match="pretrain.epochs.x: 'epochs' is a value, not a section"):
+        apply_updates({"pretrain": {"epochs": 1}}, {"pretrain.epochs.x": 1})
+    raw = {"pretrain": {"epochs": 1}, "tune": {"n_trials": 2}}
+    assert apply_updates(raw, {"pretrain.epochs": 5, "split.seed": 3}) == {
+        "pretrain": {"epochs": 5}, "tune": {"n_trials": 2}, "split": {"seed": 3}}
+    assert raw == {"pretrain": {"epochs": 1}, "tune": {"n_trials": 2}}  # the caller's mapping is left as it was
+
+
+# --------------------------------------------------------------------------------------------------
+# Light commands start without the heavy libraries
+
+_IMPORTS = """
+import sys
+from cass.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = ("torch", "mlflow", "prefect", "optuna", "great_expectations")
+print(code, *sorted(name for name in heavy if name in sys.modules))
+"""
+
+
+def _heavy_imports(argv: list[str], cwd: Path) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS, *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    code, *heavy = proc.stdout.splitlines()[-1].split()
+    assert code == "0", proc.stdout + proc.stderr
+    return heavy
+
+
+def test_light_commands_do_not_import_torch_mlflow_or_prefect(tmp_path: Path, demo_root: Path,
+                                                              prepared_dir: Path) -> None:
+    params = _write_params(tmp_path, demo_root)
+    settings = ["--params", str(params), "--outputs", str(prepared_dir.parent)]
+    for argv in (["--help"], ["data", "show", *settings], ["data", "verify", "--help"], ["promote", "--help"],
+                 ["demo", "--help"]):
+        assert _heavy_imports(argv, tmp_path) == [], argv
+    assert _heavy_imports(["models", "test_vit"], tmp_path) == ["torch"]  # timm's registry needs torch, no more
+    proc = subprocess.run([sys.executable, "-m", "cass.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: cass" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's temporary Prefect server
+
+
+def test_demo_waits_for_its_prefect_server_unless_told_how_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.demo import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SETTING, prefect_environment
+
+    environ: dict[str, str] = {}
+    prefect_environment(quiet=True, environ=environ)
+    assert environ[STARTUP_TIMEOUT_SETTING] == str(STARTUP_TIMEOUT_S) == "600"
+    assert environ["PREFECT_HOME"].endswith(".prefect") and environ["PREFECT_LOGGING_LEVEL"] == "WARNING"
+    environ = {STARTUP_TIMEOUT_SETTING: "45"}
+    prefect_environment(quiet=False, environ=environ)
+    assert environ[STARTUP_TIMEOUT_SETTING] == "45" and "PREFECT_LOGGING_LEVEL" not in environ
+    environ = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}  # a real server: nothing temporary to wait for
+    prefect_environment(quiet=False, environ=environ)
+    assert STARTUP_TIMEOUT_SETTING not in environ and "PREFECT_HOME" not in environ
+
+    # The name is the one Prefect reads (a renamed setting would be ignored silently).
+    from prefect.settings import Settings
+
+    monkeypatch.setenv(STARTUP_TIMEOUT_SETTING, "600")
+    assert Settings().server.ephemeral.startup_timeout_seconds == 600
+
+
+def test_demo_says_what_to_do_when_its_prefect_server_never_answers(tmp_path: Path, demo_root: Path) -> None:
+    params = _write_params(tmp_path, demo_root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    exe = Path(sys.executable).parent / "cass"
+    proc = subprocess.run([str(exe), "demo", "--params", str(params), "--outputs", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: the temporary local Prefect server did not answer within 0 s" in proc.stderr, proc.stderr
+    assert "PREFECT_API_URL=" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "pretrain").exists()

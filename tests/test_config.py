@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cass.config import load_params, params_from_mapping, params_to_flat_dict
+from cass.config import apply_overrides, load_params, params_from_mapping, params_to_flat_dict, read_params_file
 from cass.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +78,72 @@ def test_flat_dict_has_dotted_keys() -> None:
     assert flat["pretrain.lr"] == 1e-3
     assert flat["model.cnn"] == "resnet50"
     assert flat["split.label_fractions"] == [0.01, 0.1, 1.0]
+
+
+FLOAT_KEYS = ["finetune.lr", "pretrain.min_lr", "pretrain.anti_collapse_weight", "evaluate.threshold"]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_rejected_in_every_setting(key: str, value: str) -> None:
+    # Guards: a non-finite number passed validation and stopped training later with a non-finite loss.
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", [f"{key}={value}"])
+    assert key in str(err.value) and "finite" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings the dataset implies (issue 18)
+
+
+def test_registered_model_names_follow_the_dataset_unless_set() -> None:
+    assert params_from_mapping({}).mlflow.model_prefix == "cass-demo"
+    assert params_from_mapping({"data": {"name": "autoimmune"}}).mlflow.model_prefix == "cass-autoimmune"
+    shipped = read_params_file(ROOT / "params.yaml")
+    raw = apply_overrides(shipped, ["data.name=isic2019"])
+    assert params_from_mapping(raw).mlflow.model_prefix == "cass-isic2019"  # the shipped file follows the name
+    assert params_from_mapping(raw).mlflow.model_prefix != params_from_mapping(shipped).mlflow.model_prefix
+    fixed = {"data": {"name": "isic2019"}, "mlflow": {"model_prefix": "skin"}}
+    assert params_from_mapping(fixed).mlflow.model_prefix == "skin"
+
+
+MULTILABEL_CSV = ["data.layout=csv", "data.csv.file=labels.csv", "data.csv.multilabel=true"]
+
+
+def test_expected_metrics_follow_the_task() -> None:
+    single = load_params(ROOT / "params.yaml")
+    multi = load_params(ROOT / "params.yaml", MULTILABEL_CSV)  # the shipped file, pointed at multi-label data
+    assert "accuracy" in single.quality.expected_metrics and "exact_match" not in single.quality.expected_metrics
+    assert "exact_match" in multi.quality.expected_metrics and "accuracy" not in multi.quality.expected_metrics
+    medmnist = params_from_mapping({"data": {"layout": "medmnist", "medmnist_file": "x.npz"}})
+    assert medmnist.quality.expected_metrics == ("macro_f1", "balanced_accuracy", "macro_auroc")  # task unknown yet
+
+
+def test_a_metric_the_task_never_writes_is_refused_with_the_value_to_set() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", [*MULTILABEL_CSV, "quality.expected_metrics=[macro_f1,accuracy]"])
+    text = str(err.value)
+    assert "quality.expected_metrics lists ['accuracy']" in text and "multi-label" in text
+    assert "set quality.expected_metrics: auto (here ['macro_f1', 'balanced_accuracy', 'exact_match'" in text
+    with pytest.raises(ConfigError, match="unknown metric 'macrof1'; did you mean 'macro_f1'"):
+        params_from_mapping({"quality": {"expected_metrics": ["macrof1"]}})
+
+
+def test_shipped_params_accept_grayscale_16_bit_and_rgba_images() -> None:
+    modes = load_params(ROOT / "params.yaml").quality.allowed_modes
+    assert {"RGB", "L", "I;16", "I", "RGBA"} <= set(modes)
+
+
+def test_task_metric_lists_match_what_evaluation_writes() -> None:
+    """`auto` may only require metrics evaluation writes: each list must stay in step with cass.metrics."""
+    import numpy as np
+
+    from cass.config import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS
+    from cass.metrics import classification_metrics
+
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])
+    single = classification_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b"], multilabel=False)
+    multi = classification_metrics(np.array([[1, 0], [0, 1], [1, 1], [0, 1]]), probs, ["a", "b"], multilabel=True)
+    for metrics, names in ((single, SINGLE_LABEL_METRICS), (multi, MULTI_LABEL_METRICS)):
+        written = {k for k, v in metrics.items() if isinstance(v, float) and 0.0 <= v <= 1.0}
+        assert set(names) <= written, f"{names} not all written: {sorted(written)}"

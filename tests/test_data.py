@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -13,12 +19,14 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
 from cass.config import params_from_mapping
-from cass.data import adapters
+from cass.data import adapters, layouts, shapes
 from cass.data.dataset import EpochLoader, ImageDataset
 from cass.data.demo import CLASSES, generate_demo, render
 from cass.data.images import inspect_image, load_rgb, to_rgb8
+from cass.data.layouts import DatasetLayout, get_layout, layout_help, layout_names
 from cass.data.manifest import label_lists, read_manifest
 from cass.data.prepare import prepare_data
+from cass.data.problems import Problems
 from cass.data.splits import assign_splits, label_fraction_subset, read_subset
 from cass.data.transforms import cass_transform
 from cass.errors import ConfigError, DataError
@@ -53,16 +61,43 @@ def test_demo_is_deterministic_and_classes_differ(tmp_path: Path) -> None:
     assert before == {p: p.read_bytes() for p in root.rglob("*.png")}  # byte-identical: same DVC md5
 
 
+def test_shapes_dataset_is_deterministic_grayscale_and_classes_differ_by_shape_not_brightness(tmp_path: Path) -> None:
+    a = np.asarray(shapes.render("ring", 3, 32))
+    assert a.ndim == 2 and shapes.render("ring", 3, 32).mode == "L"  # grayscale, as radiology files are
+    assert np.array_equal(a, np.asarray(shapes.render("ring", 3, 32)))
+    assert not np.array_equal(a, np.asarray(shapes.render("ring", 4, 32)))
+    means = {c: np.mean([np.asarray(shapes.render(c, i, 32)).mean() for i in range(40)]) for c in shapes.CLASSES}
+    assert max(means.values()) - min(means.values()) < 8, means  # brightness does not give the class away
+    root = generate_demo(tmp_path / "shapes", images_per_class=3, size=32, kind="shapes")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(shapes.CLASSES)
+    before = {p: p.read_bytes() for p in root.rglob("*.png")}
+    generate_demo(root, images_per_class=3, size=32, kind="shapes", force=True)
+    assert before == {p: p.read_bytes() for p in root.rglob("*.png")}
+    # Switching kind in the same folder leaves one dataset, not a mix of both.
+    generate_demo(root, images_per_class=3, size=32, kind="tissue")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(CLASSES)
+    with pytest.raises(ValueError, match="data.demo_kind: unknown generated dataset 'xray'"):
+        generate_demo(root, images_per_class=3, size=32, kind="xray")
+
+
+def test_shapes_dataset_prepares_like_any_imagefolder(tmp_path: Path) -> None:
+    root = generate_demo(tmp_path / "shapes", images_per_class=10, size=32, kind="shapes")
+    out = _prepare(root, tmp_path / "prepared", demo_kind="shapes")
+    df, info = read_manifest(out)
+    assert info.classes == shapes.CLASSES and set(df["mode"]) == {"L"}
+    assert load_rgb(root / df["path"].iloc[0]).mode == "RGB"  # converted for the networks like any grayscale file
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapters
 
 
 def test_imagefolder_honours_predefined_training_testing_split(tmp_path: Path) -> None:
     root = tmp_path / "mri"
-    for split, n in (("Training", 10), ("Testing", 4)):
-        for cls in ("glioma", "meningioma", "notumor"):
-            for i in range(n):
-                _png(root / split / cls / f"{i}.jpg", (i * 20, 10, 10))
+    for s, (split, n) in enumerate((("Training", 10), ("Testing", 4))):
+        for c, cls in enumerate(("glioma", "meningioma", "notumor")):
+            for i in range(n):  # every image distinct: a copy in Training and Testing is an error of its own
+                _png(root / split / cls / f"{i}.jpg", (i * 20, c * 60, s * 100))
     (root / "Training" / "glioma" / "README.txt").write_text("not an image, skipped")
     out = _prepare(root, tmp_path / "out")
     df, info = read_manifest(out)
@@ -325,3 +360,273 @@ def test_num_workers_auto_loads_in_process_on_cpu_and_spreads_spare_cores_otherw
 def test_num_workers_must_be_a_count_or_auto(value) -> None:
     with pytest.raises(ConfigError, match="num_workers"):
         params_from_mapping({"pretrain": {"num_workers": value}})
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry of dataset layouts
+
+
+def test_unknown_layout_names_the_key_the_known_layouts_and_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        params_from_mapping({"data": {"layout": "cvs"}})
+    text = str(err.value)
+    assert "data.layout" in text and "did you mean 'csv'" in text
+    assert all(name in text for name in layout_names()) and {"imagefolder", "csv", "medmnist"} <= set(layout_names())
+    with pytest.raises(ConfigError, match=r"data.layout is 'medmnist' but data.medmnist_file is not set"):
+        params_from_mapping({"data": {"layout": "medmnist"}})
+    with pytest.raises(ConfigError, match=r"data.layout is 'csv' but data.csv is not set"):
+        params_from_mapping({"data": {"layout": "csv"}})
+
+
+class _LabelsTxt(DatasetLayout):
+    """A layout invented for the test: ``labels.txt`` lines ``<file> <class>``."""
+
+    name = "labelstxt"
+    help = "<root>/labels.txt: one '<file> <class>' per line"
+    settings: ClassVar[dict[str, str]] = {"classes": "the class list"}
+
+    def list_files(self, data, problems):
+        root = Path(data.root)
+        rows = []
+        for n, line in enumerate((root / "labels.txt").read_text().splitlines(), start=1):
+            file, label = line.split()
+            if not (root / file).is_file():
+                problems.add("file not found", f"labels.txt line {n}: {file}: file not found")
+                continue
+            rows.append({"path": file, "labels": label, "split": "", "group": ""})
+        return adapters.AdapterResult(pd.DataFrame(rows), tuple(data.classes), False, root)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch):
+    """The layout registry, restored after the test."""
+    monkeypatch.setattr(layouts, "_LAYOUTS", dict(layouts._LAYOUTS))
+    return layouts
+
+
+def test_a_new_layout_is_one_adapter_and_one_registration(tmp_path: Path, registry) -> None:
+    registry.register_layout(_LabelsTxt)
+    assert "labelstxt" in layout_names() and "labelstxt: <root>/labels.txt" in layout_help()
+    root = tmp_path / "txt"
+    lines = []
+    for c in ("a", "b"):
+        for i in range(6):
+            _png(root / f"{c}{i}.png", (i * 30, 40 if c == "a" else 200, 90))
+            lines.append(f"{c}{i}.png {c}")
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="data.classes is not set"):  # its required settings are checked
+        params_from_mapping({"data": {"layout": "labelstxt", "root": str(root)}})
+    df, info = read_manifest(_prepare(root, tmp_path / "out", layout="labelstxt", classes=["a", "b"]))
+    assert info.layout == "labelstxt" and info.classes == ("a", "b") and len(df) == 12
+
+    (root / "labels.txt").write_text("\n".join([*lines, "gone.png a"]) + "\n")
+    with pytest.raises(DataError, match=r"labels.txt line 13: gone.png: file not found"):
+        _prepare(root, tmp_path / "out", layout="labelstxt", classes=["a", "b"])
+
+
+def test_importing_the_settings_does_not_import_the_data_stack() -> None:
+    """params.yaml is validated by every command, also those that never read an image."""
+    code = ("import sys, cass.config; heavy = [m for m in ('pandas', 'numpy', 'PIL', 'torch') if m in sys.modules]; "
+            "sys.exit(str(heavy) if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_medmnist_listing_counts_images_without_extracting_them(tmp_path: Path) -> None:
+    root = tmp_path / "mnist"
+    root.mkdir()
+    arrays = {}
+    for split, n in (("train", 8), ("val", 2), ("test", 3)):
+        arrays[f"{split}_images"] = np.zeros((n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    np.savez(root / "x.npz", **arrays)
+    data = params_from_mapping({"data": {"root": str(root), "layout": "medmnist", "medmnist_file": "x.npz"}}).data
+    result = get_layout("medmnist").list_files(data, Problems())
+    assert len(result.rows) == 13 and result.classes == ("0", "1")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mnist", "x.npz"]  # nothing written
+
+
+# --------------------------------------------------------------------------------------------------
+# A dataset's faults, all in one report (issue 18)
+
+
+def _onehot_csv(root: Path, rows: list[list], columns: tuple[str, ...] = ("image", "MEL", "NV")) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "gt.csv", "w") as fh:
+        fh.write(",".join(columns) + "\n")
+        fh.writelines(",".join(str(v) for v in row) + "\n" for row in rows)
+
+
+def _csv_images(root: Path, n: int, ext: str = ".jpg") -> list[str]:
+    ids = [f"x{i}" for i in range(n)]
+    for i, image_id in enumerate(ids):
+        _png(root / "img" / f"{image_id}{ext}", (i * 7 % 256, 40, 90))
+    return ids
+
+
+CSV = {"file": "gt.csv", "image_dir": "img"}
+
+
+def test_every_kind_of_fault_is_reported_in_one_pass_with_rows_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 30)
+    rows = [[image_id, i % 2, 1 - i % 2] for i, image_id in enumerate(ids)]
+    rows[3][1] = "yes"  # row 5: a bad value
+    rows += [[f"gone{i}", 1, 0] for i in range(25)]  # rows 32-56: missing files
+    _onehot_csv(root, rows)
+    (root / "img" / "x7.jpg").write_bytes(b"")  # row 9: an empty file
+    (root / "img" / "x8.jpg").write_bytes((root / "img" / "x9.jpg").read_bytes()[:50])  # row 10: truncated
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        _prepare(root, out, layout="csv", csv=CSV)
+    text = str(err.value)
+    assert "label value not 0 or 1 (1)" in text and "row 5 (x3): MEL = 'yes'" in text
+    assert "file not found (25)" in text and "row 32 (gone0): img/gone0.jpg: file not found" in text
+    assert "... and 5 more" in text  # bounded: the first 20 of a kind
+    assert "empty file (1)" in text and "img/x7.jpg: the file is empty" in text
+    assert "truncated or corrupt image (1)" in text and "img/x8.jpg" in text
+    assert not out.exists()
+
+
+def test_a_row_without_any_label_cell_is_one_line_not_one_per_column(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    cols = ("image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+    ids = _csv_images(root, 6)
+    rows = [[image_id, *([1, 0] if i % 2 else [0, 1]), 0, 0, 0, 0, 0, 0] for i, image_id in enumerate(ids)]
+    rows[4] = [ids[4], *[""] * 8]
+    _onehot_csv(root, rows, cols)
+    with pytest.raises(DataError) as err:
+        _prepare(root, tmp_path / "out", layout="csv", csv=CSV)
+    text = str(err.value)
+    assert "row 6 (x4): no label (every label cell is empty)" in text
+    assert "is not 0 or 1" not in text and "1 problem(s) of 1 kind(s)" in text
+
+
+def test_duplicate_ids_in_the_csv_are_named_with_their_rows(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 8)
+    rows = [[image_id, i % 2, 1 - i % 2] for i, image_id in enumerate(ids)]
+    _onehot_csv(root, [*rows, [ids[1], 1, 0]])  # row 10 repeats row 3, same labels
+    with pytest.raises(DataError) as err:
+        _prepare(root, tmp_path / "out", layout="csv", csv=CSV)
+    assert "duplicate image id (1): keep one row per image" in str(err.value)
+    assert "rows 3, 10: image id 'x1' appears 2 times (the same labels)" in str(err.value)
+    _onehot_csv(root, [*rows, [ids[1], 0, 1]])  # ... conflicting labels
+    with pytest.raises(DataError, match=r"rows 3, 10: image id 'x1' appears 2 times \(conflicting labels MEL / NV\)"):
+        _prepare(root, tmp_path / "out", layout="csv", csv=CSV)
+
+
+def test_same_image_in_training_and_testing_stops_prepare_and_keeps_the_outputs(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    for s, split in enumerate(("Training", "Testing")):
+        for c, cls in enumerate(("glioma", "notumor")):
+            for i in range(6):
+                _png(root / split / cls / f"{i}.png", (i * 20, c * 60, s * 100))
+    out = _prepare(root, tmp_path / "out")
+    before = (out / "manifest.csv").read_bytes()
+    shutil.copy(root / "Training" / "glioma" / "2.png", root / "Testing" / "glioma" / "copy.png")
+    with pytest.raises(DataError) as err:
+        _prepare(root, out)
+    assert "same image in two predefined splits (1)" in str(err.value)
+    assert "test: Testing/glioma/copy.png; train: Training/glioma/2.png" in str(err.value)
+    assert (out / "manifest.csv").read_bytes() == before
+
+
+def test_copies_of_one_image_land_in_one_split() -> None:
+    rows = _rows({"a": 60, "b": 60})
+    rows["sha256"] = [f"h{i // 2}" for i in range(len(rows))]  # every image twice, under two names
+    split = assign_splits(rows, 0.1, 0.2, seed=77)
+    assert (split.groupby("sha256")["split"].nunique() == 1).all()
+    unique = _rows({"a": 60, "b": 60}).assign(sha256=[f"u{i}" for i in range(120)])
+    assert assign_splits(unique, 0.1, 0.2, seed=77)["split"].tolist() == assign_splits(
+        _rows({"a": 60, "b": 60}), 0.1, 0.2, seed=77)["split"].tolist()  # unique images: splits unchanged
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings the data implies (issue 18)
+
+
+def test_ids_that_already_end_in_an_extension_need_no_setting(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 8, ext=".png")
+    _onehot_csv(root, [[f"{image_id}.png", i % 2, 1 - i % 2] for i, image_id in enumerate(ids)])
+    df, _ = read_manifest(_prepare(root, tmp_path / "out", layout="csv", csv=CSV))
+    assert sorted(df["path"]) == sorted(f"img/{i}.png" for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("stored", "setting", "ids_with_ext"),
+    [(".png", "set data.csv.extension: .png", False), (".png", "set data.csv.extension: ''", True)],
+    ids=["other extension", "ids carry the extension"],
+)
+def test_missing_files_name_the_setting_that_finds_them(tmp_path: Path, stored: str, setting: str,
+                                                        ids_with_ext: bool) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 8, ext=stored)
+    _onehot_csv(root, [[f"{x}{stored}" if ids_with_ext else x, i % 2, 1 - i % 2] for i, x in enumerate(ids)])
+    with pytest.raises(DataError) as err:
+        _prepare(root, tmp_path / "out", layout="csv", csv={**CSV, "extension": ".jpg"})
+    assert "file not found (8)" in str(err.value) and setting in str(err.value)
+
+
+def test_image_dir_is_suggested_when_the_files_are_elsewhere(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 6)
+    _onehot_csv(root, [[x, i % 2, 1 - i % 2] for i, x in enumerate(ids)])
+    with pytest.raises(DataError, match="set data.csv.image_dir: img"):
+        _prepare(root, tmp_path / "out", layout="csv", csv={"file": "gt.csv"})
+
+
+def test_label_column_names_are_stripped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "isic"
+    ids = _csv_images(root, 8)
+    _onehot_csv(root, [[x, i % 2, 1 - i % 2] for i, x in enumerate(ids)], ("image", "MEL ", " NV"))
+    with caplog.at_level("WARNING"):
+        _, info = read_manifest(_prepare(root, tmp_path / "out", layout="csv", csv=CSV))
+    assert info.classes == ("MEL", "NV")
+    assert "stripped the spaces around column names ['MEL ', ' NV']" in caplog.text
+
+
+def test_multilabel_medmnist_against_an_accuracy_setting_stops_prepare_naming_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "chest"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.stack([np.ones(n), np.arange(n) % 2, np.arange(n) % 3 == 0], 1).astype(int)
+    np.savez(root / "chestmnist.npz", **arrays)
+    raw = tiny_mapping(root)
+    raw["data"].update(layout="medmnist", medmnist_file="chestmnist.npz")
+    raw["quality"] = {"expected_metrics": ["macro_f1", "accuracy"]}
+    params = params_from_mapping(raw)  # the settings alone cannot tell that ChestMNIST is multi-label
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        prepare_data(params, out)
+    assert "setting the data contradicts (1)" in str(err.value) and not (out / "manifest.csv").exists()
+    assert "quality.expected_metrics lists ['accuracy']" in str(err.value)
+    assert "set quality.expected_metrics: auto" in str(err.value)
+    raw["quality"] = {}
+    _, info = read_manifest(prepare_data(params_from_mapping(raw), out))
+    assert info.multilabel
+
+
+def test_decompression_bomb_message_names_the_setting_not_pillows_limit(tmp_path: Path) -> None:
+    def header_only_png(width: int, height: int) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(header_only_png(20_000, 10_000))  # 200 M pixels: above Pillow's own hard limit
+    with pytest.raises(DataError) as err:
+        inspect_image(huge, max_pixels=1_000_000)
+    assert "200,000,000 pixels exceeds data.max_image_pixels (1,000,000)" in str(err.value)
+    assert "178956970" not in str(err.value) and "89478485" not in str(err.value)
+    big = tmp_path / "big.png"
+    big.write_bytes(header_only_png(10_000, 10_000))  # 100 M pixels: above Pillow's warning threshold only
+    with pytest.raises(DataError) as err:
+        inspect_image(big, max_pixels=150_000_000)  # the setting allows it: not refused as a bomb
+    assert "decompression bomb" not in str(err.value) and "truncated or corrupt" in str(err.value)

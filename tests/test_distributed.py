@@ -28,7 +28,8 @@ from cass.data.transforms import cass_transform
 from cass.distributed import ENV_VARS, local_batch_size, torchrun_command
 from cass.errors import ConfigError
 from cass.finetune import finetune
-from cass.pretrain import CHECKPOINT, pretrain
+from cass.layout import PretrainOutputs
+from cass.pretrain import pretrain
 from cass.training import load_checkpoint
 from tests.conftest import free_port, tiny_mapping
 
@@ -132,7 +133,7 @@ def test_two_process_checkpoint_resumes_in_one_process(one_process: Path, demo_r
     out = tmp_path / "pretrain"
     interrupted = _torchrun_worker(tmp_path, "interrupted-pretrain", params_file, prepared_dir, out)
     assert interrupted.returncode != 0 and "simulated interruption" in interrupted.stderr, interrupted.stderr[-4000:]
-    state = load_checkpoint(out / CHECKPOINT)
+    state = load_checkpoint(PretrainOutputs(out).checkpoint)
     assert state["epoch"] == 0 and not (out / "cnn.safetensors").exists()
     assert not any(k.startswith("module.") for k in [*state["cnn"], *state["vit"]])
 

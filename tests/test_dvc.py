@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cass.errors import VersioningError
+from cass.errors import DataError, VersioningError
 from tests.conftest import free_port, tiny_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,12 @@ def _env() -> dict[str, str]:
     return env
 
 
+# A generous bound: `dvc exp run` retrains tune/finetune/evaluate, minutes on a busy 2-core machine.
+COMMAND_TIMEOUT_S = 1800
+
+
 def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -102,8 +106,54 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
 
 
+def restore(project: Path, head: str) -> None:
+    """Put the module's project back as it was built: commit, params, lock, workspace data and outputs."""
+    sh("git", "reset", "-q", "--hard", head, cwd=project)
+    sh("git", "clean", "-q", "-fd", cwd=project)  # untracked, not ignored: e.g. a half-written dvc.lock
+    for extra in (project / "data").rglob("extra*.png"):
+        extra.unlink()
+    sh("dvc", "checkout", "-q", "--force", cwd=project)
+
+
+@pytest.fixture
+def shared_project(project: Path) -> Iterator[Path]:
+    """The module's project for a test that changes it. Whatever the test did, or failed to undo because it
+    failed or timed out half-way, the next test gets the project back as built (so one slow step on a busy
+    machine cannot fail the tests after it)."""
+    head = sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+    try:
+        yield project
+    finally:
+        restore(project, head)
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # The pipeline
+
+
+@slow
+def test_restore_undoes_what_an_interrupted_test_leaves_behind(project: Path) -> None:
+    # Guards: a `dvc exp run` that hit its time limit on a busy machine left the shared project dirty, and the
+    # tests after it failed ("unsaved files", restored bytes differ, status not up to date).
+    head = sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("epochs: 1", "epochs: 4"))
+    (project / "dvc.lock").write_text((project / "dvc.lock").read_text() + "# half-written\n")
+    shutil.copy(project / "data/demo/tumor/tumor_0000.png", project / "data/demo/tumor/extra.png")
+    metrics = project / "outputs/evaluate/cnn/metrics.json"
+    metrics.unlink()
+    metrics.write_text("{}")
+    (project / "stray.txt").write_text("left by a killed command")
+    sh("git", "commit", "-qam", "a commit made half-way", cwd=project)
+    assert "up to date" not in sh("dvc", "status", cwd=project).stdout
+
+    restore(project, head)
+    assert sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip() == head
+    assert sh("git", "status", "--porcelain", cwd=project).stdout == ""
+    assert (project / "params.yaml").read_text() == params and not (project / "stray.txt").exists()
+    assert not (project / "data/demo/tumor/extra.png").exists() and json.loads(metrics.read_text())
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
 
 
 @slow
@@ -143,7 +193,8 @@ def test_second_repro_reruns_nothing(project: Path) -> None:
 
 
 @slow
-def test_finetune_setting_reruns_only_what_depends_on_it(project: Path) -> None:
+def test_finetune_setting_reruns_only_what_depends_on_it(shared_project: Path) -> None:
+    project = shared_project
     before = {p: (project / p).read_bytes() for p in pipeline_outputs(project) if p.startswith("outputs/pretrain")}
     out = sh("dvc", "exp", "run", "-S", "finetune.epochs=3", cwd=project).stdout
     # tune@* searches around the finetune settings, so it reruns too; prepare, the gates and pretraining do not.
@@ -170,7 +221,8 @@ def test_finetune_setting_reruns_only_what_depends_on_it(project: Path) -> None:
 
 
 @slow
-def test_data_change_marks_every_stage_changed(project: Path) -> None:
+def test_data_change_marks_every_stage_changed(shared_project: Path) -> None:
+    project = shared_project
     extra = project / "data/demo/tumor/extra.png"
     shutil.copy(project / "data/demo/tumor/tumor_0000.png", extra)
     try:
@@ -187,8 +239,9 @@ def test_data_change_marks_every_stage_changed(project: Path) -> None:
 
 @slow
 def test_push_then_pull_into_fresh_clone_restores_identical_files(
-    project: Path, s3_bucket: str, tmp_path: Path
+    shared_project: Path, s3_bucket: str, tmp_path: Path
 ) -> None:
+    project = shared_project
     # The remote URL is committed; the endpoint and the credentials come from the environment (s3_env).
     sh("cass", "data", "remote", f"s3://{s3_bucket}/cass", cwd=project)
     assert "endpointurl" not in (project / ".dvc/config").read_text()
@@ -236,7 +289,8 @@ def _corrupt(path: Path) -> None:
 
 
 @slow
-def test_corrupted_cache_object_is_detected_refused_and_replaced(project: Path, s3_bucket: str) -> None:
+def test_corrupted_cache_object_is_detected_refused_and_replaced(shared_project: Path, s3_bucket: str) -> None:
+    project = shared_project
     sh("dvc", "remote", "add", "-f", "good", f"s3://{s3_bucket}/cass", cwd=project)
     sh("cass", "data", "push", "-r", "good", "-q", cwd=project)
     image = project / "data/demo/stroma/stroma_0003.png"
@@ -324,3 +378,52 @@ def test_add_outside_a_dvc_repository_says_so(tmp_path: Path, demo_root: Path) -
     out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", cwd=tmp_path, check=False)
     assert out.returncode == VersioningError.exit_code
     assert "not inside a DVC repository" in out.stderr and "dvc init" in out.stderr
+
+
+def _isic_folder(tmp_path: Path, missing: tuple[str, ...] = ()) -> Path:
+    """An ISIC-style folder: gt.csv (image, MEL, NV) and img/<id>.jpg, some files left out."""
+    from PIL import Image
+
+    src = tmp_path / "isic"
+    (src / "img").mkdir(parents=True)
+    ids = [f"ISIC_{i:07d}" for i in range(8)]
+    for i, image_id in enumerate(ids):
+        if image_id not in missing:
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(src / "img" / f"{image_id}.jpg")
+    rows = "".join(f"{image_id},{i % 2},{1 - i % 2}\n" for i, image_id in enumerate(ids))
+    (src / "gt.csv").write_text("image,MEL,NV\n" + rows)
+    return src
+
+
+def test_add_checks_every_referenced_file_before_copying_or_writing(small_repo: Path, tmp_path: Path) -> None:
+    src = _isic_folder(tmp_path, missing=("ISIC_0000003",))
+    params = (small_repo / "params.yaml").read_text()
+    csv = ["--set", "data.csv.file=gt.csv", "--set", "data.csv.image_dir=img"]
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code, out.stderr
+    assert "row 5 (ISIC_0000003): img/ISIC_0000003.jpg: file not found" in out.stderr
+    assert "not added (nothing was copied, tracked or written)" in out.stderr
+    assert not (small_repo / "data").exists() and not (small_repo / "data.dvc").exists()
+    assert (small_repo / "params.yaml").read_text() == params
+
+    src = _isic_folder(tmp_path / "complete")
+    out = sh("cass", "data", "add", str(src), "--layout", "csv", *csv, "--set", "data.csv.extension=.png",
+             cwd=small_repo, check=False)
+    assert out.returncode == DataError.exit_code
+    assert "file not found (8)" in out.stderr and "set data.csv.extension: .jpg" in out.stderr
+    assert not (small_repo / "data").exists() and (small_repo / "params.yaml").read_text() == params
+
+
+def test_add_under_a_new_name_gives_its_models_their_own_names(small_repo: Path, demo_root: Path) -> None:
+    from cass.config import load_params
+
+    params_file = small_repo / "params.yaml"
+    params_file.write_text(params_file.read_text() + "mlflow:\n  model_prefix: cass-demo  # the demo's models\n")
+    sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "autoimmune", cwd=small_repo)
+    assert yaml.safe_load(params_file.read_text())["mlflow"]["model_prefix"] == "auto"
+    assert load_params(params_file).mlflow.model_prefix == "cass-autoimmune"
+
+    params_file.write_text(params_file.read_text().replace("model_prefix: auto", "model_prefix: skin"))
+    out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "isic", cwd=small_repo)
+    assert load_params(params_file).mlflow.model_prefix == "skin"  # chosen on purpose: kept, with a warning
+    assert "set mlflow.model_prefix: auto to name them cass-isic-*" in out.stderr

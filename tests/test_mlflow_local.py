@@ -24,8 +24,8 @@ from cass.cli import main
 from cass.config import params_from_mapping
 from cass.data.demo import generate_demo
 from cass.errors import DataError
+from cass.layout import Layout
 from cass.lineage import git_commit
-from cass.pipeline import Layout
 from tests.conftest import LENIENT_MODEL_GATE, free_port, tiny_mapping
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def local(tmp_path_factory: pytest.TempPathFactory):
     """One tracked pipeline run on a local store, with a DVC-tracked copy of the demo data."""
     import mlflow
 
-    from cass.tracking import reset_client, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import reset_client
 
     root = tmp_path_factory.mktemp("mlflow-local")
     data = root / "demo"
@@ -247,7 +248,8 @@ def test_artifact_store_failure_is_retried_then_run_failed_and_champion_untouche
                                                                                    caplog) -> None:
     import mlflow
 
-    from cass.tracking import TrackingError, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import TrackingError
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the artifact folder should be")
@@ -284,7 +286,7 @@ def test_promotion_gate_is_the_quality_model_suite() -> None:
     from cass.config import params_from_mapping
     from cass.registry import default_gate
 
-    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9,
+    metrics = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "accuracy": 0.8, "macro_auroc": 0.9,
                "per_class": {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 5}}}
     verdict = default_gate(params_from_mapping({}))(metrics)
     assert not verdict.passed and "b" in verdict.text()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cass.config import params_from_mapping
-from cass.pipeline import Layout
+from cass.layout import Layout
 from tests.conftest import LENIENT_MODEL_GATE, MlflowServer, fresh_database, tiny_mapping
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,8 @@ def tracked(server, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One pipeline run logged to the server, both networks registered and promoted."""
     import mlflow
 
-    from cass.tracking import reset_client, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import reset_client
 
     root = tmp_path_factory.mktemp("mlflow-server-run")
     mapping = tiny_mapping(demo_root)
@@ -232,7 +233,8 @@ def test_no_secret_reaches_params_tags_descriptions_or_artifacts(tracked) -> Non
 
 def test_s3_artifact_failure_is_retried_then_run_failed_and_champion_untouched(tracked, tmp_path, monkeypatch,
                                                                                  caplog) -> None:
-    from cass.tracking import TrackingError, tracked_pipeline
+    from cass.pipeline import tracked_pipeline
+    from cass.tracking import TrackingError
 
     mapping = tiny_mapping(tracked.data)
     mapping["mlflow"] = {"experiment": "cass-server-broken", "model_prefix": PREFIX, "artifact_retries": 2,

@@ -22,13 +22,17 @@ import yaml
 from PIL import Image
 
 from cass.cli import main
-from cass.config import QUALITY_CHECKS, Params, params_from_mapping
+from cass.config import QUALITY_CHECKS, Params, load_params, params_from_mapping, read_params_file
+from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.manifest import read_manifest, write_manifest
-from cass.data.splits import subset_file
-from cass.errors import ConfigError, GateFailed
+from cass.data.prepare import prepare_data
+from cass.errors import ConfigError, DataError, GateFailed
+from cass.layout import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
 from tests.conftest import tiny_mapping
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0) -> bytes:
@@ -49,11 +53,12 @@ class Workspace:
         self.data = tmp_path / "data"
         shutil.copytree(prepared_dir, self.data)
         self.df, info = read_manifest(self.data)
-        self.info = replace(info, root=str(self.root))
-        write_manifest(self.df, self.info, self.data)
         raw = tiny_mapping(self.root)
         raw["quality"] = quality
         self.params: Params = params_from_mapping(raw)
+        settings = prepared_settings(self.params)  # as if prepare had run on this copy with these settings
+        self.info = replace(info, root=str(self.root), settings=settings, fingerprint=fingerprint(settings))
+        write_manifest(self.df, self.info, self.data)
         self.reports = tmp_path / "quality"
 
     def save(self) -> None:
@@ -459,3 +464,89 @@ def test_bad_data_stops_cass_demo_before_pretraining(
     assert (outputs / "data" / "manifest.csv").is_file()
     assert not (outputs / "pretrain").exists() and not (outputs / "finetune").exists()
     assert json.loads((outputs / "quality" / "manifest" / "result.json").read_text())["success"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepared data must be the data asked about (issue 18)
+
+
+def test_gates_refuse_outputs_prepared_from_another_dataset(
+    tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed prepare leaves the previous outputs; a gate asked about the new data must not pass on them."""
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(demo_root, other)
+    (other / "tumor" / "tumor_0001.png").write_bytes(b"")
+    common = ["--params", str(_params_file(tmp_path, demo_root)), "--outputs", "outputs", "-q"]
+    assert main(["data", "prepare", *common]) == 0
+    before = Path("outputs/data/manifest.csv").read_bytes()
+    assert main(["data", "prepare", *common, "--set", f"data.root={other}"]) == DataError.exit_code
+    assert Path("outputs/data/manifest.csv").read_bytes() == before
+    capsys.readouterr()
+    for gate in ("manifest", "splits"):
+        assert main(["validate", gate, *common, "--set", f"data.root={other}"]) == DataError.exit_code, gate
+        err = capsys.readouterr().err
+        assert f"data.root: prepared from '{demo_root}', asked about '{other}'" in err, err
+        assert "run `cass data prepare`" in err
+    assert main(["validate", "manifest", *common]) == 0  # the data it was prepared from
+
+
+def test_changed_split_settings_or_an_unstamped_manifest_are_refused(ws: Workspace) -> None:
+    ensure_prepared(ws.params, ws.data)
+    reseeded = ws.params.model_copy(update={"split": ws.params.split.model_copy(update={"seed": 8})})
+    with pytest.raises(DataError, match=r"split.seed: prepared from 7, asked about 8"):
+        validate_splits(reseeded, ws.data, ws.reports / "splits")
+    ws.info = replace(ws.info, fingerprint="", settings={})  # written by an older cass
+    ws.save()
+    with pytest.raises(DataError, match="records no settings fingerprint"):
+        ws.manifest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings the data implies (issue 18)
+
+
+def _image(mode: str, seed: int, size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 4096, (size, size), dtype=np.uint16))
+    channels = {"L": 1, "RGBA": 4}[mode]
+    return Image.fromarray(rng.integers(0, 255, (size, size, channels), dtype=np.uint8).squeeze(), mode)
+
+
+def test_grayscale_16_bit_and_rgba_data_pass_with_the_shipped_settings(tmp_path: Path) -> None:
+    root = tmp_path / "scans"
+    for i in range(21):
+        for cls, mode in (("normal", "L"), ("lesion", "RGBA"), ("ct", "I;16")):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            _image(mode, seed=i * 3 + len(cls)).save(root / cls / f"{i}.png")
+    raw = tiny_mapping(root)
+    raw["quality"] = read_params_file(REPO / "params.yaml")["quality"]
+    params = params_from_mapping(raw)
+    data = prepare_data(params, tmp_path / "data")
+    df, _ = read_manifest(data)
+    assert set(df["mode"]) >= {"L", "RGBA"} and set(df["mode"]) & {"I;16", "I"}
+    result = validate_manifest(params, data, tmp_path / "report", raise_on_failure=False)
+    assert result.success, result.summary()
+
+
+def test_a_mode_outside_a_narrowed_set_names_the_value_to_set(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path
+) -> None:
+    ws = Workspace(tmp_path, demo_root, prepared_dir, allowed_modes=["RGB"])
+    ws.plant(ws.row("test", "tumor"), _png(mode="L"))
+    result = ws.manifest()
+    assert failed(result) == {"mode_allowed"}
+    assert "set quality.allowed_modes: [RGB, L]" in result.summary()
+
+
+def test_multilabel_metrics_pass_the_model_gate_with_the_shipped_settings(tmp_path: Path) -> None:
+    overrides = ["data.layout=csv", "data.csv.file=labels.csv", "data.csv.multilabel=true"]
+    params = load_params(REPO / "params.yaml", overrides)
+    metrics = {k: v for k, v in _metrics().items() if k != "accuracy"}
+    metrics.update(exact_match=0.7, threshold=0.5)  # what evaluation writes for multi-label data
+    result = _model_gate(tmp_path, params, metrics)
+    assert result.success, result.summary()
+    metrics.pop("exact_match")
+    assert "metric_present" in failed(_model_gate(tmp_path, params, metrics))  # exact_match is required

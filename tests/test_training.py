@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cass.config import params_from_mapping
+from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
 from cass.finetune import finetune, load_classifier
-from cass.losses import CASSLoss
 from cass.models import create_network
-from cass.pretrain import cass_step, optimizer_step, pretrain
-from cass.training import Precision
+from cass.pretrain import CassLearner, pretrain
+from cass.training import EpochCallback
 from tests.conftest import tiny_mapping
 
 
@@ -27,19 +27,17 @@ def _params(root: Path, **sections):
     return params_from_mapping(raw)
 
 
-def test_one_cass_step_changes_both_networks_and_zeroes_gradients() -> None:
-    torch.manual_seed(0)
-    cnn = create_network("test_resnet", 16, "cnn", 32)
-    vit = create_network("test_vit", 16, "vit", 32)
+def test_one_cass_step_changes_both_networks_and_zeroes_gradients(tmp_path: Path) -> None:
+    params = _params(tmp_path, pretrain={"device": "cpu"})
+    learner = CassLearner(params, Engine(params.pretrain, seed=0, key="pretrain"))
+    cnn, vit = learner.backbones()["cnn"], learner.backbones()["vit"]
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("cnn", cnn), ("vit", vit))}
-    opt = torch.optim.Adam([*cnn.parameters(), *vit.parameters()], lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, z_cnn, z_vit = cass_step(cnn, vit, torch.randn(8, 3, 32, 32), CASSLoss(), scaler,
-                                   device=torch.device("cpu"), precision=Precision(None, False))
+    out = learner.step((torch.randn(8, 3, 32, 32), torch.full((8,), -1)), Step(lr=1e-3))
+    loss, z_cnn, z_vit = out.losses["loss"], out.embeddings["cnn"], out.embeddings["vit"]
     assert z_cnn.shape == z_vit.shape == (8, 16) and 0 <= float(loss) <= 4
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vit.parameters())
-    optimizer_step(opt, scaler)
+    learner.optimizer_step(Step(lr=1e-3))
     for name, model in (("cnn", cnn), ("vit", vit)):
         changed = [not torch.equal(a, b) for a, b in zip(before[name], model.parameters(), strict=True)]
         assert sum(changed) > len(changed) // 2, f"{name} barely changed"
@@ -58,20 +56,25 @@ def test_pretraining_writes_weights_metrics_and_collapse_indicator(prepared_dir:
     assert json.loads(out.networks.read_text())["method"] == metrics["method"] == "cass"
 
 
+class Interrupt(Exception):
+    """A simulated interruption (Ctrl-C, a killed job) once an epoch has ended."""
+
+
+def interrupt_after(epoch: int) -> EpochCallback:
+    def callback(done: int, _metrics) -> None:
+        if done == epoch:
+            raise Interrupt
+
+    return callback
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(prepared_dir: Path, demo_root: Path,
                                                              tmp_path: Path) -> None:
     params = _params(demo_root, pretrain={"epochs": 2})
     full = pretrain(params, prepared_dir, tmp_path / "full", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(epoch: int, _metrics) -> None:
-        if epoch == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[stop_after_first], progress=False)
+        pretrain(params, prepared_dir, tmp_path / "resumed", callbacks=[interrupt_after(1)], progress=False)
     assert not (tmp_path / "resumed" / "cnn.safetensors").exists()
     resumed = pretrain(params, prepared_dir, tmp_path / "resumed", progress=False)
     for net in ("cnn", "vit"):
@@ -111,6 +114,39 @@ def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, d
     metrics = json.loads(ev.metrics.read_text())
     assert 0 <= metrics["macro_f1"] <= 1 and metrics["num_samples"] == 16
     assert ev.confusion_matrix.stat().st_size > 0 and ev.roc.stat().st_size > 0
+
+
+def test_interrupted_finetuning_resumes_to_the_uninterrupted_result(prepared_dir: Path, demo_root: Path,
+                                                                     tmp_path: Path) -> None:
+    params = _params(demo_root, finetune={"epochs": 3, "patience": 3, "accumulate": 2, "freeze_epochs": 1,
+                                          "label_fraction": 0.25})
+    pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
+    full = finetune(params, prepared_dir, "cnn", tmp_path / "full", tmp_path / "pre", progress=False)
+    assert not full.checkpoint.exists()  # a finished fine-tuning leaves nothing to resume
+    with pytest.raises(Interrupt):
+        finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre", callbacks=[interrupt_after(2)],
+                 progress=False)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file() and not (tmp_path / "resumed" / "model.json").exists()
+    seen: list[int] = []
+    resumed = finetune(params, prepared_dir, "cnn", tmp_path / "resumed", tmp_path / "pre",
+                       callbacks=[lambda e, _m: seen.append(e)], progress=False)
+    assert seen == [3] and not resumed.checkpoint.exists()  # only the epoch left ran
+    a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    want, got = (json.loads(o.metrics.read_text()) for o in (full, resumed))
+    for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_macro_f1", "labelled_images"):
+        assert got[key] == want[key], key
+    # Other settings: the checkpoint is not resumed (a fresh fine-tuning runs every epoch).
+    with pytest.raises(Interrupt):
+        finetune(params, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre", callbacks=[interrupt_after(2)],
+                 progress=False)
+    other = _params(demo_root, finetune={"epochs": 3, "patience": 3, "accumulate": 2, "freeze_epochs": 1,
+                                         "label_fraction": 0.25, "lr": 1e-3})
+    seen.clear()
+    finetune(other, prepared_dir, "cnn", tmp_path / "other", tmp_path / "pre",
+             callbacks=[lambda e, _m: seen.append(e)], progress=False)
+    assert seen == [1, 2, 3]
 
 
 def test_finetune_cass_init_refuses_mismatched_pretraining(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:

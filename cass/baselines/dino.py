@@ -19,10 +19,9 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from cass import distributed
-from cass.config import DinoConfig, Params
-from cass.data.dataset import EpochLoader, ImageDataset
+from cass.config import NETWORKS, DinoConfig, Network, Params
 from cass.data.transforms import MultiCropTransform
-from cass.losses import DINOLoss, EmbeddingSpread
-from cass.models import Role, create_network
-from cass.pretrain import (
-    PretrainOutputs,
-    _fingerprint,
-    collapsed_networks,
-    pretraining_pool,
-    warn_collapse,
-    write_outputs,
-)
-from cass.training import (
-    EpochCallback,
-    Precision,
-    autocast,
-    check_finite,
-    cosine_schedule,
-    epoch_seed,
-    load_checkpoint,
-    resolve_device,
-    resolve_num_workers,
-    resolve_precision,
-    save_checkpoint,
-    seed_everything,
-)
+from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
+from cass.layout import PretrainOutputs
+from cass.losses import DINOLoss
+from cass.models import create_network
+from cass.pretraining import PretrainingLearner, run_pretraining
+from cass.training import EpochCallback, Precision, autocast, cosine_schedule
 
 log = logging.getLogger(__name__)
-
-NETWORKS: tuple[Role, ...] = ("cnn", "vit")
-DINO_CHECKPOINT = "checkpoint-dino.pt"
 
 
 class DINOHead(nn.Module):
@@ -209,7 +184,6 @@ class DinoLearner:
         device: torch.device,
         precision: Precision,
         channels_last: bool = False,
-        compile: bool = False,
     ) -> None:
         head = DINOHead(
             backbone.num_features,
@@ -234,30 +208,29 @@ class DinoLearner:
         for name, p in self.student.named_parameters():
             if p.requires_grad:
                 (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0, weight_decay=cfg.weight_decay
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-        self._student = torch.compile(self.student) if compile else self.student
-        self._teacher = torch.compile(self.teacher) if compile else self.teacher
-        self.ddp: nn.Module = self.student  # DDP-wrapped by distribute() when several processes train
+        self.updater = Updater(optimizer, device, precision)
+        self._student: nn.Module = self.student
+        self._teacher: nn.Module = self.teacher
 
-    def distribute(self, sync_batchnorm: bool = False, compile: bool = False) -> None:
-        """Several processes (torchrun): DDP averages the student's gradients; with ``sync_batchnorm``
-        (CUDA) student and teacher normalise over the global batch, as in the official DINO."""
-        if distributed.world_size() == 1:
-            return
-        self.student, self.ddp = distributed.wrap(
-            self.student, self.device, sync_batchnorm=sync_batchnorm, key="pretrain.sync_batchnorm"
-        )
-        if sync_batchnorm:
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.updater.optimizer
+
+    def attach(self, engine: Engine, sync_batchnorm: bool = False) -> None:
+        """Train under ``engine``: with several processes (torchrun) DDP averages the student's gradients,
+        and with ``sync_batchnorm`` (CUDA) student and teacher normalise over the global batch, as in the
+        official DINO; with ``compile`` both run compiled."""
+        self.student, self._student = engine.module(self.student, sync_batchnorm=sync_batchnorm)
+        if sync_batchnorm and engine.ctx.world_size > 1:
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
-            self._teacher = torch.compile(self.teacher) if compile else self.teacher
-        self._student = torch.compile(self.ddp) if compile else self.ddp
+        self._teacher = engine.compiled(self.teacher)
 
     @classmethod
     def from_params(
-        cls, params: Params, network: Role, device: torch.device, precision: Precision
+        cls, params: Params, network: Network, device: torch.device, precision: Precision
     ) -> DinoLearner:
         m, cfg = params.model, params.pretrain
         arch, weights = (m.cnn, m.cnn_weights) if network == "cnn" else (m.vit, m.vit_weights)
@@ -265,7 +238,7 @@ class DinoLearner:
             arch, m.embed_dim, network, m.image_size, m.pretrained, weights, key=f"model.{network}", dynamic_size=True
         )
         channels_last = cfg.channels_last and device.type == "cuda" and network == "cnn"
-        return cls(backbone, cfg.dino, device, precision, channels_last, cfg.compile)
+        return cls(backbone, cfg.dino, device, precision, channels_last)
 
     def train(self) -> None:
         self.student.train()
@@ -282,24 +255,19 @@ class DinoLearner:
         loss = self.criterion(s_out, t_out, teacher_temp)
         return loss, feats[: len(crops[0])].detach()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+    def backward(self, loss: torch.Tensor, divisor: int = 1) -> None:
+        self.updater.backward(loss, divisor)
 
     def step(self, lr: float, weight_decay: float, momentum: float, freeze_last_layer: bool) -> None:
         """Clip, (maybe) cancel the last layer's gradients, take the AdamW step, update the teacher."""
-        self.scaler.unscale_(self.optimizer)
+        self.updater.unscale()
         if self.cfg.clip_grad > 0:
             clip_gradients(self.student, self.cfg.clip_grad)
         if freeze_last_layer:
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:
-                group["weight_decay"] = weight_decay
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.param_groups[0]["weight_decay"] = weight_decay
+        self.updater.step(lr)
         ema_update(self.teacher, self.student, momentum)
 
     def state_dict(self) -> dict[str, Any]:
@@ -307,16 +275,112 @@ class DinoLearner:
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "center": self.criterion.center.detach().cpu(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.updater.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.criterion.center.copy_(state["center"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.updater.load_state_dict(state)
+
+
+class DinoPretraining(PretrainingLearner):
+    """The DINO stage's learner: a :class:`DinoLearner` per network, both on the same multi-crop batches,
+    each with its own optimiser; the engine's learning rate, plus DINO's own per-step weight decay and
+    teacher momentum and per-epoch teacher temperature."""
+
+    method = "dino"
+    name = "DINO pretraining"
+    epoch_log = (
+        "DINO epoch %d/%d: loss CNN %.4f / ViT %.4f, feature std CNN %.4f / ViT %.4f, %.0f img/s",
+        ("cnn_loss", "vit_loss", "cnn_embedding_std", "vit_embedding_std", "images_per_second"),
+    )
+
+    def __init__(self, params: Params, engine: Engine) -> None:
+        super().__init__(params, engine)
+        cfg, dino, m = params.pretrain, params.pretrain.dino, params.model
+        self.networks = {net: DinoLearner.from_params(params, net, engine.device, engine.precision) for net in NETWORKS}
+        for net, learner in self.networks.items():
+            learner.attach(engine, cfg.sync_batchnorm and net == "cnn")
+        self.local_size = local_crop_size(dino, m.image_size, self.networks["vit"].student.backbone)
+        self.transform = MultiCropTransform(
+            m.image_size, self.local_size, dino.local_crops, dino.global_crop_scale, dino.local_crop_scale,
+            params.augment,
+        )
+        self.peak_lr = base_lr(dino, cfg.batch_size * cfg.accumulate)
+        self.teacher_temp, self.freeze_last_layer = dino.teacher_temp, False
+
+    @cached_property
+    def schedules(self) -> DinoSchedules:
+        cfg = self.params.pretrain
+        spe = self.engine.steps_per_epoch
+        return DinoSchedules.build(cfg.dino, self.peak_lr, cfg.min_lr, cfg.epochs, spe, cfg.warmup_epochs)
+
+    @staticmethod
+    def checkpoint_path(out: PretrainOutputs) -> Path:
+        return out.dino_checkpoint
+
+    def announce(self, images: int) -> None:
+        m, dino = self.params.model, self.params.pretrain.dino
+        log.info(
+            "DINO pretraining: %s and %s, %d images, 2 x %d px + %d x %d px crops, lr %.2g, %s",
+            m.cnn, m.vit, images, m.image_size, dino.local_crops, self.local_size, self.peak_lr,
+            self.engine.describe(),
+        )
+
+    def start_epoch(self, epoch: int) -> None:
+        for learner in self.networks.values():
+            learner.train()
+        self.teacher_temp = float(self.schedules.teacher_temp[epoch])
+        self.freeze_last_layer = epoch < self.params.pretrain.dino.freeze_last_layer_epochs
+
+    def step(self, batch: Any, step: Step) -> StepOutput:
+        crops, out = batch[0], StepOutput({})
+        for net, learner in self.networks.items():
+            loss, out.embeddings[net] = learner.forward_loss(crops, self.teacher_temp)
+            learner.backward(loss, step.divisor)
+            out.losses[net] = loss
+        return out
+
+    def optimizer_step(self, step: Step) -> None:
+        wd, momentum = self.schedules.weight_decay[step.index], self.schedules.momentum[step.index]
+        for learner in self.networks.values():
+            learner.step(step.lr, float(wd), float(momentum), self.freeze_last_layer)
+
+    def record(self, stats: EpochStats) -> dict[str, float]:
+        record: dict[str, float] = {"epoch": stats.epoch}
+        for net in NETWORKS:
+            record[f"{net}_loss"] = stats.losses[net]
+            record[f"{net}_embedding_std"] = stats.spread[net]
+            record[f"{net}_healthy_embedding_std"] = stats.healthy[net]
+        record.update(
+            loss=(record["cnn_loss"] + record["vit_loss"]) / 2,
+            lr=stats.lr,
+            teacher_momentum=float(self.schedules.momentum[stats.last_step]),
+            teacher_temp=self.teacher_temp,
+            images_per_second=stats.images_per_second,
+            epoch_seconds=stats.seconds,
+        )
+        return record
+
+    def details(self, last: Mapping[str, float]) -> dict[str, Any]:
+        return {
+            **{f"{net}_final_loss": last[f"{net}_loss"] for net in NETWORKS},
+            **{f"{net}_healthy_embedding_std": last[f"{net}_healthy_embedding_std"] for net in NETWORKS},
+            "local_crop_size": self.local_size,
+            "base_lr": self.peak_lr,
+        }
+
+    def backbones(self) -> dict[str, nn.Module]:
+        return {net: learner.student.backbone for net, learner in self.networks.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {net: learner.state_dict() for net, learner in self.networks.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for net, learner in self.networks.items():
+            learner.load_state_dict(state[net])
 
 
 def pretrain_dino(
@@ -329,160 +393,5 @@ def pretrain_dino(
     progress: bool = True,
 ) -> PretrainOutputs:
     """DINO-pretrain the CNN and the ViT (each its own student/teacher) on the pretraining pool."""
-    cfg, dino, m = params.pretrain, params.pretrain.dino, params.model
-    out = PretrainOutputs(Path(out_dir))
-    out.out_dir.mkdir(parents=True, exist_ok=True)
-    rows, info = pretraining_pool(params, Path(data_dir))
-    fingerprint = _fingerprint(params, Path(data_dir))
-
-    ctx = distributed.setup(resolve_device(cfg.device))
-    device = ctx.device
-    precision = resolve_precision(cfg.precision, device)
-    seed_everything(params.seed)
-    learners = {net: DinoLearner.from_params(params, net, device, precision) for net in NETWORKS}
-    for net, learner in learners.items():
-        learner.distribute(cfg.sync_batchnorm and net == "cnn", cfg.compile)
-    local_size = local_crop_size(dino, m.image_size, learners["vit"].student.backbone)
-    transform = MultiCropTransform(
-        m.image_size, local_size, dino.local_crops, dino.global_crop_scale, dino.local_crop_scale, params.augment
-    )
-    dataset = ImageDataset(Path(info.root), rows["path"].tolist(), transform, max_pixels=params.data.max_image_pixels)
-    drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
-    # batch_size is the global batch: each process loads its share of one permutation per epoch.
-    local_batch = distributed.local_batch_size(cfg.batch_size, "pretrain.batch_size")
-    workers = resolve_num_workers(cfg.num_workers, device, distributed.local_world_size())
-    sampler = distributed.sampler(dataset, shuffle=True, seed=params.seed, drop_last=drop_last)
-    batches = len(sampler) // local_batch if drop_last else math.ceil(len(sampler) / local_batch)
-    steps_per_epoch = math.ceil(batches / cfg.accumulate)
-    lr = base_lr(dino, cfg.batch_size * cfg.accumulate)
-    sched = DinoSchedules.build(dino, lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs)
-
-    start_epoch, history = 0, []
-    ckpt_path = out.out_dir / DINO_CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") == fingerprint:
-            for net, learner in learners.items():
-                learner.load_state_dict(state[net])
-            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-            log.info("resuming DINO pretraining from %s after epoch %d", ckpt_path, start_epoch)
-        else:
-            log.warning("%s was made with other settings or data; starting from scratch", ckpt_path)
-
-    healthy = {net: 1.0 / math.sqrt(lrn.student.backbone.num_features) for net, lrn in learners.items()}
-    log.info(
-        "DINO pretraining: %s and %s, %d images, 2 x %d px + %d x %d px crops, batch %d x %d, lr %.2g, %s on %s",
-        m.cnn,
-        m.vit,
-        len(dataset),
-        m.image_size,
-        dino.local_crops,
-        local_size,
-        cfg.batch_size,
-        cfg.accumulate,
-        lr,
-        precision.name,
-        device,
-    )
-    loaders = EpochLoader(dataset, sampler, local_batch, workers, drop_last, pin_memory=device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        loader = loaders.for_epoch(epoch_seed(params.seed, epoch), epoch, ctx.rank)
-        for learner in learners.values():
-            learner.train()
-        teacher_temp = float(sched.teacher_temp[epoch])
-        freeze = epoch < dino.freeze_last_layer_epochs
-        losses = {net: 0.0 for net in NETWORKS}
-        spread = {net: EmbeddingSpread(lrn.student.backbone.num_features, device) for net, lrn in learners.items()}
-        n = 0
-        started = time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"dino {epoch + 1}/{cfg.epochs}",
-            disable=None if progress and ctx.main else True,
-            leave=False,
-            unit="batch",
-        )
-        for i, (crops, _) in enumerate(bar):
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            group_size = min(cfg.accumulate, batches - (i // cfg.accumulate) * cfg.accumulate)
-            step = min(epoch * steps_per_epoch + i // cfg.accumulate, len(sched.lr) - 1)
-            last_of_group = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
-            for net, learner in learners.items():
-                with distributed.no_sync((learner.ddp,), enabled=not last_of_group):
-                    loss, feats = learner.forward_loss(crops, teacher_temp)
-                    check_finite(loss, f"DINO {net} pretraining epoch {epoch + 1}, batch {i + 1}")
-                    learner.backward(loss / group_size)
-                if last_of_group:
-                    learner.step(
-                        float(sched.lr[step]), float(sched.weight_decay[step]), float(sched.momentum[step]), freeze
-                    )
-                spread[net].add(feats)
-                losses[net] += loss.item() * len(crops[0])
-            n += len(crops[0])
-            bar.set_postfix(loss=f"{losses['vit'] / n:.3f}", img_s=f"{n / (time.perf_counter() - started):.0f}")
-        seconds = time.perf_counter() - started
-        # Metrics over the global epoch: sum the per-process sums (each loss itself stayed local).
-        totals = torch.tensor([losses["cnn"], losses["vit"], n], dtype=torch.float64, device=device)
-        distributed.all_reduce_sum(totals, *(sp.sums for sp in spread.values()))
-        losses["cnn"], losses["vit"], n = float(totals[0]), float(totals[1]), int(totals[2])
-        record: dict[str, float] = {"epoch": epoch + 1}
-        for net in NETWORKS:
-            record[f"{net}_loss"] = losses[net] / n
-            record[f"{net}_embedding_std"] = spread[net].std(n)
-            record[f"{net}_healthy_embedding_std"] = healthy[net]
-        record.update(
-            loss=(record["cnn_loss"] + record["vit_loss"]) / 2,
-            lr=float(sched.lr[min((epoch + 1) * steps_per_epoch - 1, len(sched.lr) - 1)]),
-            teacher_momentum=float(sched.momentum[min((epoch + 1) * steps_per_epoch - 1, len(sched.momentum) - 1)]),
-            teacher_temp=teacher_temp,
-            images_per_second=n / seconds,
-            epoch_seconds=seconds,
-        )
-        history.append(record)
-        log.info(
-            "DINO epoch %d/%d: loss CNN %.4f / ViT %.4f, feature std CNN %.4f / ViT %.4f, %.0f img/s",
-            epoch + 1,
-            cfg.epochs,
-            record["cnn_loss"],
-            record["vit_loss"],
-            record["cnn_embedding_std"],
-            record["vit_embedding_std"],
-            record["images_per_second"],
-        )
-        warn_collapse("DINO", record, healthy, cfg.collapse_warn_fraction)
-        if not ctx.main:
-            continue  # rank 0 alone checkpoints (plain state_dicts: resumable with any process count)
-        save_checkpoint(
-            {
-                **{net: learner.state_dict() for net, learner in learners.items()},
-                "epoch": epoch,
-                "history": history,
-                "fingerprint": fingerprint,
-            },
-            ckpt_path,
-        )
-        for cb in callbacks:
-            cb(epoch + 1, record)
-
-    if not ctx.main:
-        distributed.barrier()  # return once rank 0 has written the outputs
-        return out
-    last = history[-1]
-    backbones = {net: learner.student.backbone for net, learner in learners.items()}
-    write_outputs(out, params, info, backbones, history, {
-        "cnn_final_loss": last["cnn_loss"],
-        "vit_final_loss": last["vit_loss"],
-        "images": len(dataset),
-        "cnn_embedding_std": last["cnn_embedding_std"],
-        "vit_embedding_std": last["vit_embedding_std"],
-        "cnn_healthy_embedding_std": healthy["cnn"],
-        "vit_healthy_embedding_std": healthy["vit"],
-        "collapsed": bool(collapsed_networks(last, healthy, cfg.collapse_warn_fraction)),
-        "local_crop_size": local_size,
-        "base_lr": lr,
-        "precision": precision.name,
-        "device": str(device),
-        "processes": ctx.world_size,
-    }, method="dino")
-    distributed.barrier()
-    return out
+    return run_pretraining(params, data_dir, out_dir, DinoPretraining, resume=resume, callbacks=callbacks,
+                           progress=progress)

@@ -1,4 +1,5 @@
-"""The embedded demo dataset: synthetic H&E-like tissue patches in four classes.
+"""The embedded demo datasets: synthetic H&E-like tissue patches in four classes (``kind="tissue"``, the
+default), or grayscale radiology-like lesions that differ by shape (``kind="shapes"``, cass.data.shapes).
 
 Each class has its own texture, the way tissue types differ under the microscope: ``adipose`` (large
 pale polygonal cells with thin membranes), ``lymphocytes`` (dense small dark round nuclei),
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cass.data.manifest import atomic_write_text
+from cass.data import shapes
+from cass.io import atomic_write_text
 
 CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
 _MARKER = ".cass-demo"
@@ -66,7 +68,7 @@ def _blobs(size: int, rng: np.random.Generator, count: int, r_lo: float, r_hi: f
 
 
 def _paint_adipose(rng: np.random.Generator, size: int) -> np.ndarray:
-    bg, nucleus, fibre = _stain(rng)
+    bg, _nucleus, fibre = _stain(rng)
     k = int(rng.integers(5, 10))
     seeds = rng.uniform(0, size, size=(k, 2))
     yy, xx = _grid(size)
@@ -148,23 +150,65 @@ def _render(class_name: str, index: int, size: int, seed: int) -> tuple[Image.Im
     return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB"), facts
 
 
-def generate_demo(root: Path, images_per_class: int = 300, size: int = 64, seed: int = 0, force: bool = False) -> Path:
-    """Write the demo dataset as an ImageFolder tree under ``root``, with ``metadata.csv`` (path, focus,
-    patch: the subgroups of each image, for ``data.group_columns``); a no-op if it is already there."""
+DEMO_KINDS: dict[str, tuple[tuple[str, ...], Callable[[str, int, int, int], Image.Image]]] = {
+    "tissue": (CLASSES, render),
+    "shapes": (shapes.CLASSES, shapes.render),
+}
+"""Each generated dataset (``data.demo_kind``): its classes and the function drawing one image."""
+
+
+def demo_classes(kind: str = "tissue") -> tuple[str, ...]:
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"data.demo_kind: unknown generated dataset {kind!r}; choose one of {', '.join(DEMO_KINDS)}")
+    return DEMO_KINDS[kind][0]
+
+
+def generate_demo(
+    root: Path,
+    images_per_class: int = 300,
+    size: int = 64,
+    seed: int = 0,
+    force: bool = False,
+    kind: str = "tissue",
+) -> Path:
+    """Write a generated dataset as an ImageFolder tree under ``root``; a no-op if it is already there.
+
+    ``kind`` picks the dataset (:data:`DEMO_KINDS`); class folders of another kind are emptied, so the
+    folder holds one dataset. The tissue dataset also gets ``metadata.csv`` (path, focus, patch: the
+    subgroups of each image, for ``data.group_columns``)."""
+    classes = demo_classes(kind)
+    paint = DEMO_KINDS[kind][1]
     marker = root / _MARKER
-    stamp = f"classes={','.join(CLASSES)} per_class={images_per_class} size={size} seed={seed} metadata=1\n"
+    stamp = f"classes={','.join(classes)} per_class={images_per_class} size={size} seed={seed}"
+    # The tissue folders made before metadata.csv existed are written again (same images, plus the file).
+    stamp = f"kind={kind} {stamp}\n" if kind != "tissue" else f"{stamp} metadata=1\n"
     if not force and marker.is_file() and marker.read_text() == stamp:
         return root
+    stale_classes = {c for cs, _ in DEMO_KINDS.values() for c in cs} - set(classes)
+    for cls in sorted(stale_classes):
+        folder = root / cls
+        if folder.is_dir():
+            for stale in folder.glob("*.png"):
+                stale.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
     rows = ["path,focus,patch"]
-    for cls in CLASSES:
+    for cls in classes:
         folder = root / cls
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.png"):
             stale.unlink()
         for i in range(images_per_class):
-            image, facts = _render(cls, i, size, seed)
-            image.save(folder / f"{cls}_{i:04d}.png", optimize=False)
-            rows.append(f"{cls}/{cls}_{i:04d}.png,{facts['focus']},{facts['patch']}")
-    atomic_write_text(root / METADATA_FILE, "\n".join(rows) + "\n")
+            target = folder / f"{cls}_{i:04d}.png"
+            if kind == "tissue":
+                image, facts = _render(cls, i, size, seed)
+                rows.append(f"{cls}/{target.name},{facts['focus']},{facts['patch']}")
+            else:
+                image = paint(cls, i, size, seed)
+            image.save(target, optimize=False)
+    if kind == "tissue":
+        atomic_write_text(root / METADATA_FILE, "\n".join(rows) + "\n")
+    else:
+        (root / METADATA_FILE).unlink(missing_ok=True)  # the tissue subgroups do not describe these images
     atomic_write_text(marker, stamp)
     return root

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,22 @@ from cass.errors import DataError
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold
 
+# Kinds of unusable file, as reports group them (cass.data.problems).
+NOT_FOUND = "file not found"
+UNREADABLE = "unreadable file"
+EMPTY = "empty file"
+NOT_AN_IMAGE = "not an image"
+TOO_LARGE = "too many pixels (possible decompression bomb)"
+CORRUPT = "truncated or corrupt image"
+
+
+class ImageError(DataError):
+    """A file the loader cannot use. ``kind`` (one of the constants above) groups it with its like in a report."""
+
+    def __init__(self, where: str, problem: str, kind: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.kind = kind
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -30,29 +47,52 @@ class ImageInfo:
     mode: str
 
 
+def _too_large(where: str, pixels: int, size: str, max_pixels: int) -> ImageError:
+    return ImageError(
+        where,
+        f"{size}{pixels:,} pixels exceeds data.max_image_pixels ({max_pixels:,}); refused as a possible "
+        "decompression bomb. Raise data.max_image_pixels only for trusted files.",
+        TOO_LARGE,
+    )
+
+
 def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode image bytes with the bomb check first; ``where`` names the source in errors."""
+    """Fully decode image bytes with the bomb check first; ``where`` names the source in errors.
+
+    The pixel limit is ``max_pixels`` (``data.max_image_pixels``), not Pillow's global one: Pillow's warning
+    threshold is silenced so that raising the setting works, and its hard error (at twice its threshold) is
+    reported in the setting's terms.
+    """
     if not data:
-        raise DataError(f"{where}: the file is empty (0 bytes); replace it or remove its row")
+        raise ImageError(where, "the file is empty (0 bytes); replace it or remove its row", EMPTY)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise DataError(f"{where}: not an image file Pillow can read; replace it or remove its row") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{where}: refused as a possible decompression bomb ({exc})") from None
+        problem = "not an image file Pillow can read; replace it or remove its row"
+        raise ImageError(where, problem, NOT_AN_IMAGE) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a header cut short (JPEG: "Truncated File Read")
+        raise ImageError(where, f"the image is truncated or corrupt ({exc}); replace the file", CORRUPT) from None
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else 0
+        if pixels > max_pixels or not found:
+            raise _too_large(where, pixels, "", max_pixels) from None
+        hard = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageError(
+            where,
+            f"{pixels:,} pixels is within data.max_image_pixels ({max_pixels:,}) but above Pillow's hard limit "
+            f"({hard:,}, twice PIL.Image.MAX_IMAGE_PIXELS), which no setting of cass raises; downscale the file",
+            TOO_LARGE,
+        ) from None
     width, height = img.size
     if width * height > max_pixels:
-        raise DataError(
-            f"{where}: {width}x{height} = {width * height:,} pixels exceeds data.max_image_pixels "
-            f"({max_pixels:,}); refused as a possible decompression bomb. Raise the limit only for "
-            "trusted files."
-        )
+        raise _too_large(where, width * height, f"{width}x{height} = ", max_pixels)
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{where}: the image is truncated or corrupt ({exc}); replace the file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(where, f"the image is truncated or corrupt ({exc}); replace the file", CORRUPT) from None
     return img
 
 
@@ -61,17 +101,17 @@ def read_bytes(path: Path, where: str | None = None) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{where}: file not found; restore it (dvc pull?) or remove its row") from None
+        raise ImageError(where, "file not found; restore it (dvc pull?) or remove its row", NOT_FOUND) from None
     except IsADirectoryError:
-        raise DataError(f"{where}: is a directory, not an image file") from None
+        raise ImageError(where, "is a directory, not an image file", NOT_AN_IMAGE) from None
     except PermissionError:
-        raise DataError(f"{where}: permission denied; make the file readable") from None
+        raise ImageError(where, "permission denied; make the file readable", UNREADABLE) from None
     except OSError as exc:
-        raise DataError(f"{where}: unreadable ({exc})") from None
+        raise ImageError(where, f"unreadable ({exc})", UNREADABLE) from None
 
 
 def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None = None) -> ImageInfo:
-    """Hash and fully decode one file; raise :class:`DataError` naming the file if it is unusable."""
+    """Hash and fully decode one file; raise :class:`ImageError` naming the file if it is unusable."""
     where = where or str(path)
     data = read_bytes(path, where)
     img = decode_image(data, where, max_pixels)

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from cass.data.images import ImageInfo, inspect_image
+from cass.data.images import ImageError, ImageInfo, inspect_image
+from cass.data.problems import Problems
 from cass.errors import DataError
+from cass.io import atomic_write_text
+from cass.layout import INFO_FILE, MANIFEST_FILE
 
 COLUMNS = ("path", "labels", "split", "sha256", "width", "height", "mode", "group")
 SPLITS = ("train", "val", "test")
 LABEL_SEP = "|"
-MANIFEST_FILE = "manifest.csv"
-INFO_FILE = "dataset.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class DatasetInfo:
     data_version: str = ""
     git_commit: str = ""
     split_counts: dict[str, int] = field(default_factory=dict)
+    # What the outputs were made from (cass.data.fingerprint): the settings and data version, and their hash.
+    settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -62,21 +66,6 @@ def join_labels(labels: Iterable[str]) -> str:
 
 def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see either the old or the whole new content, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(df: pd.DataFrame, info: DatasetInfo, out_dir: Path) -> Path:
@@ -103,26 +92,32 @@ def read_manifest(data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
     return df, DatasetInfo.from_json(ipath.read_text())
 
 
-def _inspect_one(args: tuple[str, str, int]) -> ImageInfo | str:
+def _inspect_one(args: tuple[str, str, int]) -> ImageInfo | tuple[str, str]:
     root, rel, max_pixels = args
     try:
         return inspect_image(Path(root) / rel, max_pixels, where=rel)
-    except DataError as exc:
-        return str(exc)
+    except ImageError as exc:
+        return exc.kind, str(exc)
 
 
-def inspect_files(root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0) -> list[ImageInfo]:
-    """Hash and decode every file, in parallel; report every bad file at once, not only the first."""
+def inspect_all(
+    root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0
+) -> list[ImageInfo | tuple[str, str]]:
+    """Hash and decode every file, in parallel: its :class:`ImageInfo`, or (kind, message) when unusable."""
     workers = workers or os.cpu_count() or 1
     jobs = [(str(root), rel, max_pixels) for rel in rel_paths]
     if workers == 1 or len(jobs) < 64:
-        results = [_inspect_one(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_inspect_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
-    errors = [r for r in results if isinstance(r, str)]
-    if errors:
-        shown = "\n  - ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} unusable image file(s) under {root}:\n  - {shown}{more}")
+        return [_inspect_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_inspect_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+
+
+def inspect_files(root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0) -> list[ImageInfo]:
+    """Hash and decode every file; report every bad file at once, grouped by kind, not only the first."""
+    problems = Problems()
+    results = inspect_all(root, rel_paths, max_pixels, workers)
+    for r in results:
+        if not isinstance(r, ImageInfo):
+            problems.add(*r)
+    problems.raise_if_any(f"unusable image files under {root}")
     return [r for r in results if isinstance(r, ImageInfo)]

@@ -1,76 +1,113 @@
-"""Stage ``prepare``: dataset -> manifest, splits and label-fraction subsets on disk."""
+"""Stage ``prepare``: dataset -> manifest, splits and label-fraction subsets on disk.
+
+One pass reads the layout, checks the labels against ``data.classes``, hashes and decodes every image and
+looks for the same image in two predefined splits; every problem met is reported at the end, grouped by
+kind (:mod:`cass.data.problems`), and nothing is written unless there is none.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
 
-from cass.config import Params
+from cass.config import Params, metrics_fix, unwritten_metrics
 from cass.data import adapters
-from cass.data.manifest import DatasetInfo, inspect_files, label_lists, read_manifest, write_manifest
+from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
+from cass.data.images import ImageInfo
+from cass.data.layouts import get_layout
+from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manifest, write_manifest
+from cass.data.problems import Problems
 from cass.data.splits import assign_splits, write_subsets
 from cass.errors import DataError
 from cass.lineage import data_version, git_commit
 
 log = logging.getLogger(__name__)
 
-
-def load_layout(params: Params, work_dir: Path) -> adapters.AdapterResult:
-    cfg = params.data
-    root = Path(cfg.root)
-    if cfg.layout == "imagefolder":
-        return adapters.imagefolder(root)
-    if cfg.layout == "csv":
-        assert cfg.csv is not None  # guaranteed by DataConfig validation
-        return adapters.csv_onehot(root, cfg.csv, cfg.group_column)
-    assert cfg.medmnist_file is not None
-    return adapters.medmnist(root / cfg.medmnist_file, work_dir, cfg.classes)
+UNKNOWN_LABEL = "label outside data.classes"
+CROSS_SPLIT = "same image in two predefined splits"
+TASK_SETTING = "setting the data contradicts"
 
 
-def check_labels(rows: pd.DataFrame, found: tuple[str, ...], expected: tuple[str, ...] | None) -> tuple[str, ...]:
+def load_layout(params: Params, work_dir: Path, problems: Problems | None = None) -> adapters.AdapterResult:
+    """The rows of the dataset, read by its registered layout (``data.layout``)."""
+    own, problems = problems is None, problems if problems is not None else Problems()
+    result = get_layout(params.data.layout).load(params.data, work_dir, problems)
+    if own:
+        problems.raise_if_any(f"{params.data.root}: the dataset cannot be read")
+    return result
+
+
+def check_labels(
+    rows: pd.DataFrame, found: tuple[str, ...], expected: tuple[str, ...] | None, problems: Problems | None = None
+) -> tuple[str, ...]:
     """Every label must belong to the configured class set (when one is configured)."""
     if expected is None:
         return found
+    own, problems = problems is None, problems if problems is not None else Problems()
     unknown: dict[str, list[str]] = {}
     for path, labels in zip(rows["path"], label_lists(rows), strict=True):
         for c in labels:
             if c not in expected:
                 unknown.setdefault(c, []).append(path)
-    if unknown:
-        lines = [f"label '{c}' ({len(p)} image(s), e.g. {p[:3]})" for c, p in sorted(unknown.items())]
-        raise DataError(
-            "labels outside data.classes " + str(list(expected)) + ":\n  - " + "\n  - ".join(lines)
-            + "\nAdd them to data.classes or fix the data."
-        )
+    for c, paths in sorted(unknown.items()):
+        problems.add(UNKNOWN_LABEL, f"label '{c}' ({len(paths)} image(s), e.g. {paths[:3]})",
+                     f"add the labels to data.classes {list(expected)} or fix the data")
+    if own:
+        problems.raise_if_any(f"labels outside data.classes {list(expected)}")
     return tuple(expected)
+
+
+def check_predefined_splits(df: pd.DataFrame, problems: Problems) -> None:
+    """The same image (by content) in two predefined splits: its test score would measure memory."""
+    splits: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for path, split, sha in zip(df["path"], df["split"], df["sha256"], strict=True):
+        if split:
+            splits[sha][split].append(path)
+    for by_split in splits.values():
+        if len(by_split) > 1:
+            where = "; ".join(f"{s}: {', '.join(paths)}" for s, paths in sorted(by_split.items()))
+            problems.add(CROSS_SPLIT, where, "keep each image in one split folder only (remove the other copies)")
 
 
 def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None) -> Path:
     """Build the manifest, assign splits, write label-fraction subsets. Returns ``out_dir``.
 
     Everything is built in a staging folder and moved into place at the end, so a failure leaves the
-    previous outputs untouched.
+    previous outputs untouched (later stages tell them apart by their fingerprint, cass.data.fingerprint).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    problems = Problems()
     try:
         # MedMNIST images are extracted once, next to the outputs, and reused.
-        result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist")
-        classes = check_labels(result.rows, result.classes, params.data.classes)
+        result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist", problems)
+        classes = check_labels(result.rows, result.classes, params.data.classes, problems)
+        if unwritten_metrics(params.quality.expected_metrics, result.multilabel):
+            problems.add(TASK_SETTING, metrics_fix(params.quality.expected_metrics, result.multilabel))
         log.info("inspecting %d images under %s", len(result.rows), result.root)
-        infos = inspect_files(result.root, result.rows["path"].tolist(), params.data.max_image_pixels, params.data.workers)
-        df = result.rows.copy()
+        inspected = inspect_all(
+            result.root, result.rows["path"].tolist(), params.data.max_image_pixels, params.data.workers
+        )
+        for r in inspected:
+            if not isinstance(r, ImageInfo):
+                problems.add(*r)
+        good = [i for i, r in enumerate(inspected) if isinstance(r, ImageInfo)]
+        infos = [r for r in inspected if isinstance(r, ImageInfo)]
+        df = result.rows.iloc[good].copy()
         df["sha256"] = [i.sha256 for i in infos]
         df["width"] = [i.width for i in infos]
         df["height"] = [i.height for i in infos]
         df["mode"] = [i.mode for i in infos]
+        check_predefined_splits(df, problems)
+        problems.raise_if_any(f"{params.data.root}: not prepared, {out_dir} left as it was")
         df = assign_splits(df, params.split.val, params.split.test, params.split.seed)
+        settings = prepared_settings(params, project_dir)
         info = DatasetInfo(
             name=params.data.name,
             root=str(result.root),
@@ -81,6 +118,8 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
             data_version=data_version(params.data.root, project_dir),
             git_commit=git_commit(project_dir),
             split_counts={k: int(v) for k, v in sorted(Counter(df["split"]).items())},
+            settings=settings,
+            fingerprint=fingerprint(settings),
         )
         write_manifest(df, info, staging)
         write_subsets(df, params.split.label_fractions, params.split.seed, staging)
@@ -99,14 +138,16 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def summarize(data_dir: Path) -> str:
-    """Class counts per split, for ``cass data show``."""
+def summarize(data_dir: Path, params: Params | None = None) -> str:
+    """Class counts per split, for ``cass data show``; with ``params``, a warning when the prepared data
+    was made from other settings (:func:`cass.data.fingerprint.ensure_prepared`)."""
     df, info = read_manifest(data_dir)
     rows = []
     for labels, split in zip(label_lists(df), df["split"], strict=True):
         rows.extend((c, split) for c in labels)
     table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().unstack(fill_value=0)
-    table = table.reindex(index=list(info.classes), columns=[s for s in ("train", "val", "test") if s in table.columns], fill_value=0)
+    splits = [s for s in ("train", "val", "test") if s in table.columns]
+    table = table.reindex(index=list(info.classes), columns=splits, fill_value=0)
     table["total"] = table.sum(axis=1)
     lines = [
         f"dataset {info.name}: {info.num_images} images, {len(info.classes)} classes, "
@@ -114,4 +155,9 @@ def summarize(data_dir: Path) -> str:
         f"data version {info.data_version or '(not tracked by DVC)'}; splits {info.split_counts}",
         table.to_string(),
     ]
+    if params is not None:
+        try:
+            ensure_prepared(params, data_dir)
+        except DataError as exc:
+            lines.append(f"WARNING: {exc}")
     return "\n".join(lines)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cass.data.manifest import atomic_write_text, label_lists
+from cass.data.manifest import label_lists
 from cass.errors import DataError
-
-SUBSET_DIR = "subsets"
+from cass.io import atomic_write_text
+from cass.layout import subset_file
 
 
 def _stratum(labels: list[str], frequency: dict[str, int]) -> str:
@@ -56,7 +56,7 @@ def _split_units(units: pd.DataFrame, val: float, test: float, rng: np.random.Ge
 
 
 def assign_splits(rows: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
-    """Fill the ``split`` column. Rows that already carry a split keep it.
+    """Fill the ``split`` column. Rows that already carry a split keep it; copies of one image stay together.
 
     If the data ships train and test but no val (Brain Tumor MRI), val is carved from train.
     """
@@ -68,7 +68,10 @@ def assign_splits(rows: pd.DataFrame, val: float, test: float, seed: int) -> pd.
         for c in ls:
             frequency[c] = frequency.get(c, 0) + 1
     df["_stratum"] = [_stratum(ls, frequency) for ls in labels]
-    df["_key"] = [g if g else f"path:{p}" for g, p in zip(df["group"], df["path"], strict=True)]
+    # A split unit is a group (patient) or an image; copies of one image (same sha256) form one unit, so a
+    # duplicate never lands in two splits. (Unique images keep their path as key: their splits do not change.)
+    first = df.groupby("sha256")["path"].transform("min") if "sha256" in df.columns else df["path"]
+    df["_key"] = [g if g else f"path:{p}" for g, p in zip(df["group"], first, strict=True)]
 
     predefined = set(df["split"]) - {""}
     if predefined and (df["split"] == "").any():
@@ -126,10 +129,6 @@ def label_fraction_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd
             chosen.append(first)
             present.update(labels[first])
     return train.iloc[sorted(set(chosen))].reset_index(drop=True)
-
-
-def subset_file(data_dir: Path, fraction: float) -> Path:
-    return data_dir / SUBSET_DIR / f"fraction-{fraction:g}.csv"
 
 
 def write_subsets(df: pd.DataFrame, fractions: tuple[float, ...], seed: int, data_dir: Path) -> list[Path]:

@@ -1,12 +1,16 @@
-"""The CASS augmentation pipeline and the evaluation transform.
+"""The CASS augmentation pipeline, the views of self-supervised pretraining, and the evaluation transform.
 
 Defaults are the paper's: resize, colour jitter 0.2 (p 0.3), random perspective 0.2 (p 0.3), random
 affine 10 degrees (p 0.3), horizontal and vertical flips (p 0.3), ImageNet normalisation. Randomness
 comes from torch's generator, which the training loops seed per epoch (and DataLoader per worker), so
-a run can be replayed exactly.
+a run can be replayed exactly; an image's views are drawn one after the other from the generator its
+dataset seeded for that image, so each view is reproducible and the two views differ.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -25,13 +29,71 @@ def cass_transform(image_size: int, aug: AugmentConfig, strength: float = 1.0) -
         v2.ToImage(),
         v2.Resize((image_size, image_size), antialias=True),
         v2.RandomApply([v2.ColorJitter(cj, cj, cj, min(0.5, cj))], p=_p(aug.color_jitter_p, strength)),
-        v2.RandomApply([v2.RandomPerspective(distortion_scale=aug.perspective, p=1.0)], p=_p(aug.perspective_p, strength)),
+        v2.RandomApply(
+            [v2.RandomPerspective(distortion_scale=aug.perspective, p=1.0)], p=_p(aug.perspective_p, strength)
+        ),
         v2.RandomApply([v2.RandomAffine(degrees=aug.affine_degrees)], p=_p(aug.affine_p, strength)),
         v2.RandomHorizontalFlip(p=_p(aug.hflip_p, strength)),
         v2.RandomVerticalFlip(p=_p(aug.vflip_p, strength)),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
     ])
+
+
+def strong_view(image_size: int, aug: AugmentConfig) -> v2.Compose:
+    """A harder self-supervised view (``augment.recipe: strong``): random resized crop, flips, colour jitter,
+    grayscale and blur, the family of views SimCLR (Chen et al. 2020) and BYOL (Grill et al. 2020) found
+    necessary for agreement between views to teach something.
+
+    Kept within what medical images tolerate: hue moves at most 0.05 (stain colour carries meaning), crops
+    keep at least ``augment.crop_scale[0]`` of the area, the blur's sigma (0.1-2.0 px at 224 px) scales with
+    the image, and there is no solarisation.
+    """
+    cj = aug.strong_color_jitter
+    sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
+    kernel = 2 * max(1, round(3 * sigma[1])) + 1
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=aug.crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomVerticalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(cj, cj, cj / 2, min(0.05, cj / 4))], p=aug.strong_color_jitter_p),
+        v2.RandomGrayscale(p=aug.grayscale_p),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=aug.blur_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
+    ])
+
+
+def pretrain_view(image_size: int, aug: AugmentConfig) -> v2.Compose:
+    """One self-supervised view of ``augment.recipe``: the paper's (:func:`cass_transform`) or :func:`strong_view`."""
+    if aug.recipe == "strong":
+        return strong_view(image_size, aug)
+    return cass_transform(image_size, aug)
+
+
+class TwoViewTransform:
+    """Two views of one image from the same random recipe, drawn one after the other: the first is the
+    view a one-view transform would give for the same seed, the second a fresh draw.
+
+    For the CASS variants where each network sees its own view (two views and a symmetric loss, as in
+    SimSiam, Chen & He 2021, and BYOL, Grill et al. 2020). Returns a list, which the DataLoader batches
+    into a list of two tensors.
+    """
+
+    def __init__(self, view: Callable) -> None:
+        self.view = view
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.view(image), self.view(image)]
+
+
+def pretrain_transform(image_size: int, aug: AugmentConfig, views: int) -> Callable:
+    """What pretraining loads per image: one view (a tensor; the paper) or two (a list of two tensors)."""
+    if views not in (1, 2):
+        raise ValueError(f"pretrain.cass.views must be 1 or 2, got {views}")
+    view = pretrain_view(image_size, aug)
+    return view if views == 1 else TwoViewTransform(view)
 
 
 def eval_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
@@ -89,3 +151,20 @@ class MultiCropTransform:
 
     def __call__(self, image) -> list[torch.Tensor]:
         return [view(image) for view in self.global_views] + [self.local_view(image) for _ in range(self.local_crops)]
+
+
+class RepeatedViews:
+    """``views`` independent draws of one transform, as a list (a CASS pair that takes two views)."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], views: int) -> None:
+        if views < 2:
+            raise ValueError(f"RepeatedViews makes 2 or more views, not {views}; use the transform itself")
+        self.transform, self.views = transform, views
+
+    @classmethod
+    def of(cls, transform: Callable[[Any], torch.Tensor], views: int) -> Callable[[Any], Any]:
+        """The transform itself for one view (a batch is then one tensor), else ``views`` draws of it."""
+        return transform if views == 1 else cls(transform, views)
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        return [self.transform(image) for _ in range(self.views)]

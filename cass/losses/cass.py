@@ -26,9 +26,10 @@ class CASSLoss(nn.Module):
     def forward(self, z_cnn: torch.Tensor, z_vit: torch.Tensor) -> torch.Tensor:
         if z_cnn.shape != z_vit.shape:
             raise ValueError(f"embedding shapes differ: CNN {tuple(z_cnn.shape)} vs ViT {tuple(z_vit.shape)}")
-        a = F.normalize(z_cnn.float(), dim=-1, eps=self.eps)
-        b = F.normalize(z_vit.float(), dim=-1, eps=self.eps)
-        return (2.0 - 2.0 * (a * b).sum(dim=-1)).mean()
+        with torch.autocast(z_cnn.device.type, enabled=False):  # fp32 even inside the forward's autocast
+            a = F.normalize(z_cnn.float(), dim=-1, eps=self.eps)
+            b = F.normalize(z_vit.float(), dim=-1, eps=self.eps)
+            return (2.0 - 2.0 * (a * b).sum(dim=-1)).mean()
 
 
 class EmbeddingSpread:

@@ -35,15 +35,16 @@ class VarianceCovarianceLoss(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 2 or len(z) < 2:
             raise ValueError(f"need a (batch >= 2, dim) matrix of embeddings, got shape {tuple(z.shape)}")
-        z = z.float()
-        z = z - z.mean(dim=0)
-        std = torch.sqrt(z.var(dim=0) + self.eps)
-        variance = F.relu(self.std_target - std).mean()
-        n, d = z.shape
-        cov = (z.T @ z) / (n - 1)
-        off_diagonal = cov - torch.diag(torch.diagonal(cov))
-        covariance = off_diagonal.pow(2).sum() / d
-        return variance + self.cov_weight * covariance
+        with torch.autocast(z.device.type, enabled=False):  # fp32 even inside the forward's autocast
+            z = z.float()
+            z = z - z.mean(dim=0)
+            std = torch.sqrt(z.var(dim=0) + self.eps)
+            variance = F.relu(self.std_target - std).mean()
+            n, d = z.shape
+            cov = (z.T @ z) / (n - 1)
+            off_diagonal = cov - torch.diag(torch.diagonal(cov))
+            covariance = off_diagonal.pow(2).sum() / d
+            return variance + self.cov_weight * covariance
 
 
 class AntiCollapseCASSLoss(CASSLoss):

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import PIL
 
 from cass.data.images import decode_image
-from cass.data.manifest import atomic_write_text
+from cass.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

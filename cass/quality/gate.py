@@ -26,13 +26,12 @@ from typing import Any
 import pandas as pd
 
 from cass.config import QualityConfig, Severity
-from cass.data.manifest import atomic_write_text
 from cass.errors import GateFailed
+from cass.io import atomic_write_text
+from cass.layout import DOCS_DIR, RESULT_FILE
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-DOCS_DIR = "data_docs"
 
 
 @dataclass(frozen=True)

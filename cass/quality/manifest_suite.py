@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from cass.config import Params
+from cass.data.fingerprint import ensure_prepared
 from cass.data.manifest import DatasetInfo, label_lists, read_manifest
 from cass.quality.decode_cache import FileCheck, check_files
 from cass.quality.gate import GateResult, Table, check, run_gate
@@ -41,12 +42,26 @@ def _conflicts(hashes: list[str], labels: list[list[str]]) -> list[str | None]:
     return [" vs ".join(sorted(seen[h])) if h and len(seen[h]) > 1 else None for h in hashes]
 
 
+def _modes_catch(allowed: list[str], modes: list[str | None]) -> str:
+    """What mode_allowed catches; when the data holds other modes, the value of the setting that accepts them."""
+    text = f"a pixel mode outside quality.allowed_modes {allowed}"
+    extra = sorted({m for m in modes if m and m not in allowed})
+    if not extra:
+        return text
+    wider = ", ".join([*allowed, *extra])
+    return (
+        f"{text}. Grayscale (L), 16-bit (I;16) or RGBA images are converted to 8-bit RGB faithfully: if the data "
+        f"is meant to hold {', '.join(extra)} images, set quality.allowed_modes: [{wider}]"
+    )
+
+
 def images_table(params: Params, df: pd.DataFrame, info: DatasetInfo, checks: list[FileCheck | None]) -> Table:
     q = params.quality
     classes = set(params.data.classes or info.classes)
     labels = label_lists(df)
     unknown = ["|".join(c for c in ls if c not in classes) or None for ls in labels]
     current = [c.sha256 if c and c.sha256 else str(m) for c, m in zip(checks, df["sha256"], strict=True)]
+    modes = [c.mode if c else None for c in checks]
     frame = pd.DataFrame(
         {
             "path": df["path"].astype(str).to_numpy(),
@@ -58,7 +73,7 @@ def images_table(params: Params, df: pd.DataFrame, info: DatasetInfo, checks: li
             ],
             "width": pd.Series([c.width if c else None for c in checks], dtype="object"),
             "height": pd.Series([c.height if c else None for c in checks], dtype="object"),
-            "mode": [c.mode if c else None for c in checks],
+            "mode": modes,
             "num_labels": [len(ls) for ls in labels],
             "unknown_labels": unknown,
             "conflicting_labels": _conflicts(current, labels),
@@ -85,7 +100,7 @@ def images_table(params: Params, df: pd.DataFrame, info: DatasetInfo, checks: li
         check("height_in_bounds", f"an image height outside [{q.min_height}, {q.max_height}] px (quality.*_height)",
               "ExpectColumnValuesToBeBetween", column="height", min_value=q.min_height, max_value=q.max_height),
         # CMYK, 1-bit or other pixel formats the loader would not convert faithfully.
-        check("mode_allowed", f"a pixel mode outside quality.allowed_modes {list(q.allowed_modes)}",
+        check("mode_allowed", _modes_catch(list(q.allowed_modes), modes),
               "ExpectColumnValuesToBeInSet", column="mode", value_set=list(q.allowed_modes)),
         # A row without a label: an unlabelled image in a supervised split.
         check("has_label", "a row with no label", "ExpectColumnValuesToBeBetween", column="num_labels", min_value=1),
@@ -144,8 +159,10 @@ def validate_manifest(
     """Gate before any training: check every file and label of the manifest in ``data_dir``.
 
     Decode results are cached by content hash in ``cache_path`` (default ``report_dir/decode-cache.json``;
-    keep it outside folders a tool deletes before a run, such as DVC outputs).
+    keep it outside folders a tool deletes before a run, such as DVC outputs). Prepared data made from other
+    settings or data than ``params`` is refused (a DataError naming the difference), not validated.
     """
+    ensure_prepared(params, Path(data_dir))
     df, info = read_manifest(Path(data_dir))
     root = Path(info.root)
     paths = df["path"].astype(str).tolist()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from cass.config import Params
+from cass.data.fingerprint import ensure_prepared
 from cass.data.manifest import SPLITS, DatasetInfo, label_lists, read_manifest
 from cass.data.splits import read_subset
 from cass.quality.gate import GateResult, Table, check, run_gate
@@ -84,8 +85,11 @@ def subsets_table(params: Params, df: pd.DataFrame, data_dir: Path) -> Table:
 
 
 def validate_splits(params: Params, data_dir: Path, report_dir: Path, *, raise_on_failure: bool = True) -> GateResult:
-    """Gate before fine-tuning: splits of the manifest in ``data_dir`` and its label-fraction subsets."""
+    """Gate before fine-tuning: splits of the manifest in ``data_dir`` and its label-fraction subsets.
+
+    Prepared data made from other settings or data than ``params`` is refused, not validated."""
     data_dir = Path(data_dir)
+    ensure_prepared(params, data_dir)
     df, info = read_manifest(data_dir)
     tables = [images_table(df), class_splits_table(df, info), subsets_table(params, df, data_dir)]
     return run_gate("splits", tables, Path(report_dir), params.quality, raise_on_failure=raise_on_failure)

@@ -1,0 +1,67 @@
+"""``cass`` = :func:`main`: parse, set up logging, relaunch under torchrun when ``--nproc`` asks, run the
+command's handler, and turn a :class:`~cass.errors.CassError` into one message and its exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from cass.cli.parser import build_parser
+from cass.errors import CassError
+
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = (
+        logging.DEBUG
+        if getattr(args, "verbose", False)
+        else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    )
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: rank 0 speaks, the others only on errors
+        fmt = f"%(asctime)s [rank {os.environ.get('RANK', '?')}] %(levelname)-7s %(name)s: %(message)s"
+        if os.environ.get("RANK", "0") != "0":
+            level = max(level, logging.ERROR)
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _distributed_launch(args: argparse.Namespace) -> int | None:
+    """Re-run this command under torchrun for ``--nproc N``; refuse commands that cannot run in several
+    processes. None: go on in this process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        raise CassError(f"`cass {args.command}` runs in one process; only {' and '.join(DISTRIBUTED_COMMANDS)} "
+                        f"run under torchrun (WORLD_SIZE={world})")
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise CassError(f"--nproc {nproc}: give a number of processes >= 1")
+    if nproc > 1 and "RANK" not in os.environ:
+        from cass.distributed import launch
+
+        return launch(nproc, args.argv)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: the exit status of the command (see cass.errors for the codes)."""
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun runs again in each process
+    _setup_logging(args)
+    try:
+        launched = _distributed_launch(args)
+        return args.func(args) if launched is None else launched
+    except CassError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        if "RANK" in os.environ and "torch.distributed" in sys.modules:
+            from cass.distributed import cleanup
+
+            cleanup()

@@ -1,0 +1,71 @@
+"""`cass register | promote | rollback | predict`: models in the MLflow registry (cass.tracking, cass.registry,
+cass.serving)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cass.cli.settings import networks, outputs, settings
+
+if TYPE_CHECKING:
+    from cass.config import Params
+
+
+def register(args: argparse.Namespace) -> int:
+    """Log the fine-tuned networks on disk as MLflow models and register them."""
+    from cass.tracking import register_outputs
+
+    params = settings(args)
+    versions = register_outputs(params, outputs(args), networks(args, params), Path(args.params))
+    for mv in versions.values():
+        print(f"registered {mv.name} version {mv.version}")
+    return 0
+
+
+def _champion_of(args: argparse.Namespace) -> tuple[str, Params]:
+    """The registered model that --model or --network names, and the settings; the MLflow client is set up."""
+    from cass.registry import model_name
+    from cass.tracking import configure_client
+
+    params = settings(args)
+    configure_client(params.mlflow)
+    return args.model or model_name(params.mlflow, args.network), params
+
+
+def promote(args: argparse.Namespace) -> int:
+    """Move 'champion' to --version (default: the latest) behind the gate; exit 1 when refused."""
+    from cass.registry import latest_version, promote
+
+    name, params = _champion_of(args)
+    result = promote(name, args.version or latest_version(name), params, force=args.force, reason=args.reason)
+    print(result.summary())
+    return 0 if result.promoted else 1
+
+
+def rollback(args: argparse.Namespace) -> int:
+    """Move 'champion' back to the version recorded as previous_champion."""
+    from cass.registry import rollback
+
+    name, params = _champion_of(args)
+    result = rollback(name, params, reason=args.reason)
+    print(f"{name}: champion v{result.previous} -> v{result.champion} ({result.reason})")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Class probabilities of image files from a registered model, printed or written as CSV."""
+    from cass.io import atomic_write_text
+    from cass.serving import predict_files
+    from cass.tracking import configure_client
+
+    configure_client(settings(args).mlflow)
+    table = predict_files(args.model, list(args.images))
+    csv = table.to_csv(index=False, float_format="%.6f")
+    if args.output:
+        atomic_write_text(args.output, csv)
+        print(f"wrote {len(table)} predictions to {args.output}")
+    else:
+        print(csv, end="")
+    return 0

@@ -1,0 +1,332 @@
+"""MLflow runs: the lineage tags every run carries, a logger that writes into one run by id, and the runs
+of a pipeline (one parent run, a child run per stage).
+
+Every run carries the tags ``git_commit``, ``data_version`` (the DVC md5 of the dataset), ``dataset``,
+``label_fraction`` and ``network``; fine-tuning and evaluation runs also ``pretraining_run_id``. Params
+are the flat ``section.key`` settings, so the compare view lines up across runs; nothing that looks like
+a credential is logged (:mod:`cass.tracking.redact`).
+
+The parent run of a pipeline is never made active: every stage opens its child run with the parent's id,
+because MLflow's active-run stack is per thread and Prefect runs tasks in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cass.config import MlflowConfig, Params
+from cass.layout import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
+from cass.registry import EVALUATION_DIR, finite
+from cass.tracking.client import configure, with_retries
+from cass.tracking.redact import loggable_params, redact, redact_mapping, redact_yaml_text
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
+
+
+def numeric_items(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in values.items() if finite(v) or isinstance(v, bool)}
+
+
+def metric_key(text: str) -> str:
+    """A metric name MLflow accepts (class names may hold any character)."""
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
+def run_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """``tags`` plus MLflow's own context tags (source, user, git), all redacted.
+
+    MLflow records the git remote URL by itself; a remote with an embedded token would otherwise leak.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    resolved = resolve_tags({k: str(v) for k, v in tags.items() if v is not None})
+    return {k: redact(str(v)) for k, v in resolved.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Lineage
+
+
+@dataclass
+class Lineage:
+    """The tags every run of one pipeline carries."""
+
+    dataset: str
+    label_fraction: float
+    git_commit: str = ""
+    data_version: str = ""
+    test_set: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def tags(self, network: str, **more: str | None) -> dict[str, str]:
+        tags = {
+            "dataset": self.dataset,
+            "label_fraction": f"{self.label_fraction:g}",
+            "git_commit": self.git_commit or "unknown",
+            "data_version": self.data_version or "untracked",
+            "network": network,
+            **({"test_set": self.test_set} if self.test_set else {}),
+            **self.extra,
+        }
+        tags.update({k: v for k, v in more.items() if v})
+        return tags
+
+
+def test_set_hash(data_dir: Path) -> str:
+    """Identifies the exact test split (paths, file hashes, labels): champions are compared only on one."""
+    from cass.data.manifest import read_manifest
+
+    df, _ = read_manifest(Path(data_dir))
+    test = df[df["split"] == "test"].sort_values("path")
+    rows = zip(test["path"], test["sha256"], test["labels"], strict=True)
+    lines = "\n".join(f"{path}\t{sha}\t{labels}" for path, sha, labels in rows)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def pipeline_lineage(params: Params, data_dir: Path) -> Lineage:
+    """The lineage tags of a pipeline on prepared data: commit, DVC data version, test-split hash."""
+    from cass.data.manifest import read_manifest
+    from cass.lineage import data_version, git_commit
+
+    _, info = read_manifest(Path(data_dir))
+    return Lineage(
+        params.data.name,
+        params.finetune.label_fraction,
+        info.git_commit or git_commit(),
+        info.data_version or data_version(params.data.root),
+        test_set_hash(data_dir),
+    )
+
+
+def networks_tag(params: Params) -> str:
+    return "+".join(params.finetune.networks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging into one run
+
+
+class RunLogger:
+    """Logs into one MLflow run, named by id: params, tags, metrics, artifacts (uploads retried) and the
+    outputs of the cass stages.
+
+    Every call names its run instead of relying on MLflow's active run (kept per thread), so worker
+    threads and processes (Prefect tasks, Optuna workers) log side by side.
+    """
+
+    def __init__(self, cfg: MlflowConfig, run_id: str) -> None:
+        import mlflow
+
+        self.cfg = cfg
+        self.run_id = run_id
+        self.mlflow = mlflow
+
+    @classmethod
+    def create(
+        cls, cfg: MlflowConfig, experiment_id: str, name: str, tags: Mapping[str, str], parent_run_id: str | None = None
+    ) -> RunLogger:
+        """A new run (not made active) in ``experiment_id``, nested under ``parent_run_id`` when given."""
+        import mlflow
+
+        nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags={**tags, **nested})
+        return cls(cfg, run.info.run_id)
+
+    def params(self, params: Params) -> None:
+        """The flat ``section.key`` settings, redacted (MLflow sends them 100 to a request)."""
+        values = {k: v[:MAX_PARAM_LENGTH] for k, v in loggable_params(params).items()}
+        self.mlflow.log_params(values, run_id=self.run_id)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        client = self.mlflow.MlflowClient()
+        for key, value in values.items():
+            client.set_tag(self.run_id, key, value)
+
+    def metrics(self, values: Mapping[str, float], **kwargs: Any) -> None:
+        """``kwargs``: ``step`` or ``model_id`` (the logged model the metrics describe)."""
+        if values:
+            self.mlflow.log_metrics(dict(values), run_id=self.run_id, **kwargs)
+
+    def epoch(self, epoch: int, record: Mapping[str, float], skip: tuple[str, ...] = ("epoch",)) -> None:
+        """One epoch's metrics with ``step=epoch``: an epoch callback of the training stages.
+
+        A failed call is a warning, not the end of the training: MLflow already retried it, and the
+        artifacts at the end of the stage are uploaded with retries and fail the run if the store is gone.
+        """
+        values = {metric_key(k): float(v) for k, v in record.items() if k not in skip and finite(v)}
+        try:
+            self.metrics(values, step=epoch)
+        except Exception as exc:  # keep training; see above
+            log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact(str(exc))[:300])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run: FINISHED, FAILED or KILLED."""
+        self.mlflow.MlflowClient().set_terminated(self.run_id, status)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            return
+        log_files = self.mlflow.log_artifacts if path.is_dir() else self.mlflow.log_artifact
+        self._retry(f"uploading {path}", lambda: log_files(str(path), artifact_path, run_id=self.run_id))
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self._retry(f"uploading {artifact_file}", lambda: self.mlflow.log_text(text, artifact_file, run_id=self.run_id))
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(what, fn, self.cfg)
+
+    def params_files(self, params: Params, params_file: Path | None) -> None:
+        """The exact params.yaml (redacted) and the resolved settings after ``--set`` overrides."""
+        if params_file is not None and Path(params_file).is_file():
+            self.text(redact_yaml_text(Path(params_file).read_text()), "params.yaml")
+        resolved = redact_mapping(params.model_dump(mode="json"))
+        self.text(yaml.safe_dump(resolved, sort_keys=False), "params.resolved.yaml")
+
+    def redacted_folder(self, folder: Path, artifact_path: str, exclude: tuple[str, ...] = ()) -> None:
+        """Upload a report folder with credentials redacted from its text files."""
+        with tempfile.TemporaryDirectory(prefix="cass-report-") as tmp:
+            copy = Path(tmp) / "report"
+            shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(*exclude))
+            for f in copy.rglob("*"):
+                if f.is_file() and f.suffix.lower() in {".json", ".html", ".yaml", ".yml", ".csv", ".txt", ".md"}:
+                    with contextlib.suppress(UnicodeDecodeError):
+                        f.write_text(redact(f.read_text()))
+            self.artifact(copy, artifact_path)
+
+    def training_stage(self, out_dir: Path, metrics_file: Path, history: Path, title: str) -> None:
+        """Summary metrics (best_*, final_*), history.csv and the curves PNG of a training stage."""
+        if metrics_file.is_file():
+            self.metrics(numeric_items(json.loads(metrics_file.read_text())))
+            self.artifact(metrics_file)
+        if history.is_file():
+            self.artifact(history)
+            with tempfile.TemporaryDirectory(prefix="cass-plot-") as tmp:
+                self.artifact(plot_history(history, Path(tmp) / "curves.png", title))
+        self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec, when the stage wrote one
+
+    def evaluation(self, eval_dir: Path, model_id: str | None = None) -> dict:
+        """Test metrics (``test_*``, per class ``test_<class>_recall`` ...) and the evaluation files."""
+        out = EvaluateOutputs(eval_dir)
+        metrics = json.loads(out.metrics.read_text())
+        values = numeric_items(metrics, "test_")
+        for cls, scores in (metrics.get("per_class") or {}).items():
+            for name in ("recall", "precision", "f1", "auroc"):
+                if finite(scores.get(name)):
+                    values[metric_key(f"test_{cls}_{name}")] = float(scores[name])
+        self.metrics(values, **({"model_id": model_id} if model_id else {}))
+        self.artifact(out.out_dir, EVALUATION_DIR)  # every file of the stage: plots, calibration, explanations
+        return metrics
+
+
+def plot_history(history_csv: Path, out_png: Path, title: str) -> Path:
+    """Loss curves (left) and the other per-epoch metrics (right) of one training stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(history_csv)
+    x = df["epoch"] if "epoch" in df else range(1, len(df) + 1)
+    skip = {"epoch", "epoch_seconds", "images_per_second", "lr", "healthy_embedding_std"}
+    losses = [c for c in df.columns if "loss" in c]
+    others = [c for c in df.columns if c not in skip and c not in losses and pd.api.types.is_numeric_dtype(df[c])]
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(10 if others else 5, 4), squeeze=False)
+    for c in losses:
+        axes[0][0].plot(x, df[c], marker="o", label=c)
+    axes[0][0].set_xlabel("epoch")
+    axes[0][0].set_title(f"{title}: loss")
+    axes[0][0].legend(fontsize=8)
+    if others:
+        for c in others:
+            axes[0][1].plot(x, df[c], marker="o", label=c)
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_title(f"{title}: metrics")
+        axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png", dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+# --------------------------------------------------------------------------------------------------
+# The runs of a pipeline
+
+
+@contextlib.contextmanager
+def child_run(name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> Iterator[str]:
+    """A nested run, active in this thread for the block; ends FAILED when the block raises.
+
+    ``parent_run_id`` names the parent explicitly (default: this thread's active run). Stage runs are
+    active runs because the model is logged into the active run (:func:`cass.serving.log_classifier`).
+    """
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id, tags=run_tags(tags)) as run:
+        yield run.info.run_id
+
+
+def start_pipeline_run(
+    params: Params, layout: Layout, *, params_file: Path | None = None, tags: Mapping[str, str] | None = None
+) -> str:
+    """Create the parent run of a pipeline on prepared data; returns its id.
+
+    It carries the lineage tags, the flat params, params.yaml (redacted) and dataset.json. Uploading them
+    proves the artifact store works before any training; a failure ends the run FAILED.
+    """
+    cfg = params.mlflow
+    experiment_id = configure(cfg)
+    name = f"pipeline {params.data.name} lf={params.finetune.label_fraction:g}"
+    lineage = pipeline_lineage(params, layout.data)
+    all_tags = run_tags({**lineage.tags(networks_tag(params), stage="pipeline"), **(tags or {})})
+    run = RunLogger.create(cfg, experiment_id, name, all_tags)
+    try:
+        run.params(params)
+        run.params_files(params, params_file)
+        run.artifact(layout.data / INFO_FILE, "data")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            end_pipeline_run(params, run.run_id, "FAILED")
+        raise
+    return run.run_id
+
+
+def end_pipeline_run(
+    params: Params, run_id: str, status: str = "FINISHED", tags: Mapping[str, str] | None = None
+) -> None:
+    """Set the parent run's final tags and status (FINISHED, FAILED or KILLED)."""
+    run = RunLogger(params.mlflow, run_id)
+    run.tags(tags or {})
+    run.finish(status)
+
+
+@contextlib.contextmanager
+def stage_run(
+    params: Params, data_dir: Path, parent_run_id: str, stage: str, network: str | None = None, **tags: str | None
+) -> Iterator[RunLogger]:
+    """A child run of ``parent_run_id`` for one stage, with the lineage tags and the flat params."""
+    configure(params.mlflow)
+    lineage = pipeline_lineage(params, data_dir)
+    name = f"{stage}-{network}" if network else stage
+    with child_run(name, lineage.tags(network or networks_tag(params), stage=stage, **tags), parent_run_id) as run_id:
+        run = RunLogger(params.mlflow, run_id)
+        run.params(params)
+        yield run

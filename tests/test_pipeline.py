@@ -1,0 +1,107 @@
+"""The stage list and its runner, without training: the order and numbering every caller shows, what each
+stage hands the next, the early stop of an unchanged run, and what a failed model gate stops.
+
+The flow (tests/test_flows.py) and the tracked pipeline (tests/test_mlflow_*.py) run the same list end to
+end; these tests pin the runner's rules with a recording executor instead of the stage functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+
+from cass.config import params_from_mapping
+from cass.errors import ConfigError, GateFailed
+from cass.layout import Layout
+from cass.pipeline import STAGES, ModelGateFailed, PipelineRun, Stage, model_gate, plan, progress_lines, run_stages
+
+# Class b is never recognised: the default model gate fails (class_recall_nonzero).
+FAILING_METRICS = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9, "accuracy": 0.8, "num_samples": 10,
+                   "per_class": {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 5}}}
+
+
+class Recorder:
+    """An executor that runs nothing: it records each call and returns ``answers[stage]`` per network."""
+
+    def __init__(self, answers: dict[str, object] | None = None) -> None:
+        self.answers = answers or {}
+        self.calls: list[tuple[str, tuple]] = []
+        self.lines: list[str] = []
+
+    def __call__(self, stage: Stage, run: PipelineRun, networks, started) -> list:
+        self.calls.append((stage.name, tuple(networks)))
+        for network in networks:
+            started(network)
+        return [self.answers.get(stage.name, f"{stage.name}:{network}") for network in networks]
+
+
+def test_every_caller_numbers_the_same_declared_stages() -> None:
+    params = params_from_mapping({})
+    assert progress_lines(PipelineRun(params)) == [
+        "[1/8] prepare", "[2/8] data gate", "[3/8] pretrain", "[4/8] fine-tune cnn", "[5/8] fine-tune vit",
+        "[6/8] evaluate cnn", "[7/8] evaluate vit", "[8/8] model gate",
+    ]
+    tracked = PipelineRun(params, tracked=True, tuning=True, data_version="v1")
+    assert [line.split("] ")[1] for line in progress_lines(tracked)] == [
+        "dvc pull", "prepare", "data gate", "pretrain", "tune cnn", "tune vit", "fine-tune cnn", "fine-tune vit",
+        "evaluate cnn", "evaluate vit", "model gate", "register cnn", "register vit", "promote cnn", "promote vit",
+    ]
+    # Without CASS pretraining there is no pretrain stage; bookkeeping steps are in the plan, not the lines.
+    random_init = params_from_mapping({"finetune": {"init": "random", "networks": ["vit"]}})
+    names = [stage.name for stage in plan(PipelineRun(random_init, tracked=True))]
+    assert "pretrain" not in names and names[0] == "check MLflow" and names[-1] == "finish MLflow run"
+    # Only I/O is retried: a training stage or a gate that failed for a real reason would only fail again.
+    assert [s.name for s in STAGES if not s.io] == ["prepare", "data gate", "pretrain", "tune", "fine-tune",
+                                                    "evaluate", "model gate"]
+
+
+def test_runner_hands_each_stage_what_the_earlier_ones_returned() -> None:
+    recorder, lines = Recorder({"prepare": "key-1", "start MLflow run": "run-1"}), []
+    done = run_stages(PipelineRun(params_from_mapping({}), tracked=True, force=True), recorder, lines.append)
+    assert done.run_key == "key-1" and done.run_id == "run-1"
+    assert done.finetuned == {"cnn": "fine-tune:cnn", "vit": "fine-tune:vit"}
+    assert done.versions == {"cnn": "register:cnn", "vit": "register:vit"}
+    # Fine-tuning may run both networks at once; every other per-network stage gets one at a time.
+    assert ("fine-tune", ("cnn", "vit")) in recorder.calls and ("evaluate", ("cnn",)) in recorder.calls
+    assert "find an unchanged run" not in [name for name, _ in recorder.calls]  # force: always trains
+    assert lines == progress_lines(PipelineRun(params_from_mapping({}), tracked=True, force=True))
+
+
+def test_an_unchanged_run_stops_before_anything_is_trained() -> None:
+    recorder = Recorder({"find an unchanged run": "earlier-run"})
+    done = run_stages(PipelineRun(params_from_mapping({}), tracked=True), recorder)
+    assert done.earlier_run_id == "earlier-run" and done.run_id is None
+    assert [name for name, _ in recorder.calls] == ["check MLflow", "prepare", "find an unchanged run"]
+
+
+def test_tuning_needs_a_tracked_run() -> None:
+    with pytest.raises(ConfigError, match="tracked"):
+        run_stages(PipelineRun(params_from_mapping({}), tuning=True), Recorder())
+
+
+def test_failed_model_gate_stops_registration_but_only_warns_when_nothing_is_registered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout, params = Layout(tmp_path), params_from_mapping({})
+    for network in ("cnn", "vit"):
+        layout.evaluate(network).mkdir(parents=True)
+        layout.evaluate_metrics(network).write_text(json.dumps(FAILING_METRICS))
+    result = model_gate(params, layout, "cnn")
+    assert not result.success and (layout.quality("model") / "cnn").is_dir()  # the report goes to the layout
+    gate = next(stage for stage in STAGES if stage.name == "model gate")
+
+    with pytest.raises(ModelGateFailed, match="nothing was registered") as raised:
+        gate.run(PipelineRun(params, layout, tracked=True), None)
+    assert [network for network, _ in raised.value.failed] == ["cnn", "vit"]
+    assert isinstance(raised.value, GateFailed) and raised.value.exit_code == GateFailed.exit_code
+    copy = pickle.loads(pickle.dumps(raised.value))  # results may cross a process or a result store
+    assert [network for network, _ in copy.failed] == ["cnn", "vit"] and copy.result is not None
+
+    with caplog.at_level(logging.WARNING, logger="cass.pipeline"):
+        gate.run(PipelineRun(params, layout), None)  # untracked: the demo registers nothing
+        gate.run(PipelineRun(params, layout, tracked=True, register=False), None)
+    assert sum("class_recall_nonzero" in r.getMessage() for r in caplog.records) >= 2
