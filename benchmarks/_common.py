@@ -195,7 +195,7 @@ def demo_mapping(
         "model": {"cnn": cnn, "vit": vit, "image_size": image_size, "embed_dim": 128},
         "pretrain": {"epochs": 10, "batch_size": 32, "num_workers": 0, "lr": 1e-3, "optimizer": "adam"},
         "finetune": {"epochs": 15, "batch_size": 16, "num_workers": 0, "lr": 1e-3, "patience": 5},
-        "evaluate": {"batch_size": 128},
+        "evaluate": {"batch_size": 128, "explain_per_class": 0},  # no heat-map panels: only metrics are compared
     }
 
 

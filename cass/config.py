@@ -66,6 +66,18 @@ class DataConfig(_Section):
     group_column: str | None = Field(
         default=None, description="CSV column with a patient/group id; one group never spans two splits"
     )
+    group_columns: tuple[str, ...] = Field(
+        default=(), description="subgroup columns (site, scanner, sex, age band) for per-subgroup test metrics"
+    )
+    groups_file: str | None = Field(
+        default=None,
+        description="CSV relative to data.root holding the group columns and a key column; default: data.csv.file",
+    )
+    groups_key: str | None = Field(
+        default=None,
+        description="column of groups_file naming each image: its manifest path or its file name without "
+        "extension; default: data.csv.image_column for the csv layout's file, else 'path'",
+    )
     classes: tuple[str, ...] | None = Field(
         default=None, description="expected class set; default: the classes found in the data"
     )
@@ -90,6 +102,13 @@ class DataConfig(_Section):
         missing = get_layout(self.layout).missing_settings(self)
         if missing:
             raise ValueError(f"data.layout is '{self.layout}' but " + "; ".join(missing))
+        if self.group_columns and not self.groups_file and self.layout != "csv":
+            raise ValueError(
+                "data.group_columns needs data.groups_file: a CSV under data.root with a key column (data.groups_key, "
+                "default 'path') and the group columns"
+            )
+        if len(set(self.group_columns)) != len(self.group_columns):
+            raise ValueError(f"data.group_columns lists a column twice: {list(self.group_columns)}")
         return self
 
 
@@ -307,6 +326,24 @@ class FinetuneConfig(TrainerConfig):
 class EvaluateConfig(_Section):
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="multi-label decision threshold")
     batch_size: int = Field(default=64, ge=1)
+    calibrate: bool = Field(
+        default=True, description="fit a temperature on the validation split after fine-tuning; served and "
+        "evaluated probabilities use it (cass.calibration)"
+    )
+    threshold_rule: Literal["fixed", "max_f1"] = Field(
+        default="max_f1", description="multi-label: per-label thresholds maximising validation F1 (max_f1), or "
+        "evaluate.threshold for every label (fixed)"
+    )
+    ece_bins: int = Field(default=15, ge=2, le=100, description="equal-width confidence bins of the ECE")
+    explain_per_class: int = Field(
+        default=2, ge=0, le=20, description="seeded test images per class in the explanation panel; 0 = none"
+    )
+    vit_explainer: Literal["gradcam", "rollout"] = Field(
+        default="gradcam", description="ViT heat maps: Grad-CAM over the patch tokens or attention rollout"
+    )
+    min_subgroup_size: int = Field(
+        default=10, ge=1, description="subgroups with fewer test images are listed but left out of the gap"
+    )
 
 
 class MlflowConfig(_Section):
@@ -377,6 +414,8 @@ QUALITY_CHECKS: dict[str, Severity] = {
     "macro_f1_floor": "fail",
     "balanced_accuracy_floor": "fail",
     "class_recall_nonzero": "fail",
+    "ece_ceiling": "fail",
+    "subgroup_gap_ceiling": "fail",
 }
 
 
@@ -432,6 +471,14 @@ class QualityConfig(_Section):
     )
     min_macro_f1: float = Field(default=0.5, ge=0.0, le=1.0, description="test macro F1 floor")
     min_balanced_accuracy: float = Field(default=0.5, ge=0.0, le=1.0, description="test balanced accuracy floor")
+    max_ece: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="ceiling on the test ECE after temperature scaling; null = none"
+    )
+    max_subgroup_gap: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="ceiling on the worst subgroup's shortfall (macro F1 or balanced accuracy) below the whole "
+        "test split; needs data.group_columns; null = none",
+    )
     severity: dict[str, Severity] = Field(
         default_factory=dict, description="check name -> warn | fail, overriding the defaults (QUALITY_CHECKS)"
     )
@@ -658,6 +705,30 @@ class RetrainConfig(_Section):
     )
 
 
+DEFAULT_INTENDED_USE = (
+    "Research use: classifying {dataset} images into {classes}, as decision support read by a qualified "
+    "person. Not a medical device and not validated for diagnosis."
+)
+DEFAULT_LIMITATIONS = (
+    "Measured on one held-out test split of one dataset ({dataset}, data version {data_version}). Performance "
+    "on other sites, scanners, stains or patient populations is unknown until measured there. Probabilities are "
+    "calibrated on the validation split of the same data; calibration can drift on new data. Heat maps show "
+    "where the network's evidence lies, not why, and are coarse (one cell per feature-map position)."
+)
+
+
+class CardConfig(_Section):
+    """The model card written for every registered version (cass.model_card). ``{dataset}``, ``{classes}``,
+    ``{model}``, ``{version}``, ``{network}`` and ``{data_version}`` in the texts are filled in."""
+
+    intended_use: str = Field(default=DEFAULT_INTENDED_USE, min_length=1, description="the card's intended use")
+    limitations: str = Field(default=DEFAULT_LIMITATIONS, min_length=1, description="the card's limitations")
+    file: str | None = Field(
+        default=None, description="a markdown file (relative to the working directory) shown instead of "
+        "intended_use and limitations, with the same placeholders"
+    )
+
+
 class Params(_Section):
     seed: int = 77
     data: DataConfig = DataConfig()
@@ -671,6 +742,16 @@ class Params(_Section):
     quality: QualityConfig = QualityConfig()
     tune: TuneConfig = TuneConfig()
     retrain: RetrainConfig = RetrainConfig()
+    card: CardConfig = CardConfig()
+
+    @model_validator(mode="after")
+    def _subgroups_for_gap(self) -> Params:
+        if self.quality.max_subgroup_gap is not None and not self.data.group_columns:
+            raise ValueError(
+                "quality.max_subgroup_gap is set but data.group_columns is empty: name the subgroup columns "
+                "(e.g. [site, sex]) or set max_subgroup_gap: null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fraction_listed(self) -> Params:

@@ -1,32 +1,48 @@
-"""Stage ``evaluate``: test-split metrics, confusion matrix and ROC curves of one fine-tuned network."""
+"""Stage ``evaluate``: test-split metrics, calibration, explanations and subgroup metrics of one fine-tuned network.
+
+Probabilities are those the served model returns: the logits divided by the temperature fitted on the
+validation split (:mod:`cass.calibration`), and, for multi-label data, decided at the per-label thresholds
+stored with the model. The ECE is reported before and after that scaling.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from cass.calibration import (
+    collect_logits,
+    expected_calibration_error,
+    plot_reliability,
+    probabilities,
+    reliability_table,
+)
 from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
-from cass.data.manifest import label_lists, read_manifest
+from cass.data.manifest import SPLITS, label_lists, read_manifest
 from cass.data.transforms import eval_transform
 from cass.errors import DataError
-from cass.finetune import load_classifier, predict_probs
+from cass.finetune import ClassifierSpec, load_classifier
 from cass.io import atomic_path, atomic_write_text
 from cass.layout import EvaluateOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
 from cass.training import resolve_device, resolve_num_workers
 
+log = logging.getLogger(__name__)
+
 
 def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> EvaluateOutputs:
     """Score the fine-tuned model in ``model_dir`` on the test split."""
     out = EvaluateOutputs(Path(out_dir))
     df, info = read_manifest(Path(data_dir))
-    test = df[df["split"] == "test"]
+    test = df[df["split"] == "test"].reset_index(drop=True)
     if test.empty:
         raise DataError(f"{data_dir}: the test split is empty; nothing to evaluate")
     device = resolve_device(params.finetune.device)
@@ -43,25 +59,104 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
     )
     workers = resolve_num_workers(params.finetune.num_workers, device)
     loader = make_loader(dataset, params.evaluate.batch_size, shuffle=False, num_workers=workers, seed=0)
-    probs = predict_probs(model, loader, info.multilabel, device)
-    metrics = classification_metrics(y, probs, info.classes, info.multilabel, params.evaluate.threshold)
+    logits, _ = collect_logits(model, loader, device)
+    raw = probabilities(logits, info.multilabel)
+    probs = probabilities(logits, info.multilabel, spec.temperature)  # what the served model returns
+    threshold = decision_threshold(spec, params)
+    metrics = classification_metrics(y, probs, info.classes, info.multilabel, threshold)
+    bins = params.evaluate.ece_bins
+    ece_raw = expected_calibration_error(raw, y, info.multilabel, bins)
+    ece = expected_calibration_error(probs, y, info.multilabel, bins)
     metrics = {
         "network": spec.network,
         "arch": spec.arch,
         "data_version": info.data_version,
         "git_commit": git_commit(),
         **metrics,
+        "temperature": spec.temperature,
+        "ece": ece,
+        "ece_before_scaling": ece_raw,
     }
 
     out.out_dir.mkdir(parents=True, exist_ok=True)
+    if params.data.group_columns:
+        from cass.subgroups import read_groups, subgroup_table, worst_group_gap
+
+        table = subgroup_table(y, probs, read_groups(params, test["path"].tolist()), info.multilabel, threshold,
+                               params.evaluate.min_subgroup_size)
+        atomic_write_text(out.subgroups, table.to_csv(index=False, float_format="%.6f"))
+        metrics.update(worst_group_gap(table))
+    else:
+        out.subgroups.unlink(missing_ok=True)  # no stale table from an earlier setting
     pred = pd.DataFrame(probs, columns=[f"p_{c}" for c in info.classes])
     pred.insert(0, "labels", test["labels"].to_numpy())
     pred.insert(0, "path", test["path"].to_numpy())
     atomic_write_text(out.predictions, pred.to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(out.class_counts, class_counts(df, info.classes).to_csv(index=False))
     _plot_confusion(metrics, info.classes, info.multilabel, out.confusion_matrix, spec.network)
     _plot_roc(y, probs, info.classes, info.multilabel, out.roc, spec.network)
+    before, after = (reliability_table(p, y, info.multilabel, bins) for p in (raw, probs))
+    tables = pd.concat([before.assign(scaling="raw"), after.assign(scaling=f"temperature {spec.temperature:g}")])
+    atomic_write_text(out.reliability_table, tables.to_csv(index=False, float_format="%.6f"))
+    plot_reliability(before, after, ece_raw, ece, spec.temperature, out.reliability, spec.network, info.multilabel)
+    if params.evaluate.explain_per_class:
+        _explanations(params, dataset, test, model, spec, device, out.explanations)
+    else:
+        out.explanations.unlink(missing_ok=True)
     atomic_write_text(out.metrics, json.dumps(_json_safe(metrics), indent=2) + "\n")
+    log.info("%s: test macro F1 %.3f, ECE %.3f -> %.3f at temperature %.3f", spec.network, metrics["macro_f1"],
+             ece_raw, ece, spec.temperature)
     return out
+
+
+def decision_threshold(spec: ClassifierSpec, params: Params) -> float | tuple[float, ...]:
+    """Multi-label decisions: the per-label thresholds stored with the model, else ``evaluate.threshold``."""
+    if spec.multilabel and spec.thresholds is not None:
+        return spec.thresholds
+    return params.evaluate.threshold
+
+
+def class_counts(df: pd.DataFrame, classes: tuple[str, ...]) -> pd.DataFrame:
+    """Images per class (rows) and split (columns), from the manifest."""
+    counts = {s: dict.fromkeys(classes, 0) for s in SPLITS}
+    for labels, split in zip(label_lists(df), df["split"], strict=True):
+        for c in labels:
+            if split in counts and c in counts[split]:
+                counts[split][c] += 1
+    table = pd.DataFrame({"class": list(classes), **{s: [counts[s][c] for c in classes] for s in SPLITS}})
+    return table
+
+
+def explanation_sample(test: pd.DataFrame, classes: tuple[str, ...], per_class: int, seed: int) -> list[int]:
+    """Row positions of up to ``per_class`` test images per class, drawn with ``seed`` (the same every run)."""
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    labels = label_lists(test)
+    for c in classes:
+        rows = [i for i, names in enumerate(labels) if c in names and i not in chosen]
+        if rows:
+            chosen.extend(int(i) for i in rng.choice(rows, size=min(per_class, len(rows)), replace=False))
+    return chosen
+
+
+def _explanations(params: Params, dataset: ImageDataset, test: pd.DataFrame, model, spec: ClassifierSpec,
+                  device, path: Path) -> None:
+    from cass.explain import Explained, heat_maps, method_name, save_panel, to_display
+
+    rows = explanation_sample(test, spec.classes, params.evaluate.explain_per_class, params.seed)
+    x = torch.stack([dataset[i][0] for i in rows]).to(device)
+    method = params.evaluate.vit_explainer
+    heat, logits = heat_maps(model, spec.network, x, method)
+    probs = probabilities(logits.cpu().numpy(), spec.multilabel, spec.temperature)
+    items = []
+    for k, i in enumerate(rows):
+        best = int(probs[k].argmax())
+        items.append(Explained(to_display(x[k], spec.mean, spec.std), heat[k], spec.classes[best],
+                               float(probs[k, best]), truth=str(test["labels"].iloc[i]),
+                               name=str(test["path"].iloc[i])))
+    per_row = max(1, min(params.evaluate.explain_per_class, 3))
+    save_panel(items, path, f"{spec.network} ({spec.arch}): {method_name(spec.network, method)}, test images",
+               per_row=per_row)
 
 
 def _json_safe(obj):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cass import distributed
+from cass.calibration import calibrate_classifier
 from cass.config import Network, Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import DatasetInfo, label_lists, read_manifest
@@ -56,10 +57,14 @@ class ClassifierSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     threshold: float = 0.5
+    # Fitted on the validation split after fine-tuning (cass.calibration); absent from older model.json files.
+    temperature: float = 1.0
+    thresholds: tuple[float, ...] | None = None  # multi-label: one decision threshold per class
 
     def to_json(self) -> str:
         d = asdict(self)
         d.update(classes=list(self.classes), mean=list(self.mean), std=list(self.std))
+        d["thresholds"] = None if self.thresholds is None else list(self.thresholds)
         return json.dumps(d, indent=2) + "\n"
 
     @classmethod
@@ -68,6 +73,8 @@ class ClassifierSpec:
             raise TrainingError(f"{path}: model spec not found; run `cass finetune` first")
         d = json.loads(path.read_text())
         d.update(classes=tuple(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+        if d.get("thresholds") is not None:
+            d["thresholds"] = tuple(d["thresholds"])
         return cls(**d)
 
     def build(self) -> nn.Module:
@@ -302,6 +309,9 @@ class FinetuneLearner(Learner):
         """Weights, the spec that rebuilds the classifier, history.csv and metrics.json (rank 0)."""
         cfg, best = self.params.finetune, history[self.best_epoch - 1]
         out.out_dir.mkdir(parents=True, exist_ok=True)
+        # Temperature (and multi-label thresholds) fitted on the validation split: cass.calibration.
+        self.spec = calibrate_classifier(self.model, self.val_loader, self.spec, self.params.evaluate,
+                                         self.engine.device)
         save_weights(self.model, out.weights)
         atomic_write_text(out.spec, self.spec.to_json())
         atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))

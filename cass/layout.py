@@ -10,7 +10,9 @@ their paths from here; nothing else builds an output path from a string literal.
       tune/                       best_<network>.yaml, optuna_<network>.db
       finetune/<network>/         model.safetensors, model.json, metrics.json, history.csv
                                   (checkpoint.pt while a fine-tuning is unfinished)
-      evaluate/<network>/         metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png
+      evaluate/<network>/         metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png,
+                                  reliability.png, reliability.csv, explanations.png, class_counts.csv,
+                                  subgroups.csv (with data.group_columns)
 """
 
 from __future__ import annotations
@@ -129,6 +131,32 @@ class EvaluateOutputs:
     @property
     def predictions(self) -> Path:
         return self.out_dir / "predictions.csv"
+
+    # Calibration, explanations and subgroups (cass.calibration, cass.explain, cass.subgroups).
+    @property
+    def reliability(self) -> Path:
+        """Reliability diagram before and after temperature scaling."""
+        return self.out_dir / "reliability.png"
+
+    @property
+    def reliability_table(self) -> Path:
+        """The ECE's per-bin table, raw and scaled."""
+        return self.out_dir / "reliability.csv"
+
+    @property
+    def explanations(self) -> Path:
+        """Heat maps of a seeded sample of test images per class."""
+        return self.out_dir / "explanations.png"
+
+    @property
+    def subgroups(self) -> Path:
+        """Per-subgroup macro F1 and balanced accuracy (when data.group_columns is set)."""
+        return self.out_dir / "subgroups.csv"
+
+    @property
+    def class_counts(self) -> Path:
+        """Images per class and split of the data the model was evaluated on."""
+        return self.out_dir / "class_counts.csv"
 
 
 @dataclass(frozen=True)

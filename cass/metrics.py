@@ -93,18 +93,25 @@ def single_label_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequenc
     }
 
 
-def multi_label_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float) -> dict:
-    """Per-label binary metrics at ``threshold``, then macro averages; ``probs`` are sigmoid outputs."""
-    pred = probs >= threshold
+def multi_label_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float | Sequence[float]
+) -> dict:
+    """Per-label binary metrics at ``threshold`` (one for all labels, or one per label), then macro averages;
+    ``probs`` are sigmoid outputs."""
+    per_label = np.ndim(threshold) > 0
+    cut = np.asarray(threshold, dtype=np.float64)
+    if per_label and cut.shape != (len(classes),):
+        raise ValueError(f"got {cut.size} thresholds for {len(classes)} labels")
+    pred = probs >= cut
     truth = np.asarray(y_true).astype(bool)
-    per_label, f1s, baccs, aurocs = {}, [], [], []
+    scores, f1s, baccs, aurocs = {}, [], [], []
     for i, c in enumerate(classes):
         cm = confusion_matrix(truth[:, i], pred[:, i], 2)
         precision, recall, f1 = per_class_scores(cm)
         present = cm.sum(axis=1) > 0
         bacc = float(recall[present].mean()) if present.any() else 0.0
         auc = binary_auroc(truth[:, i], probs[:, i])
-        per_label[c] = {
+        scores[c] = {
             "precision": float(precision[1]),
             "recall": float(recall[1]),
             "f1": float(f1[1]),
@@ -112,6 +119,7 @@ def multi_label_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence
             "auroc": auc,
             "support": int(truth[:, i].sum()),
             "confusion_matrix": cm.tolist(),
+            **({"threshold": float(cut[i])} if per_label else {}),
         }
         f1s.append(f1[1])
         baccs.append(bacc)
@@ -122,14 +130,15 @@ def multi_label_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence
         "macro_f1": float(np.mean(f1s)),
         "balanced_accuracy": float(np.mean(baccs)),
         "macro_auroc": float(np.nanmean(aurocs_arr)) if not np.isnan(aurocs_arr).all() else float("nan"),
-        "threshold": threshold,
-        "per_class": per_label,
+        **({} if per_label else {"threshold": float(threshold)}),
+        "per_class": scores,
         "num_samples": len(truth),
     }
 
 
 def classification_metrics(
-    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], multilabel: bool, threshold: float = 0.5
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], multilabel: bool,
+    threshold: float | Sequence[float] = 0.5,
 ) -> dict:
     if multilabel:
         return multi_label_metrics(y_true, probs, classes, threshold)

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cass import model_card
 from cass.config import MlflowConfig, Params
 from cass.errors import CassError, ConfigError
 from cass.layout import METRICS_FILE, EvaluateOutputs
@@ -169,6 +170,7 @@ def register(params: Params, candidate: Candidate, client=None):
         mv = mlflow.register_model(candidate.model_uri, name, tags=tags)
         client.update_model_version(name, mv.version, description=describe_version(params, candidate))
         client.update_registered_model(name, description=describe_model(params, candidate.network))
+        model_card.attach(params, candidate, name, mv.version, client, describe_version(params, candidate))
     except MlflowException as exc:
         raise RegistryError(f"registering {candidate.model_uri} as {name} failed: {exc.message}") from None
     log.info("registered %s version %s", name, mv.version)
@@ -188,6 +190,8 @@ def register_once(params: Params, candidate: Candidate, client=None):
     mv = done[0]
     if not mv.description:
         client.update_model_version(name, mv.version, description=describe_version(params, candidate))
+    if model_card.CARD_TAG not in mv.tags:  # the card failed after the version was created
+        model_card.attach(params, candidate, name, mv.version, client, describe_version(params, candidate))
     return mv
 
 
@@ -329,7 +333,8 @@ def promote(
             return PromotionResult(name, version, False, previous, previous, "already the champion")
         metric = cfg.promotion_metric
         compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
-                                    "candidate": candidate_metrics.get(metric), "gate": verdict.text()}
+                                    "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
+                                    "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
         refusal, why = None, "first champion"
         if previous is not None:
             champion = client.get_model_version(name, previous)

@@ -7,8 +7,12 @@ the column is sent base64-encoded, as MLflow does for binary columns::
     {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo..."]]}}
 
 Output: one row per image and one float column per class: softmax probabilities, or per-class
-sigmoid probabilities for multi-label data. Every image goes through the same preprocessing as
-evaluation (8-bit RGB conversion, resize, normalisation), inside the model.
+sigmoid probabilities for multi-label data, of the logits divided by the temperature fitted on the
+validation split (``temperature`` in ``model.json``, 1 for models saved before calibration existed). A
+multi-label model adds a column ``labels``: the classes at or above their own threshold (``thresholds``
+in ``model.json``, chosen on validation, see :mod:`cass.calibration`), joined with ``|``. Every image goes
+through the same preprocessing as evaluation (8-bit RGB conversion, resize, normalisation), inside the
+model, so its probabilities equal those of ``cass evaluate``.
 
 The model is saved as *models from code*: MLflow stores a three-line script, the ``cass`` package
 (``code_paths``) and the classifier files (``model.json`` + ``model.safetensors``), and rebuilds the
@@ -31,12 +35,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cass.calibration import probabilities
 from cass.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb8
 from cass.errors import DataError
 
 IMAGE_COLUMN = "image"
+LABELS_COLUMN = "labels"
 CLASSIFIER_ARTIFACT = "classifier"
-BATCH_SIZE = 64
 
 # What the saved model needs to run; versions are pinned to the ones it was logged with.
 REQUIREMENTS = (
@@ -91,29 +96,29 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise DataError(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
-        values = model_input[IMAGE_COLUMN].tolist()
-        chunks = []
-        for start in range(0, len(values), BATCH_SIZE):
-            batch = [
-                self.transform(to_rgb8(decode_image(_image_bytes(v, start + i), f"input row {start + i}",
-                                                     DEFAULT_MAX_PIXELS)))
-                for i, v in enumerate(values[start : start + BATCH_SIZE])
-            ]
+        rows = []
+        for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
+            image = self.transform(to_rgb8(decode_image(_image_bytes(value, i), f"input row {i}", DEFAULT_MAX_PIXELS)))
+            # One image per forward pass: batched kernels round differently with the batch's size, and the
+            # temperature (often < 1) magnifies that; an image's probabilities must not depend on its neighbours.
             with torch.no_grad():
-                logits = self.model(torch.stack(batch)).float()
-            probs = torch.sigmoid(logits) if self.spec.multilabel else torch.softmax(logits, dim=-1)
-            chunks.append(probs.numpy().astype(np.float64))
-        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.spec.classes)))
-        return pd.DataFrame(probs, columns=list(self.spec.classes), index=model_input.index)
+                logits = self.model(image[None]).float()
+            rows.append(probabilities(logits.numpy(), self.spec.multilabel, self.spec.temperature)[0])
+        probs = np.stack(rows) if rows else np.zeros((0, len(self.spec.classes)))
+        out = pd.DataFrame(probs, columns=list(self.spec.classes), index=model_input.index)
+        if self.spec.multilabel:
+            cut = np.asarray(self.spec.thresholds if self.spec.thresholds is not None else self.spec.threshold)
+            out[LABELS_COLUMN] = ["|".join(c for c, hit in zip(self.spec.classes, row, strict=True) if hit)
+                                  for row in probs >= cut]
+        return out
 
 
-def signature(classes: tuple[str, ...] | list[str]):
+def signature(classes: tuple[str, ...] | list[str], multilabel: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema([ColSpec("double", c) for c in classes])
-    )
+    outputs = [ColSpec("double", c) for c in classes] + ([ColSpec("string", LABELS_COLUMN)] if multilabel else [])
+    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
 
 def pip_requirements() -> list[str]:
@@ -129,7 +134,8 @@ def pip_requirements() -> list[str]:
 def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", **kwargs: Any):
     """Log ``model_dir`` (a fine-tuning output) as a pyfunc model in the active run; returns ModelInfo.
 
-    ``kwargs`` go to :func:`mlflow.pyfunc.log_model` (e.g. ``tags``, ``params``).
+    ``kwargs`` go to :func:`mlflow.pyfunc.log_model` (e.g. ``tags``, ``params``). The calibration the model
+    applies (temperature, multi-label thresholds) is recorded in the MLmodel file's metadata too.
     """
     import cass
     from cass.finetune import ClassifierSpec
@@ -151,11 +157,21 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
             python_model=str(code),
             artifacts={CLASSIFIER_ARTIFACT: str(staged)},
             code_paths=[str(package)],
-            signature=signature(spec.classes),
+            signature=signature(spec.classes, spec.multilabel),
             input_example=pd.DataFrame({IMAGE_COLUMN: [example_image]}),
             pip_requirements=pip_requirements(),
+            metadata={**calibration_metadata(spec), **kwargs.pop("metadata", {})},
             **kwargs,
         )
+
+
+def calibration_metadata(spec) -> dict[str, Any]:
+    """What the served model does to the logits: the temperature and, for multi-label data, the thresholds."""
+    meta: dict[str, Any] = {"temperature": spec.temperature}
+    if spec.multilabel:
+        meta["thresholds"] = dict(zip(spec.classes, spec.thresholds or [spec.threshold] * len(spec.classes),
+                                      strict=True))
+    return meta
 
 
 def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
@@ -172,6 +188,9 @@ def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
         raise DataError(f"could not load model {model_uri}: {exc.message}") from None
     probs = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
     out = probs.copy()
-    out.insert(0, "prediction", probs.idxmax(axis=1) if len(probs) else [])
+    if LABELS_COLUMN in probs.columns:  # multi-label: the classes over their thresholds
+        out.insert(0, "prediction", out.pop(LABELS_COLUMN))
+    else:
+        out.insert(0, "prediction", probs.idxmax(axis=1) if len(probs) else [])
     out.insert(0, "path", [str(p) for p in paths])
     return out

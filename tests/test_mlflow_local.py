@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,7 @@ def test_register_promote_force_and_rollback_commands(local, capsys) -> None:
     assert _cli(local, "register", "--network", "cnn") == 0
     candidate = str(max(int(v.version) for v in local.client.search_model_versions(f"name = '{name}'")))
     assert candidate != champion
+    assert "model_card" in local.client.get_model_version(name, candidate).tags  # registered outside a pipeline
 
     # Same model, same metrics: it does not beat the champion by the margin, so the champion stays.
     assert _cli(local, "promote", "--network", "cnn", "--version", candidate) == 1
@@ -291,3 +293,77 @@ def test_promotion_gate_is_the_quality_model_suite() -> None:
     lenient = params_from_mapping({"quality": {"severity": {"class_recall_nonzero": "warn"}}})
     assert default_gate(lenient)(metrics).passed
     assert not default_gate(params_from_mapping({"quality": {"min_macro_f1": 0.9}}))(metrics).passed
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration, explanations and the model card of every registered version (issue 16)
+
+
+def test_evaluation_run_carries_calibration_explanations_and_class_counts(local) -> None:
+    runs = _runs(local)
+    for network in ("cnn", "vit"):
+        run = runs[f"evaluate-{network}"]
+        files = {a.path for a in local.client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {f"evaluation/{f}" for f in ("reliability.png", "reliability.csv", "explanations.png",
+                                             "class_counts.csv")} <= files, files
+        assert {"test_ece", "test_ece_before_scaling", "test_temperature"} <= set(run.data.metrics)
+
+
+def test_served_champion_returns_the_evaluated_probabilities(local, monkeypatch) -> None:
+    """The registered model applies the temperature fitted on validation, exactly as evaluation did."""
+    import mlflow
+
+    from cass.data.manifest import read_manifest
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(local.uri)
+    _, info = read_manifest(local.layout.data)
+    for network in ("cnn", "vit"):
+        evaluated = pd.read_csv(local.layout.evaluate(network) / "predictions.csv")
+        spec = json.loads((local.layout.finetune(network) / "model.json").read_text())
+        assert spec["temperature"] > 0 and spec["temperature"] != 1.0, spec  # fitted, so the check can fail
+        model = mlflow.pyfunc.load_model(f"models:/{PREFIX}-{network}@champion")
+        images = [(Path(info.root) / p).read_bytes() for p in evaluated["path"]]
+        served = model.predict(pd.DataFrame({"image": images}))
+        expected = evaluated[[f"p_{c}" for c in info.classes]].to_numpy()
+        assert served[list(info.classes)].to_numpy() == pytest.approx(expected, abs=2e-6)
+
+
+def test_every_registered_version_has_a_model_card_with_its_lineage(local, tmp_path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(local.uri)
+    for network in ("cnn", "vit"):
+        name = f"{PREFIX}-{network}"
+        version = local.result.versions[network]
+        mv = local.client.get_model_version(name, version)
+        card_uri = mv.tags["model_card"]
+        assert card_uri.endswith("model_card/model_card.html")
+        assert "**Model card**" in mv.description and "ECE" in mv.description  # the registry page shows it
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=card_uri.rsplit("/", 1)[0],
+                                                          dst_path=str(tmp_path / network)))
+        card = (folder / "model_card.md").read_text()
+        tags = mv.tags
+        for value in (f"{name} version {version}", tags["data_version"], tags["test_set"], tags["git_commit"],
+                      tags["pretraining_run_id"], tags["evaluation_run_id"], tags["finetune_run_id"],
+                      tags["pipeline_run_id"], "| label fraction | 1 |", "| dataset | demo |"):
+            assert value in card, f"{value!r} missing from the card of {name} v{version}"
+        for section in ("## Data", "## Test metrics", "## Calibration", "## Subgroups", "## Explanations",
+                        "## Model gate", "## Intended use", "## Limitations", "pretraining collapse indicator"):
+            assert section in card, section
+        evaluated = json.loads((local.layout.evaluate(network) / "metrics.json").read_text())
+        assert f"{evaluated['ece']:.3f}" in card and f"{evaluated['macro_f1']:.3f}" in card
+        page = (folder / "model_card.html").read_text()
+        # Readable offline: no script, no stylesheet or image fetched from anywhere, figures embedded.
+        assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+        assert page.count('src="data:image/png;base64,') >= 2
+        # The promotion decision links to the card.
+        assert json.loads(tags["compared_metrics"])["model_card"] == card_uri
+
+
+def test_explain_command_draws_heat_maps_from_a_registered_model(local, tmp_path) -> None:
+    images = sorted((local.data / "adipose").glob("*.png"))[:2]
+    out = tmp_path / "maps"
+    assert _cli(local, "explain", "--model", f"models:/{PREFIX}-cnn@champion", *map(str, images),
+                "--out", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.cnn.png" for p in images)

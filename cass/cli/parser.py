@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from cass.cli.commands import data, demo, quality, registry, train, versioning
+from cass.cli.commands import data, demo, explain, quality, registry, train, versioning
 from cass.config import NETWORKS
 from cass.data.layouts import layout_help, layout_names
 from cass.errors import GateFailed
@@ -28,6 +28,7 @@ EPILOG = """examples:
   cass tune --network cnn --workers 2        # Optuna search; then cass finetune --best-params FILE
   cass promote --network cnn --version 3     # move 'champion' to v3 if it passes the gate and beats it
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
+  cass explain --model models:/cass-demo-vit@champion img1.png   # heat maps of what it looks at
   cass validate manifest                     # data-quality gate before training (also: splits, model)
 """
 
@@ -346,6 +347,19 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
                    "runs:/<run>/model, ...")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
     p.add_argument("--output", type=Path, metavar="FILE", help="write a CSV here instead of printing")
+    settings_options(p)
+
+    p = _command(
+        sub, "explain", explain.explain, help="heat maps of what a registered model looks at, for any images",
+        description="Load an MLflow model (e.g. models:/cass-demo-cnn@champion) or a fine-tuning folder and "
+        "write, per image, the image beside its heat map for the predicted class (CNN: Grad-CAM; ViT: "
+        "evaluate.vit_explainer) with the predicted label and probability, as <out>/<image>.<network>.png.",
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="models:/<name>@champion, models:/<name>/<version>, "
+                   "runs:/<run>/model, or a folder such as outputs/finetune/cnn")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
+    p.add_argument("--out", type=Path, default=Path("explanations"), metavar="DIR",
+                   help="folder for the overlays (default: %(default)s)")
     settings_options(p)
 
 

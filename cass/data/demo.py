@@ -6,6 +6,8 @@ pale polygonal cells with thin membranes), ``lymphocytes`` (dense small dark rou
 ``stroma`` (wavy pink fibres) and ``tumor`` (large irregular crowded nuclei). Stain colour, scale,
 orientation and noise vary per image, so a network has to learn texture and shape, not one colour.
 Generation is deterministic (one seed per image) and takes a few seconds for the default size.
+``metadata.csv`` records two acquisition facts of each image as subgroups: ``focus`` (sharp or blurred,
+an out-of-focus scan) and ``patch`` (pure, or mixed where another tissue covers part of it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cass.io import atomic_write_text
 
 CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
 _MARKER = ".cass-demo"
+METADATA_FILE = "metadata.csv"
 
 Painter = Callable[[np.random.Generator, int], np.ndarray]
 
@@ -118,13 +121,21 @@ PAINTERS: dict[str, Painter] = {
 
 def render(class_name: str, index: int, size: int = 64, seed: int = 0) -> Image.Image:
     """One deterministic demo image."""
+    return _render(class_name, index, size, seed)[0]
+
+
+def _render(class_name: str, index: int, size: int, seed: int) -> tuple[Image.Image, dict[str, str]]:
+    """One demo image and how it was made: ``focus`` (sharp / blurred) and ``patch`` (pure / mixed tissue),
+    the subgroups the demo's ``metadata.csv`` records."""
     digest = hashlib.sha256(f"{seed}:{class_name}:{index}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     img = PAINTERS[class_name](rng, size)
+    facts = {"focus": "sharp", "patch": "pure"}
     if rng.random() < 0.6:
         # Patches straddle tissue boundaries: part of the patch shows another tissue type.
         other = CLASSES[int(rng.integers(len(CLASSES)))]
         if other != class_name:
+            facts["patch"] = "mixed"
             yy, xx = _grid(size)
             theta = rng.uniform(0, 2 * np.pi)
             edge = (xx - size / 2) * np.cos(theta) + (yy - size / 2) * np.sin(theta)
@@ -133,9 +144,10 @@ def render(class_name: str, index: int, size: int = 64, seed: int = 0) -> Image.
             img = img * (1 - region) + PAINTERS[other](rng, size) * region
     if rng.random() < 0.5:
         img = _blur(img, rng.uniform(0.5, 1.2))  # out-of-focus scan
+        facts["focus"] = "blurred"
     img = img + rng.normal(0.0, 0.05, size=img.shape)  # sensor noise
     img = img * rng.uniform(0.9, 1.08)  # exposure
-    return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB"), facts
 
 
 DEMO_KINDS: dict[str, tuple[tuple[str, ...], Callable[[str, int, int, int], Image.Image]]] = {
@@ -162,13 +174,14 @@ def generate_demo(
     """Write a generated dataset as an ImageFolder tree under ``root``; a no-op if it is already there.
 
     ``kind`` picks the dataset (:data:`DEMO_KINDS`); class folders of another kind are emptied, so the
-    folder holds one dataset."""
+    folder holds one dataset. The tissue dataset also gets ``metadata.csv`` (path, focus, patch: the
+    subgroups of each image, for ``data.group_columns``)."""
     classes = demo_classes(kind)
     paint = DEMO_KINDS[kind][1]
     marker = root / _MARKER
-    stamp = f"classes={','.join(classes)} per_class={images_per_class} size={size} seed={seed}\n"
-    if kind != "tissue":  # the tissue stamp stays as it was, so existing data is not regenerated
-        stamp = f"kind={kind} {stamp}"
+    stamp = f"classes={','.join(classes)} per_class={images_per_class} size={size} seed={seed}"
+    # The tissue folders made before metadata.csv existed are written again (same images, plus the file).
+    stamp = f"kind={kind} {stamp}\n" if kind != "tissue" else f"{stamp} metadata=1\n"
     if not force and marker.is_file() and marker.read_text() == stamp:
         return root
     stale_classes = {c for cs, _ in DEMO_KINDS.values() for c in cs} - set(classes)
@@ -179,12 +192,23 @@ def generate_demo(
                 stale.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()
+    rows = ["path,focus,patch"]
     for cls in classes:
         folder = root / cls
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.png"):
             stale.unlink()
         for i in range(images_per_class):
-            paint(cls, i, size, seed).save(folder / f"{cls}_{i:04d}.png", optimize=False)
+            target = folder / f"{cls}_{i:04d}.png"
+            if kind == "tissue":
+                image, facts = _render(cls, i, size, seed)
+                rows.append(f"{cls}/{target.name},{facts['focus']},{facts['patch']}")
+            else:
+                image = paint(cls, i, size, seed)
+            image.save(target, optimize=False)
+    if kind == "tissue":
+        atomic_write_text(root / METADATA_FILE, "\n".join(rows) + "\n")
+    else:
+        (root / METADATA_FILE).unlink(missing_ok=True)  # the tissue subgroups do not describe these images
     atomic_write_text(marker, stamp)
     return root

@@ -83,10 +83,42 @@ def classes_table(metrics: dict[str, Any]) -> Table:
     return Table("classes", frame, ("class",), checks)
 
 
+CEILINGS = (("ece", "max_ece"), ("subgroup_gap", "max_subgroup_gap"))
+
+
+def ceilings_table(params: Params, metrics: dict[str, Any]) -> Table:
+    """One row per optional ceiling that is set (``quality.max_ece``, ``quality.max_subgroup_gap``)."""
+    q = params.quality
+    rows = [(name, _number(metrics.get(name)), getattr(q, key)) for name, key in CEILINGS
+            if getattr(q, key) is not None]
+    frame = pd.DataFrame(
+        {
+            "metric": [r[0] for r in rows],
+            "value": [r[1] for r in rows],
+            "limit": [r[2] for r in rows],
+            # a missing or NaN value is not within the limit: nothing shows the model is calibrated / fair
+            "within": [bool(r[1] <= r[2]) for r in rows],
+        },
+        columns=["metric", "value", "limit", "within"],
+    )
+    checks = (
+        # Probabilities that say 0.9 where the model is right half the time mislead the reader of a report.
+        check("ece_ceiling", f"test ECE after temperature scaling above quality.max_ece = {q.max_ece}",
+              "ExpectColumnValuesToBeInSet", column="within", value_set=[True],
+              row_condition='metric=="ece"', condition_parser="pandas"),
+        # A model much worse for one site, scanner, sex or age band than on average must not serve them.
+        check("subgroup_gap_ceiling",
+              f"worst subgroup below the whole test split by more than quality.max_subgroup_gap = "
+              f"{q.max_subgroup_gap}", "ExpectColumnValuesToBeInSet", column="within", value_set=[True],
+              row_condition='metric=="subgroup_gap"', condition_parser="pandas"),
+    )
+    return Table("ceilings", frame, ("metric", "value", "limit"), checks)
+
+
 def validate_model(
     params: Params, metrics_path: Path, report_dir: Path, *, raise_on_failure: bool = True
 ) -> GateResult:
     """Gate before registration and promotion: the ``metrics.json`` written by ``cass evaluate``."""
     metrics = read_metrics(Path(metrics_path))
-    tables = [metrics_table(params, metrics), classes_table(metrics)]
+    tables = [metrics_table(params, metrics), classes_table(metrics), ceilings_table(params, metrics)]
     return run_gate("model", tables, Path(report_dir), params.quality, raise_on_failure=raise_on_failure)

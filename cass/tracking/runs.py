@@ -231,8 +231,7 @@ class RunLogger:
                 if finite(scores.get(name)):
                     values[metric_key(f"test_{cls}_{name}")] = float(scores[name])
         self.metrics(values, **({"model_id": model_id} if model_id else {}))
-        for path in (out.metrics, out.confusion_matrix, out.roc, out.predictions):
-            self.artifact(path, EVALUATION_DIR)
+        self.artifact(out.out_dir, EVALUATION_DIR)  # every file of the stage: plots, calibration, explanations
         return metrics
 
 
