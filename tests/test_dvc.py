@@ -77,6 +77,14 @@ def pipeline_outputs(root: Path) -> list[str]:
     return sorted(out["path"] for stage in lock["stages"].values() for out in stage.get("outs", []))
 
 
+def test_every_code_dependency_of_the_pipeline_exists() -> None:
+    # Guards: a module renamed or removed while dvc.yaml still lists it fails `dvc repro` at that stage.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = {d for stage in stages.values() for d in stage.get("deps", []) if d.startswith(("cass/", "flows/"))}
+    assert deps, "dvc.yaml lists no code dependencies"
+    assert sorted(d for d in deps if not (REPO / d).exists()) == []
+
+
 slow = pytest.mark.slow  # the module's project is built with a real `dvc repro` (about a minute on 2 cores)
 
 
