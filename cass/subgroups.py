@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cass.config import Params
+from cass.data.adapters import read_csv_file
 from cass.errors import DataError
 from cass.metrics import multi_label_metrics
 
@@ -41,12 +42,7 @@ def read_groups(params: Params, paths: Sequence[str]) -> pd.DataFrame:
     """The ``data.group_columns`` of each manifest path (rows in the order of ``paths``; unknown -> "(missing)")."""
     columns = list(params.data.group_columns)
     file, key = groups_source(params)
-    if not file.is_file():
-        raise DataError(f"{file}: groups file not found (data.groups_file is relative to data.root)")
-    try:
-        table = pd.read_csv(file, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{file}: not a readable CSV ({exc})") from None
+    table = read_csv_file(file, "data.groups_file", "groups file")
     missing = [c for c in [key, *columns] if c not in table.columns]
     if missing:
         raise DataError(f"{file}: no column(s) {missing} (data.groups_key / data.group_columns); columns are "

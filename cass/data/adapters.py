@@ -229,18 +229,24 @@ def _missing_remedy(root: Path, layout: CsvLayout, missing: list[tuple[str, str]
     )
 
 
+def read_csv_file(path: Path, setting: str, what: str = "CSV file") -> pd.DataFrame:
+    """A CSV read as text (ids keep their leading zeros, empty cells stay ''), or a DataError naming the file,
+    ``what`` it is and the ``setting`` (relative to data.root) that points at it."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found ({setting} is relative to data.root)")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+
+
 def csv_onehot(
     root: Path, layout: CsvLayout, group_column: str | None = None, problems: Problems | None = None
 ) -> AdapterResult:
     """A CSV of image ids and one-hot label columns. Every referenced file must exist (checked, not decoded)."""
     own, problems = problems is None, problems if problems is not None else Problems()
     csv_path = root / layout.file
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: CSV file not found (data.csv.file is relative to data.root)")
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from None
+    table = read_csv_file(csv_path, "data.csv.file")
     table = _strip_column_names(table, csv_path)
     if layout.image_column not in table.columns:
         raise DataError(
