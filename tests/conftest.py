@@ -224,3 +224,13 @@ def postgres_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server for one test."""
     with fresh_database() as url:
         yield url
+
+
+def noisy_classifier(rng, n: int, k: int, strength: float):
+    """Labels of ``n`` single-label samples over ``k`` classes and the softmax output of a classifier that
+    favours the true class by a random share of ``strength``: realistic, imperfect scores for metric tests."""
+    import numpy as np
+
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + strength * np.eye(k)[y] * rng.random((n, 1))
+    return y, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)

@@ -7,15 +7,14 @@ import pytest
 from sklearn import metrics as skm
 
 from cass.metrics import binary_auroc, classification_metrics
+from tests.conftest import noisy_classifier
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_single_label_metrics_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     k, n = 4, 200
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y] * rng.random((n, 1))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y, probs = noisy_classifier(rng, n, k, 1.5)
     pred = probs.argmax(1)
     m = classification_metrics(y, probs, ["a", "b", "c", "d"], multilabel=False)
     assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))

@@ -13,16 +13,14 @@ from sklearn import metrics as skm
 from cass.config import Params, params_from_mapping
 from cass.errors import ConfigError, DataError
 from cass.subgroups import ALL, MISSING, read_groups, subgroup_table, worst_group_gap
-from tests.conftest import LENIENT_MODEL_GATE, tiny_mapping
+from tests.conftest import LENIENT_MODEL_GATE, noisy_classifier, tiny_mapping
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_subgroup_metrics_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n, k = 300, 4
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k)) + 2.0 * np.eye(k)[y] * rng.random((n, 1))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y, probs = noisy_classifier(rng, n, k, 2.0)
     pred = probs.argmax(1)
     groups = pd.DataFrame({"site": rng.choice(["A", "B", "C"], n), "sex": rng.choice(["F", "M"], n)})
     groups.loc[:4, "site"] = "D"  # a small group: listed, not counted
