@@ -55,3 +55,22 @@ class VersioningError(CassError):
     """DVC cannot version, push or pull the data: no DVC repository or remote, unreachable endpoint, corrupt cache."""
 
     exit_code = 8
+
+
+class DiskFullError(CassError):
+    """A write ran out of space: the message names the path and the space it needed; nothing half-written
+    is left as the current output."""
+
+    exit_code = 9
+
+
+class ModelIntegrityError(CassError):
+    """A model folder's code or weights differ from the content hashes recorded when it was exported."""
+
+    exit_code = 10
+
+
+class StudyDatabaseError(CassError):
+    """The Optuna study database cannot be reached or written (server down, wrong URL, no permission)."""
+
+    exit_code = 11
