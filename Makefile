@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean plots-template
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The offline page template of `dvc plots show` (Vega inline), rebuilt from the npm registry: docs/dvc.md.
+plots-template:
+	bash .dvc/plots/build_offline_html.sh
 
 clean:
 	rm -rf outputs mlruns mlflow.db .prefect .pytest_cache dvc_plots

@@ -133,7 +133,7 @@ def import_gx() -> Any:
 
 
 def _context(docs_dir: Path) -> Any:
-    """An in-memory GX context whose only Data Docs site is ``docs_dir``."""
+    """An in-memory GX context whose only Data Docs site is ``docs_dir``, rendered to read offline."""
     gx = import_gx()
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -141,17 +141,13 @@ def _context(docs_dir: Path) -> Any:
         ProgressBarsConfig,
     )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    }
+    from cass.quality.data_docs import site_config
+
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={"local_site": site},
+        data_docs_sites={"local_site": site_config(docs_dir)},
     )
     return gx.get_context(project_config=config, mode="ephemeral")
 
