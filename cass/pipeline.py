@@ -437,14 +437,18 @@ def run_stages(
         for stage in plan(run):
             started = (lambda network: on_stage(next(lines))) if stage.shown else (lambda network: None)
             networks = _networks(stage, run)
-            if stage.gated:
-                for network in [n for n in networks if n in run.gate_failures]:
+            skipped = set(run.gate_failures) if stage.gated else set()
+            batches = [networks] if stage.parallel else [[network] for network in networks]
+            results, ran = [], []
+            for batch in batches:
+                for network in (n for n in batch if n in skipped):  # a network the model gate stopped
                     if stage.shown:
                         on_stage(f"{next(lines)}: skipped, {network} failed the model gate")
-                networks = [n for n in networks if n not in run.gate_failures]
-            batches = [networks] if stage.parallel else [[network] for network in networks]
-            results = [result for batch in batches for result in execute(stage, run, batch, started)]
-            run = _keep(run, stage, networks, results)
+                batch = [n for n in batch if n not in skipped]
+                if batch:
+                    results += execute(stage, run, batch, started)
+                    ran += batch
+            run = _keep(run, stage, ran, results)
             if run.earlier_run_id is not None:  # nothing changed since a completed run: nothing to train
                 return run
     except BaseException as exc:

@@ -128,6 +128,7 @@ class GatingRecorder(Recorder):
     def __call__(self, stage: Stage, run: PipelineRun, networks, started) -> list:
         if stage.name == "model gate":
             self.calls.append((stage.name, tuple(networks)))
+            started(None)
             return [stage.run(run, None)]
         return super().__call__(stage, run, networks, started)
 
@@ -153,7 +154,9 @@ def test_a_network_that_passes_the_model_gate_is_registered_and_promoted_on_its_
     assert ("promote", ("vit",)) not in recorder.calls
     assert "finish MLflow run" in [name for name, _ in recorder.calls]  # the run ends normally ...
     assert set(done.gate_failures) == {"vit"}
-    assert any("register vit: skipped, vit failed the model gate" in line for line in lines)
+    assert lines[-5:] == ["[8/12] model gate", "[9/12] register cnn",
+                          "[10/12] register vit: skipped, vit failed the model gate", "[11/12] promote cnn",
+                          "[12/12] promote vit: skipped, vit failed the model gate"]
     failure = gate_failure(done)  # ... and its callers report the failed network, naming what passed
     assert isinstance(failure, ModelGateFailed) and failure.exit_code == GateFailed.exit_code
     text = str(failure)
