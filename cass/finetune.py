@@ -342,7 +342,7 @@ class FinetuneLearner(Learner):
         return {**tuning, "in_effect": sorted(k for k, v in tuned.items() if effective.get(k) == v)}
 
     def write_outputs(self, out: FinetuneOutputs, history: list[dict[str, float]]) -> None:
-        """Weights, the spec that rebuilds the classifier, history.csv and metrics.json (rank 0)."""
+        """Weights, the spec that rebuilds the classifier, history.csv, lineage.json and metrics.json (rank 0)."""
         cfg, best = self.params.finetune, history[self.best_epoch - 1]
         out.out_dir.mkdir(parents=True, exist_ok=True)
         # Temperature (and multi-label thresholds) fitted on the validation split: cass.calibration.

@@ -270,7 +270,8 @@ class RunLogger:
             self.artifact(history)
             with tempfile.TemporaryDirectory(prefix="cass-plot-") as tmp:
                 self.artifact(plot_history(history, Path(tmp) / "curves.png", title))
-        self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec, when the stage wrote one
+        self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec and lineage, when the stage wrote them
+        self.artifact(FinetuneOutputs(out_dir).lineage)
 
     def history(self, history_csv: Path) -> None:
         """Every row of a stage's history.csv as per-epoch metrics (``step`` = epoch): the curves of a

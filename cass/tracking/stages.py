@@ -295,7 +295,6 @@ def register_outputs(
                       pretraining_run_id=pretraining_run_id) as run:
             run.text(yaml.safe_dump(redact_mapping(model.settings.model_dump(mode="json")), sort_keys=False),
                      "params.resolved.yaml")
-            run.artifact(ft.lineage)
             run.history(ft.history)
             run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
             logged = with_retries(f"logging the {network} model", lambda ft=ft: log_classifier(ft.out_dir, example),
