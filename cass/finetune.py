@@ -329,7 +329,8 @@ class FinetuneLearner(Learner):
             "class_weight_values": [round(float(w), 6) for w in self.weights],
             "pretraining": pretraining,
             "tuning": self._tuning(),
-            "settings": self.params.model_dump(mode="json"),
+            # Where models are tracked is not part of the model (registration uses the mlflow: settings of its time).
+            "settings": self.params.model_dump(mode="json", exclude={"mlflow"}),
         }
 
     def _tuning(self) -> dict[str, Any] | None:

@@ -271,7 +271,9 @@ class RunLogger:
             with tempfile.TemporaryDirectory(prefix="cass-plot-") as tmp:
                 self.artifact(plot_history(history, Path(tmp) / "curves.png", title))
         self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec and lineage, when the stage wrote them
-        self.artifact(FinetuneOutputs(out_dir).lineage)
+        lineage = FinetuneOutputs(out_dir).lineage
+        if lineage.is_file():  # it holds the settings: credentials in them are redacted like the params
+            self.text(json.dumps(redact_mapping(json.loads(lineage.read_text())), indent=2), lineage.name)
 
     def history(self, history_csv: Path) -> None:
         """Every row of a stage's history.csv as per-epoch metrics (``step`` = epoch): the curves of a
