@@ -236,9 +236,12 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
         log.warning("%s: the pretraining on disk is not the one %s was fine-tuned from; its run is not linked "
                     "(the version carries the pretrained weights' digest)", out.out_dir, network)
         return None
-    with open_run(params, model, "pretrain", stage="pretrain", **{
-        f"pretrain_{n}_sha256": file_digest(out.weights(n)) for n in ("cnn", "vit") if out.weights(n).is_file()
-    }) as run:
+    recorded = json.loads(out.metrics.read_text()) if out.metrics.is_file() else {}
+    lineage = Lineage(model.lineage.dataset, model.lineage.label_fraction,  # the commit pretraining ran at
+                      str(recorded.get("git_commit") or model.lineage.git_commit),
+                      str(recorded.get("data_version") or model.lineage.data_version), model.lineage.test_set)
+    digests = {f"pretrain_{n}_sha256": file_digest(out.weights(n)) for n in ("cnn", "vit") if out.weights(n).is_file()}
+    with open_run(params, model, "pretrain", network="cnn+vit", lineage=lineage, stage="pretrain", **digests) as run:
         if out.history.is_file():
             run.history(out.history)
         run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
@@ -247,11 +250,12 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
 
 
 @contextlib.contextmanager
-def open_run(params: Params, model: ModelOnDisk, name: str, **tags: str | None) -> Iterator[RunLogger]:
-    """A run for a model on disk: its lineage tags and the settings it was trained with."""
+def open_run(params: Params, model: ModelOnDisk, name: str, *, network: str | None = None,
+             lineage: Lineage | None = None, **tags: str | None) -> Iterator[RunLogger]:
+    """A run for a model on disk: its lineage tags (or ``lineage``'s) and the settings it was trained with."""
     import mlflow
 
-    all_tags = run_tags(model.lineage.tags(model.network, **tags))
+    all_tags = run_tags((lineage or model.lineage).tags(network or model.network, **tags))
     with mlflow.start_run(run_name=name, tags=all_tags) as active:
         run = RunLogger(params.mlflow, active.info.run_id)
         run.params(model.settings)
