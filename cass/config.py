@@ -483,6 +483,11 @@ class QualityConfig(_Section):
         default_factory=dict, description="check name -> warn | fail, overriding the defaults (QUALITY_CHECKS)"
     )
     max_examples: int = Field(default=5, ge=1, le=100, description="offending rows shown per failed check")
+    model_gate_policy: Literal["per_network", "all"] = Field(
+        default="per_network",
+        description="per_network: each network that passes the model gate is registered and promoted on its own; "
+        "all: nothing is registered unless every network passes",
+    )
 
     @field_validator("severity")
     @classmethod

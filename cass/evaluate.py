@@ -27,10 +27,11 @@ from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import SPLITS, label_lists, read_manifest
 from cass.data.transforms import eval_transform
+from cass.engine import file_digest
 from cass.errors import DataError
 from cass.finetune import ClassifierSpec, load_classifier
 from cass.io import atomic_path, atomic_write_text
-from cass.layout import EvaluateOutputs
+from cass.layout import EvaluateOutputs, FinetuneOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
 from cass.training import resolve_device, resolve_num_workers
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> EvaluateOutputs:
-    """Score the fine-tuned model in ``model_dir`` on the test split."""
+    """Score the fine-tuned model in ``model_dir`` on the test split: metrics.json (every metric),
+    scores.json (the headline numbers), lineage.json (which model, commit and data) and the plots."""
     out = EvaluateOutputs(Path(out_dir))
     df, info = read_manifest(Path(data_dir))
     test = df[df["split"] == "test"].reset_index(drop=True)
@@ -67,15 +69,14 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
     bins = params.evaluate.ece_bins
     ece_raw = expected_calibration_error(raw, y, info.multilabel, bins)
     ece = expected_calibration_error(probs, y, info.multilabel, bins)
-    metrics = {
+    metrics = {**metrics, "temperature": spec.temperature, "ece": ece, "ece_before_scaling": ece_raw}
+    lineage = {  # which model, at which commit, on which data: apart from the numbers
         "network": spec.network,
         "arch": spec.arch,
+        "model_sha256": file_digest(FinetuneOutputs(Path(model_dir)).weights),
         "data_version": info.data_version,
         "git_commit": git_commit(),
-        **metrics,
-        "temperature": spec.temperature,
-        "ece": ece,
-        "ece_before_scaling": ece_raw,
+        "num_samples": len(test),
     }
 
     out.out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +104,22 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
         _explanations(params, dataset, test, model, spec, device, out.explanations)
     else:
         out.explanations.unlink(missing_ok=True)
+    atomic_write_text(out.lineage, json.dumps(lineage, indent=2) + "\n")
     atomic_write_text(out.metrics, json.dumps(_json_safe(metrics), indent=2) + "\n")
+    atomic_write_text(out.scores, json.dumps(_json_safe(headline(metrics)), indent=2) + "\n")
     log.info("%s: test macro F1 %.3f, ECE %.3f -> %.3f at temperature %.3f", spec.network, metrics["macro_f1"],
              ece_raw, ece, spec.temperature)
     return out
+
+
+HEADLINE = ("macro_f1", "balanced_accuracy", "accuracy", "exact_match", "macro_auroc", "ece", "subgroup_gap",
+            "num_samples")
+
+
+def headline(metrics: dict) -> dict:
+    """The few test numbers worth a column in ``dvc metrics show`` / ``dvc exp show`` (scores.json); the
+    per-class scores and the confusion matrix stay in metrics.json."""
+    return {k: metrics[k] for k in HEADLINE if k in metrics}
 
 
 def decision_threshold(spec: ClassifierSpec, params: Params) -> float | tuple[float, ...]:

@@ -204,9 +204,11 @@ class FinetuneLearner(Learner):
     epoch rank 0 validates; every rank follows its loss, keeps the best weights and stops early alike."""
 
     def __init__(self, params: Params, engine: Engine, network: Network, data: LabelledData,
-                 pretrain_dir: Path | None) -> None:
+                 pretrain_dir: Path | None, origin: Mapping[str, Any] | None = None) -> None:
         cfg, info = params.finetune, data.info
         self.params, self.engine, self.network, self.data = params, engine, network, data
+        self.pretrain_dir = Path(pretrain_dir) if pretrain_dir is not None and cfg.init == "cass" else None
+        self.origin = dict(origin or {})
         self.name, self.peak_lr = f"fine-tuning {network}", cfg.lr
         model = _initial_model(params, network, len(info.classes), pretrain_dir)
         self.pretrain_method = _pretrain_method(cfg.init, pretrain_dir)
@@ -305,8 +307,43 @@ class FinetuneLearner(Learner):
             raise TrainingError(f"fine-tuning {self.network} produced no finite validation loss")
         self.model.load_state_dict(self.best_state)
 
+    def lineage(self, out: FinetuneOutputs) -> dict[str, Any]:
+        """lineage.json: what registration logs for this model, whatever params.yaml says by then."""
+        cfg = self.params.finetune
+        pretraining = None
+        if self.pretrain_dir is not None:
+            pre = PretrainOutputs(self.pretrain_dir)
+            pretraining = {"method": self.pretrain_method, "dir": str(pre.out_dir),
+                           "weights_sha256": file_digest(pre.weights(self.network)),
+                           **{k: v for k, v in self.origin.items() if k == "run_id"}}
+        return {
+            "network": self.network,
+            "arch": self.spec.arch,
+            "weights_sha256": file_digest(out.weights),
+            "git_commit": git_commit(),
+            "data_version": self.data.info.data_version,
+            "dataset": self.params.data.name,
+            "label_fraction": cfg.label_fraction,
+            "init": cfg.init,
+            "class_weights": cfg.class_weights,
+            "class_weight_values": [round(float(w), 6) for w in self.weights],
+            "pretraining": pretraining,
+            "tuning": self._tuning(),
+            # Where models are tracked is not part of the model (registration uses the mlflow: settings of its time).
+            "settings": self.params.model_dump(mode="json", exclude={"mlflow"}),
+        }
+
+    def _tuning(self) -> dict[str, Any] | None:
+        """The tuning the settings came from, and which tuned values are in effect (an explicit setting may pin one)."""
+        tuning = self.origin.get("tuning")
+        if not tuning:
+            return None
+        effective = self.params.finetune.model_dump(mode="json")
+        tuned = dict(tuning.get("finetune") or {})
+        return {**tuning, "in_effect": sorted(k for k, v in tuned.items() if effective.get(k) == v)}
+
     def write_outputs(self, out: FinetuneOutputs, history: list[dict[str, float]]) -> None:
-        """Weights, the spec that rebuilds the classifier, history.csv and metrics.json (rank 0)."""
+        """Weights, the spec that rebuilds the classifier, history.csv, lineage.json and metrics.json (rank 0)."""
         cfg, best = self.params.finetune, history[self.best_epoch - 1]
         out.out_dir.mkdir(parents=True, exist_ok=True)
         # Temperature (and multi-label thresholds) fitted on the validation split: cass.calibration.
@@ -315,24 +352,17 @@ class FinetuneLearner(Learner):
         save_weights(self.model, out.weights)
         atomic_write_text(out.spec, self.spec.to_json())
         atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))
-        summary = {
-            "network": self.network,
-            "arch": self.spec.arch,
-            "init": cfg.init,
-            "pretrain_method": self.pretrain_method,
+        summary = {  # numbers only: a DVC metrics file; where the model came from is in lineage.json
             "label_fraction": cfg.label_fraction,
             "labelled_images": len(self.train_set),
-            "class_weights": cfg.class_weights,
-            "class_weight_values": [round(float(w), 6) for w in self.weights],
             "best_epoch": self.best_epoch,
             "epochs_run": len(history),
             "best_val_loss": best["val_loss"],
             "best_val_macro_f1": best["val_macro_f1"],
             "best_val_balanced_accuracy": best["val_balanced_accuracy"],
             "train_seconds": sum(h["epoch_seconds"] for h in history),
-            "data_version": self.data.info.data_version,
-            "git_commit": git_commit(),
         }
+        atomic_write_text(out.lineage, json.dumps(self.lineage(out), indent=2) + "\n")
         atomic_write_text(out.metrics, json.dumps(summary, indent=2) + "\n")
 
 
@@ -346,14 +376,21 @@ def finetune(
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
     resume: bool = True,
+    tuning: Mapping[str, Any] | None = None,
+    pretraining_run_id: str | None = None,
 ) -> FinetuneOutputs:
     """Fine-tune ``network`` on the ``finetune.label_fraction`` subset; keep the best epoch's weights.
 
-    An unfinished fine-tuning in ``out_dir`` resumes after its last epoch (``resume=False`` starts over)."""
+    An unfinished fine-tuning in ``out_dir`` resumes after its last epoch (``resume=False`` starts over).
+    ``tuning`` (the best-settings file ``params`` took tuned values from, as :func:`cass.tune.tuning_origin`
+    reads it) and ``pretraining_run_id`` (the MLflow run of the pretraining, when tracked) go into
+    ``lineage.json`` beside the weights."""
+    origin = {"tuning": dict(tuning) if tuning else None, "run_id": pretraining_run_id}
     out = FinetuneOutputs(Path(out_dir))
     data = LabelledData.read(params, Path(data_dir))
     engine = Engine(params.finetune, seed=params.seed, key="finetune", callbacks=callbacks, progress=progress)
-    learner = FinetuneLearner(params, engine, network, data, pretrain_dir)
+    learner = FinetuneLearner(params, engine, network, data, pretrain_dir,
+                              {k: v for k, v in origin.items() if v is not None})
     engine.data(learner.train_set, full_batches=False)
     log.info("fine-tuning %s (%s) on %d labelled images (fraction %g), validating on %d", network,
              learner.spec.arch, len(learner.train_set), params.finetune.label_fraction, len(data.val))

@@ -8,10 +8,10 @@ their paths from here; nothing else builds an output path from a string literal.
       quality/<gate>/             result.json, data_docs/ (gate reports); quality/decode-cache.json
       pretrain/                   cnn.safetensors, vit.safetensors, networks.json, metrics.json, history.csv
       tune/                       best_<network>.yaml, optuna_<network>.db
-      finetune/<network>/         model.safetensors, model.json, metrics.json, history.csv
+      finetune/<network>/         model.safetensors, model.json, metrics.json, history.csv, lineage.json
                                   (checkpoint.pt while a fine-tuning is unfinished)
-      evaluate/<network>/         metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png,
-                                  reliability.png, reliability.csv, explanations.png, class_counts.csv,
+      evaluate/<network>/         scores.json, metrics.json, lineage.json, predictions.csv, confusion_matrix.png,
+                                  roc_curves.png, reliability.png, reliability.csv, explanations.png, class_counts.csv,
                                   subgroups.csv (with data.group_columns)
 """
 
@@ -28,6 +28,9 @@ SUBSET_DIR = "subsets"
 # Files every training stage writes.
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+# Where a model came from (commit, data version, the settings it was trained with, its pretraining and
+# tuning): kept apart from the metrics files, which hold numbers only.
+LINEAGE_FILE = "lineage.json"
 
 # Gate reports (cass.quality).
 RESULT_FILE = "result.json"
@@ -107,7 +110,14 @@ class FinetuneOutputs:
 
     @property
     def metrics(self) -> Path:
+        """Numbers only: the best epoch's validation summary (a DVC metrics file)."""
         return self.out_dir / METRICS_FILE
+
+    @property
+    def lineage(self) -> Path:
+        """What the model was trained from and with: commit, data version, the full settings, the
+        pretraining weights and the tuned values (what registration logs, never the current params.yaml)."""
+        return self.out_dir / LINEAGE_FILE
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,18 @@ class EvaluateOutputs:
 
     @property
     def metrics(self) -> Path:
+        """Every test metric, per class too (what the model gate, MLflow and promotion read)."""
         return self.out_dir / METRICS_FILE
+
+    @property
+    def scores(self) -> Path:
+        """The headline test numbers only (the DVC metrics file of the stage)."""
+        return self.out_dir / "scores.json"
+
+    @property
+    def lineage(self) -> Path:
+        """Which model was evaluated (network, arch, weights digest), at which commit, on which data."""
+        return self.out_dir / LINEAGE_FILE
 
     @property
     def confusion_matrix(self) -> Path:

@@ -127,6 +127,7 @@ class PipelineRun:
     evaluations: Mapping[Network, Evaluation] = field(default_factory=dict)
     versions: Mapping[Network, str] = field(default_factory=dict)
     promotions: Mapping[Network, PromotionResult] = field(default_factory=dict)
+    gate_failures: Mapping[Network, GateResult] = field(default_factory=dict)  # networks the model gate stopped
 
     @property
     def networks(self) -> tuple[Network, ...]:
@@ -224,17 +225,19 @@ def _tune(run: PipelineRun, network: Network) -> str:
 
 def _finetune(run: PipelineRun, network: Network) -> FinetuneRun | None:
     """Fine-tune ``network``, with the best settings tuning found when it ran."""
-    params = run.params
+    params, tuning = run.params, None
     if network in run.best_params:
-        from cass.tune import apply_best_params
+        from cass.tune import apply_best_params, tuning_origin
 
         params = apply_best_params(params, Path(run.best_params[network]), network)
+        tuning = tuning_origin(Path(run.best_params[network]))
     if run.tracked:
         return tracking.tracked_finetune(params, run.layout, network, run.run_id, run.pretraining_run_id,
-                                         progress=run.progress)
+                                         progress=run.progress, tuning=tuning)
     from cass.finetune import finetune
 
-    finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress)
+    finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress,
+             tuning=tuning)
     return None
 
 
@@ -249,20 +252,51 @@ def _evaluate(run: PipelineRun, network: Network) -> Evaluation:
     return Evaluation(json.loads(out.metrics.read_text()))
 
 
-def _model_gate(run: PipelineRun, _: None) -> None:
-    """The model gate on every network. A failure stops a run that registers (nothing is registered or
-    promoted); a run that registers nothing only reports it."""
-    failed = [(network, result) for network in run.networks
-              if not (result := model_gate(run.params, run.layout, network)).success]
+def _model_gate(run: PipelineRun, _: None) -> dict[Network, GateResult]:
+    """The model gate on every network; returns the failed ones.
+
+    In a run that registers, ``quality.model_gate_policy`` decides what a failure stops: ``per_network``
+    (default) registers and promotes each network that passed and skips the others; ``all``, or no network
+    passing, stops the run (nothing is registered or promoted). A run that registers nothing only warns."""
+    results = {network: model_gate(run.params, run.layout, network) for network in run.networks}
+    failed = {network: result for network, result in results.items() if not result.success}
     if not failed:
-        return
-    if run.tracked and run.register:
-        error = ModelGateFailed("\n".join(f"{network}: {r.summary()}" for network, r in failed)
-                                + "\nnothing was registered or promoted", failed[0][1])
-        error.failed = tuple(failed)
+        return {}
+    passed = [network for network in run.networks if network not in failed]
+    registering = run.tracked and run.register
+    if registering and (run.params.quality.model_gate_policy == "all" or not passed):
+        held = (f"\n{', '.join(passed)} passed, but quality.model_gate_policy is 'all'" if passed else "")
+        error = ModelGateFailed("\n".join(f"{network}: {r.summary()}" for network, r in failed.items())
+                                + held + "\nnothing was registered or promoted", next(iter(failed.values())))
+        error.failed = tuple(failed.items())
         raise error
-    for _network, result in failed:
+    for result in failed.values():
         log.warning("%s", result.summary())
+    if registering:
+        log.warning("model gate: %s failed and will not be registered or promoted; %s passed and go on",
+                    ", ".join(failed), ", ".join(passed))
+    return failed
+
+
+def gate_failure(run: PipelineRun) -> ModelGateFailed | None:
+    """After a run that registered the networks that passed the model gate, the error that reports the ones
+    that did not, naming what passed and what became of it (registered version, promotion); None when every
+    network passed."""
+    if not run.gate_failures:
+        return None
+    lines = [f"{network}: not registered or promoted, {r.summary()}" for network, r in run.gate_failures.items()]
+    for network in run.networks:
+        if network in run.gate_failures:
+            continue
+        line = f"{network}: passed the model gate"
+        if network in run.versions:
+            line += f", registered as version {run.versions[network]}"
+        if network in run.promotions:
+            line += f"; {run.promotions[network].summary()}"
+        lines.append(line)
+    error = ModelGateFailed("\n".join(lines), next(iter(run.gate_failures.values())))
+    error.failed = tuple(run.gate_failures.items())
+    return error
 
 
 def _log_quality(run: PipelineRun, _: None) -> None:
@@ -270,7 +304,11 @@ def _log_quality(run: PipelineRun, _: None) -> None:
 
 
 def _register(run: PipelineRun, network: Network) -> str:
-    return tracking.register_candidate(run.params, run.evaluations[network].candidate, run.run_id)
+    from cass.registry import GateVerdict
+
+    # The model gate stage passed this network (a failed one is skipped): registration need not run it again.
+    candidate = replace(run.evaluations[network].candidate, gate=GateVerdict(True))
+    return tracking.register_candidate(run.params, candidate, run.run_id)
 
 
 def _promote(run: PipelineRun, network: Network) -> PromotionResult:
@@ -279,9 +317,13 @@ def _promote(run: PipelineRun, network: Network) -> PromotionResult:
 
 def _finish_run(run: PipelineRun, _: None) -> None:
     """End the parent run FINISHED; ``outcome=completed`` (what the "nothing changed" check looks for)
-    once both networks were registered and their promotion decided."""
-    outcome = {OUTCOME_TAG: COMPLETED} if run.register and run.promote else {}
-    tracking.end_pipeline_run(run.params, run.run_id, "FINISHED", outcome)
+    once every network was registered and its promotion decided. A network that failed the model gate is
+    named in the ``model_gate_failed`` tag (and the run is not completed, so a rerun tries again)."""
+    if run.gate_failures:
+        tags = {"model_gate_failed": ",".join(run.gate_failures)}
+    else:
+        tags = {OUTCOME_TAG: COMPLETED} if run.register and run.promote else {}
+    tracking.end_pipeline_run(run.params, run.run_id, "FINISHED", tags)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +356,7 @@ class Stage:
     io: bool = False
     parallel: bool = False
     shown: bool = True
+    gated: bool = False
 
     def label(self, network: Network | None) -> str:
         return f"{self.name} {network}" if network else self.name
@@ -331,12 +374,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True),
     Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True),
     Stage("evaluate", _evaluate, keep="evaluations", per_network=True),
-    Stage("model gate", _model_gate),
+    Stage("model gate", _model_gate, keep="gate_failures"),
     Stage("log quality reports", _log_quality, when=_tracked, io=True, shown=False),
     Stage("register", _register, keep="versions", when=lambda run: run.tracked and run.register,
-          per_network=True, io=True),
+          per_network=True, io=True, gated=True),
     Stage("promote", _promote, keep="promotions", when=lambda run: run.tracked and run.register and run.promote,
-          per_network=True, io=True),
+          per_network=True, io=True, gated=True),
     Stage("finish MLflow run", _finish_run, when=_tracked, io=True, shown=False),
 )
 
@@ -394,9 +437,18 @@ def run_stages(
         for stage in plan(run):
             started = (lambda network: on_stage(next(lines))) if stage.shown else (lambda network: None)
             networks = _networks(stage, run)
+            skipped = set(run.gate_failures) if stage.gated else set()
             batches = [networks] if stage.parallel else [[network] for network in networks]
-            results = [result for batch in batches for result in execute(stage, run, batch, started)]
-            run = _keep(run, stage, networks, results)
+            results, ran = [], []
+            for batch in batches:
+                for network in (n for n in batch if n in skipped):  # a network the model gate stopped
+                    if stage.shown:
+                        on_stage(f"{next(lines)}: skipped, {network} failed the model gate")
+                batch = [n for n in batch if n not in skipped]
+                if batch:
+                    results += execute(stage, run, batch, started)
+                    ran += batch
+            run = _keep(run, stage, ran, results)
             if run.earlier_run_id is not None:  # nothing changed since a completed run: nothing to train
                 return run
     except BaseException as exc:
@@ -445,6 +497,7 @@ class TrackedPipeline:
     versions: dict[Network, str]
     promotions: dict[Network, Any]
     pretraining: StageRun | None = None
+    failure: ModelGateFailed | None = None  # the networks the model gate kept out of the registry, if any
 
 
 def tracked_pipeline(
@@ -457,7 +510,8 @@ def tracked_pipeline(
     progress: bool = True,
     on_stage: Callable[[str], None] = lambda line: None,
 ) -> TrackedPipeline:
-    """The stages logged to MLflow in this process, then registration and promotion of both networks.
+    """The stages logged to MLflow in this process, then registration and promotion of each network that
+    passed the model gate (``failure`` reports the others; the caller decides how to end).
 
     The Prefect flow's code path without Prefect (and without tuning): the tracking store is checked
     before anything is prepared, ``params.yaml`` uploaded before anything is trained, and any failure (an
@@ -467,4 +521,5 @@ def tracked_pipeline(
     run = PipelineRun(params, layout, tracked=True, register=register, promote=promote, force=True,
                       params_file=params_file, progress=progress)
     done = run_stages(run, on_stage=on_stage)
-    return TrackedPipeline(done.run_id, done.metrics, dict(done.versions), dict(done.promotions), done.pretraining)
+    return TrackedPipeline(done.run_id, done.metrics, dict(done.versions), dict(done.promotions), done.pretraining,
+                           gate_failure(done))

@@ -35,7 +35,7 @@ from typing import Any
 
 from cass import model_card
 from cass.config import MlflowConfig, Params
-from cass.errors import CassError, ConfigError
+from cass.errors import CassError, ConfigError, GateFailed
 from cass.layout import METRICS_FILE, EvaluateOutputs
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,33 @@ def default_gate(params: Params) -> ModelGate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A logged model and what registration needs to describe it."""
+    """A logged model and what registration needs to describe it.
+
+    ``gate``: the model gate's verdict on ``metrics`` when the caller already ran it (the pipeline's model
+    gate stage); None makes :func:`register` run it.
+    """
 
     network: str
     model_uri: str
     metrics: Mapping[str, Any]
     tags: Mapping[str, str] = field(default_factory=dict)
+    gate: GateVerdict | None = None
+
+
+GATE_TAG = "model_gate"
+
+
+def gate_candidate(params: Params, candidate: Candidate, gate: ModelGate | None = None) -> GateVerdict:
+    """The verdict the caller recorded on ``candidate``, else the model gate run on its test metrics now."""
+    if candidate.gate is not None:
+        return candidate.gate
+    return (gate or default_gate(params))(candidate.metrics)
+
+
+def refusal(params: Params, network: str, verdict: GateVerdict) -> str:
+    """Why a network was not registered: its failed checks and what to do."""
+    return (f"{model_name(params.mlflow, network)}: not registered, model gate {verdict.text()} (floors in the "
+            "quality: settings, docs/quality.md); train a better model, or change the floors deliberately")
 
 
 def _fmt(v: Any) -> str:
@@ -156,14 +177,22 @@ def describe_model(params: Params, network: str) -> str:
     )
 
 
-def register(params: Params, candidate: Candidate, client=None):
-    """Register ``candidate`` as a new version of ``<prefix>-<network>``; returns the ModelVersion."""
+def register(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None):
+    """Register ``candidate`` as a new version of ``<prefix>-<network>``; returns the ModelVersion.
+
+    Only a model that passes the model gate enters the registry: the verdict is the candidate's own (the
+    pipeline's gate stage), else the gate runs here; a failed gate raises :class:`cass.errors.GateFailed`
+    and registers nothing. The verdict is tagged ``model_gate`` on the version.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    verdict = gate_candidate(params, candidate, gate)
+    if not verdict.passed:
+        raise GateFailed(refusal(params, candidate.network, verdict))
     client = client or _client()
     name = model_name(params.mlflow, candidate.network)
-    tags = dict(candidate.tags)
+    tags = {**candidate.tags, GATE_TAG: verdict.text()}
     tags.update({f"test_{k}": f"{candidate.metrics[k]:.6g}" for k in SUMMARY_METRICS
                  if finite(candidate.metrics.get(k))})
     try:
@@ -177,7 +206,7 @@ def register(params: Params, candidate: Candidate, client=None):
     return mv
 
 
-def register_once(params: Params, candidate: Candidate, client=None):
+def register_once(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None):
     """:func:`register`, safe to retry: a version already registered from the same evaluation run (the
     answer lost on the way back) is found and completed, not registered twice. Returns the ModelVersion."""
     client = client or _client()
@@ -186,7 +215,7 @@ def register_once(params: Params, candidate: Candidate, client=None):
     done = [v for v in client.search_model_versions(f"name = '{name}'")
             if evaluation and v.tags.get("evaluation_run_id") == evaluation]
     if not done:
-        return register(params, candidate, client)
+        return register(params, candidate, client, gate)
     mv = done[0]
     if not mv.description:
         client.update_model_version(name, mv.version, description=describe_version(params, candidate))

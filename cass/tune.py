@@ -138,6 +138,11 @@ def apply_best_params(params: Params, path: Path, network: str | None = None) ->
     return trial_params(params, doc["finetune"], f"{path} (best parameters over the settings)")
 
 
+def tuning_origin(path: Path) -> dict[str, Any]:
+    """What a fine-tuning records about the best-settings file it took tuned values from (its lineage.json)."""
+    return {"file": str(path), **read_best_params(path)}
+
+
 def write_best_params(study: optuna.Study, params: Params, network: str, out_dir: Path) -> Path:
     cfg = params.tune
     progress = study_progress(study)

@@ -55,6 +55,7 @@ class RunSummary:
     stage_runs: Mapping[str, str] = field(default_factory=dict)  # run name -> id
     metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # network -> test metrics
     promotions: Mapping[str, Any] = field(default_factory=dict)  # network -> cass.registry.PromotionResult
+    gate_failures: Mapping[str, str] = field(default_factory=dict)  # network -> the model gate's failed checks
 
 
 def _fmt(value: Any) -> str:
@@ -69,7 +70,9 @@ def _data_line(dataset: str, data_version: str, data_hash: str, test_set: str) -
 
 def summary_markdown(s: RunSummary) -> str:
     """The markdown summary of a completed retraining run."""
-    lines = ["# Retraining completed", "", _data_line(s.dataset, s.data_version, s.data_hash, s.test_set),
+    title = ("# Retraining completed" if not s.gate_failures
+             else f"# Retraining: model gate failed for {', '.join(s.gate_failures)}")
+    lines = [title, "", _data_line(s.dataset, s.data_version, s.data_hash, s.test_set),
              f"Run key `{s.run_key[:12]}`.", ""]
     if s.pretraining is None:
         lines.append("Pretraining: none (`finetune.init` is not `cass`).")
@@ -91,6 +94,9 @@ def summary_markdown(s: RunSummary) -> str:
         decision = "promoted" if p.promoted else "not promoted"
         champion = f"v{p.champion}" if p.champion else "none"
         lines.append(f"| {network} | {p.name} v{p.version} | {decision} | {champion} | {p.reason} |")
+    for network, failure in s.gate_failures.items():
+        reason = " ".join(failure.split())
+        lines.append(f"| {network} | not registered | model gate failed | unchanged | {reason} |")
     lines += ["", "## MLflow runs", "", s.links.where() + ".", "", "| run | id |", "|---|---|",
               f"| pipeline (parent) | {s.links.run(s.pipeline_run_id)} |"]
     lines += [f"| {name} | {s.links.run(run_id)} |" for name, run_id in s.stage_runs.items()]

@@ -38,7 +38,7 @@ from cass import tracking
 from cass.config import Network, Params, RetrainConfig, load_params
 from cass.errors import ConfigError, DataError, GateFailed
 from cass.layout import Layout
-from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, run_stages
+from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.retraining import data_hash
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
@@ -172,7 +172,8 @@ def _publish_gate(exc: GateFailed) -> None:
     """A table artifact of the checks that stopped the run."""
     if isinstance(exc, ModelGateFailed):
         key, results = MODEL_GATE_KEY, list(exc.failed)
-        description = "Failed checks of the model gate; nothing was registered or promoted."
+        description = ("Failed checks of the model gate; the networks listed were not registered or promoted "
+                       "(see the retraining summary for the ones that passed).")
     else:
         key, results = DATA_GATE_KEY, [(exc.result.suite if exc.result else "data", exc.result)]
         description = "Failed checks of the data-quality gate; nothing was trained, registered or promoted after it."
@@ -201,6 +202,7 @@ def _completed(run: PipelineRun) -> dict[str, Any]:
         **_data_facts(run.params, run.layout), run_key=run.run_key, label_fraction=run.params.finetune.label_fraction,
         links=_links(run.params), pipeline_run_id=run.run_id, pretraining=pretraining, tuning=dict(run.best_params),
         stage_runs=stage_runs, metrics=run.metrics, promotions=dict(run.promotions),
+        gate_failures={network: result.summary() for network, result in run.gate_failures.items()},
     )
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="Retraining summary")
     for result in run.promotions.values():
@@ -283,7 +285,12 @@ def retrain(
             raise
     if done.earlier_run_id is not None:
         return _unchanged(done, io_options(params.retrain))
-    return _completed(done)
+    result = _completed(done)
+    failure = gate_failure(done)
+    if failure is not None:  # the networks that passed are registered (and promoted); the run still fails
+        _publish_gate(failure)
+        raise failure
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -313,7 +313,7 @@ def test_supervised_baseline_is_reachable_without_pretraining(prepared_dir: Path
     raw = tiny_mapping(demo_root)
     raw["finetune"].update(init="random", epochs=1)
     out = finetune(params_from_mapping(raw), prepared_dir, "cnn", tmp_path, pretrain_dir=None, progress=False)
-    assert json.loads(out.metrics.read_text())["init"] == "random"
+    assert json.loads(out.lineage.read_text())["init"] == "random"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -232,6 +232,32 @@ def test_planted_bad_data_stops_the_flow_at_the_gate_before_training(retraining,
     assert failed_runs, "the failed pipeline run (with its gate report) should be in MLflow"
 
 
+def test_a_network_that_fails_the_model_gate_stays_out_while_the_other_is_registered(retraining) -> None:
+    # Guards: in the docs' on-demand example the CNN passed (0.908) and the ViT failed (0.418), and nothing was
+    # registered: the gate was all-or-nothing across networks.
+    scores = {n: json.loads((retraining.outputs / "evaluate" / n / "metrics.json").read_text())["macro_f1"]
+              for n in ("cnn", "vit")}
+    low, high = sorted(scores, key=scores.get)
+    assert scores[low] < scores[high], scores  # the same settings train the same models again below
+    floor = (scores[low] + scores[high]) / 2
+    versions = {n: len(retraining.client.search_model_versions(f"name = '{PREFIX}-{n}'")) for n in ("cnn", "vit")}
+    state = retraining.retrain(params_file=str(retraining.params_file), overrides=[f"quality.min_macro_f1={floor}"],
+                               outputs=str(retraining.outputs), tune_trials=0, return_state=True)
+    assert state.is_failed()
+    assert f"{low}: not registered or promoted, model gate FAILED" in state.message, state.message
+    assert f"{high}: passed the model gate, registered as version {versions[high] + 1}" in state.message
+    after = {n: len(retraining.client.search_model_versions(f"name = '{PREFIX}-{n}'")) for n in ("cnn", "vit")}
+    assert after == {low: versions[low], high: versions[high] + 1}
+    version = retraining.client.get_model_version(f"{PREFIX}-{high}", str(versions[high] + 1))
+    assert version.tags["model_gate"] == "passed"
+    assert "promoted_at" in version.tags or "promotion_refused_reason" in version.tags  # its promotion was decided
+    artifacts = _artifacts(_flow_run_id(state))
+    summary = artifacts["retrain-summary"].data
+    assert f"# Retraining: model gate failed for {low}" in summary and f"| {low} | not registered |" in summary
+    assert f"| {high} | {PREFIX}-{high} v{versions[high] + 1} |" in summary
+    assert {row["check"] for row in json.loads(artifacts["model-gate"].data)} == {"macro_f1_floor"}
+
+
 def test_prefect_yaml_deploys_the_schedule_the_on_demand_run_and_the_gpu_pool(prefect_api: str, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate

@@ -17,7 +17,18 @@ import pytest
 from cass.config import params_from_mapping
 from cass.errors import ConfigError, GateFailed
 from cass.layout import Layout
-from cass.pipeline import STAGES, ModelGateFailed, PipelineRun, Stage, model_gate, plan, progress_lines, run_stages
+from cass.pipeline import (
+    STAGES,
+    ModelGateFailed,
+    PipelineRun,
+    Stage,
+    gate_failure,
+    model_gate,
+    plan,
+    progress_lines,
+    run_stages,
+)
+from cass.registry import PromotionResult
 
 # Class b is never recognised: the default model gate fails (class_recall_nonzero).
 FAILING_METRICS = {"macro_f1": 0.8, "balanced_accuracy": 0.8, "macro_auroc": 0.9, "accuracy": 0.8, "num_samples": 10,
@@ -105,3 +116,61 @@ def test_failed_model_gate_stops_registration_but_only_warns_when_nothing_is_reg
         gate.run(PipelineRun(params, layout), None)  # untracked: the demo registers nothing
         gate.run(PipelineRun(params, layout, tracked=True, register=False), None)
     assert sum("class_recall_nonzero" in r.getMessage() for r in caplog.records) >= 2
+
+
+PASSING_METRICS = {**FAILING_METRICS,
+                   "per_class": {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.7, "support": 5}}}
+
+
+class GatingRecorder(Recorder):
+    """A :class:`Recorder` that runs the real model gate stage on the metrics files of the layout."""
+
+    def __call__(self, stage: Stage, run: PipelineRun, networks, started) -> list:
+        if stage.name == "model gate":
+            self.calls.append((stage.name, tuple(networks)))
+            started(None)
+            return [stage.run(run, None)]
+        return super().__call__(stage, run, networks, started)
+
+
+def _cnn_passes_vit_fails(layout: Layout) -> None:
+    for network, metrics in (("cnn", PASSING_METRICS), ("vit", FAILING_METRICS)):
+        layout.evaluate(network).mkdir(parents=True)
+        layout.evaluate_metrics(network).write_text(json.dumps(metrics))
+
+
+def test_a_network_that_passes_the_model_gate_is_registered_and_promoted_on_its_own(tmp_path: Path) -> None:
+    # Guards: with the docs' on-demand example the CNN passed (0.908) and the ViT failed (0.418), and nothing
+    # was registered: one network's failure kept the other out of the registry.
+    layout = Layout(tmp_path)
+    _cnn_passes_vit_fails(layout)
+    promoted = PromotionResult("cass-demo-cnn", "3", True, "3", None, "first champion")
+    recorder, lines = GatingRecorder({"prepare": "key-1", "start MLflow run": "run-1", "register": "3",
+                                      "promote": promoted}), []
+    done = run_stages(PipelineRun(params_from_mapping({}), layout, tracked=True, force=True), recorder, lines.append)
+
+    assert done.versions == {"cnn": "3"} and done.promotions == {"cnn": promoted}
+    assert ("register", ("cnn",)) in recorder.calls and ("register", ("vit",)) not in recorder.calls
+    assert ("promote", ("vit",)) not in recorder.calls
+    assert "finish MLflow run" in [name for name, _ in recorder.calls]  # the run ends normally ...
+    assert set(done.gate_failures) == {"vit"}
+    assert lines[-5:] == ["[8/12] model gate", "[9/12] register cnn",
+                          "[10/12] register vit: skipped, vit failed the model gate", "[11/12] promote cnn",
+                          "[12/12] promote vit: skipped, vit failed the model gate"]
+    failure = gate_failure(done)  # ... and its callers report the failed network, naming what passed
+    assert isinstance(failure, ModelGateFailed) and failure.exit_code == GateFailed.exit_code
+    text = str(failure)
+    assert "vit: not registered or promoted" in text and "class_recall_nonzero" in text
+    assert "cnn: passed the model gate, registered as version 3; cass-demo-cnn v3: promoted to champion" in text
+    assert [network for network, _ in failure.failed] == ["vit"]
+
+
+def test_all_policy_registers_nothing_unless_every_network_passes(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    _cnn_passes_vit_fails(layout)
+    recorder = GatingRecorder({"prepare": "key-1", "start MLflow run": "run-1"})
+    params = params_from_mapping({"quality": {"model_gate_policy": "all"}})
+    with pytest.raises(ModelGateFailed, match="nothing was registered or promoted") as raised:
+        run_stages(PipelineRun(params, layout, tracked=True, force=True), recorder)
+    assert "cnn passed, but quality.model_gate_policy is 'all'" in str(raised.value)
+    assert not [name for name, _ in recorder.calls if name in ("register", "promote")]

@@ -313,7 +313,10 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub, "register", registry.register, help="log fine-tuned models on disk to MLflow and register them",
         description="Log <outputs>/finetune/<network> (with its evaluation in <outputs>/evaluate/<network>) "
-        "as an MLflow model and register it as <mlflow.model_prefix>-<network>. `cass demo` does this itself.",
+        "as an MLflow model and register it as <mlflow.model_prefix>-<network>, with the settings, commit and "
+        "curves recorded beside the model (lineage.json, history.csv), not those of params.yaml now. Runs the "
+        "model gate first: a network that fails is not registered (exit status 5; quality.model_gate_policy). "
+        "`cass demo` does this itself.",
     )
     network_option(p, help="(default: %(default)s)")
     settings_options(p)

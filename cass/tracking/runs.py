@@ -16,9 +16,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,55 @@ def pipeline_lineage(params: Params, data_dir: Path) -> Lineage:
         info.data_version or data_version(params.data.root),
         test_set_hash(data_dir),
     )
+
+
+def read_lineage(path: Path, stage: str) -> dict[str, Any]:
+    """A stage's lineage.json; a :class:`TrainingError` naming the file and the command that writes it."""
+    from cass.errors import TrainingError
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: not found; it is written by `cass {stage}` (outputs of an older version "
+                            f"have none): rerun `cass {stage}` or `dvc repro`") from None
+    except ValueError as exc:
+        raise TrainingError(f"{path}: not valid JSON ({exc}); rerun `cass {stage}`") from None
+    if not isinstance(doc, dict):
+        raise TrainingError(f"{path}: expected a JSON object; rerun `cass {stage}`")
+    return doc
+
+
+def model_lineage(layout: Layout, network: str) -> tuple[Lineage, dict[str, Any]]:
+    """The lineage tags of the fine-tuned ``network`` on disk, from the lineage.json beside its weights
+    (the commit, data and settings it was trained with, never the current params.yaml), and that record.
+
+    Refuses an evaluation of other weights than those on disk: its metrics would describe another model.
+    """
+    from cass.engine import file_digest
+    from cass.errors import TrainingError
+
+    ft = FinetuneOutputs(layout.finetune(network))
+    record = read_lineage(ft.lineage, "finetune")
+    evaluated = read_lineage(EvaluateOutputs(layout.evaluate(network)).lineage, "evaluate")
+    weights = file_digest(ft.weights)
+    if record.get("weights_sha256") != weights or evaluated.get("model_sha256") != weights:
+        raise TrainingError(f"{ft.weights} is not the model {layout.evaluate(network)} and {ft.lineage} describe "
+                            f"(weights changed since); rerun `cass evaluate --network {network}` or `dvc repro`")
+    tuning = record.get("tuning") or {}
+    pretraining = record.get("pretraining") or {}
+    extra = {
+        "arch": str(record.get("arch", "")),
+        "model_sha256": weights,
+        "evaluation_commit": str(evaluated.get("git_commit", "")),
+        **({"tuned_params": ",".join(tuning.get("in_effect", [])), "tuned_from": str(tuning.get("file", ""))}
+           if tuning else {}),
+        **({"pretraining_weights_sha256": str(pretraining["weights_sha256"])}
+           if pretraining.get("weights_sha256") else {}),
+    }
+    lineage = Lineage(str(record.get("dataset", "")), float(record.get("label_fraction", 0.0)),
+                      str(record.get("git_commit", "")), str(record.get("data_version", "")),
+                      test_set_hash(layout.data), {k: v for k, v in extra.items() if v})
+    return lineage, record
 
 
 def networks_tag(params: Params) -> str:
@@ -219,7 +270,28 @@ class RunLogger:
             self.artifact(history)
             with tempfile.TemporaryDirectory(prefix="cass-plot-") as tmp:
                 self.artifact(plot_history(history, Path(tmp) / "curves.png", title))
-        self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec, when the stage wrote one
+        self.artifact(FinetuneOutputs(out_dir).spec)  # the model spec and lineage, when the stage wrote them
+        lineage = FinetuneOutputs(out_dir).lineage
+        if lineage.is_file():  # it holds the settings: credentials in them are redacted like the params
+            self.text(json.dumps(redact_mapping(json.loads(lineage.read_text())), indent=2), lineage.name)
+
+    def history(self, history_csv: Path) -> None:
+        """Every row of a stage's history.csv as per-epoch metrics (``step`` = epoch): the curves of a
+        training logged after the fact (``cass register``), as the epoch callback logs them during one."""
+        import pandas as pd
+        from mlflow.entities import Metric
+
+        df = pd.read_csv(history_csv)
+        now = int(time.time() * 1000)
+        rows = []
+        for i, row in enumerate(df.to_dict("records"), 1):
+            step = int(row.get("epoch", i))
+            values = {k: pd.to_numeric(v, errors="coerce") for k, v in row.items() if k != "epoch"}
+            rows += [Metric(metric_key(k), float(v), now, step) for k, v in values.items() if math.isfinite(v)]
+        for start in range(0, len(rows), 1000):  # MLflow takes at most 1000 metrics a request
+            batch = rows[start:start + 1000]
+            self._retry(f"logging {history_csv}", lambda b=batch: self.mlflow.MlflowClient().log_batch(
+                self.run_id, metrics=b))
 
     def evaluation(self, eval_dir: Path, model_id: str | None = None) -> dict:
         """Test metrics (``test_*``, per class ``test_<class>_recall`` ...) and the evaluation files."""

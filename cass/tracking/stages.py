@@ -7,10 +7,15 @@ Each is a plain function of the settings, the output layout and run ids, so that
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from cass import registry
 from cass.config import Network, Params
@@ -24,7 +29,15 @@ from cass.retraining import (
     pretraining_filter,
 )
 from cass.tracking.client import configure, configure_client, latest_run_id, with_retries
-from cass.tracking.runs import Lineage, RunLogger, numeric_items, pipeline_lineage, run_tags, stage_run, test_set_hash
+from cass.tracking.redact import redact_mapping
+from cass.tracking.runs import (
+    Lineage,
+    RunLogger,
+    model_lineage,
+    numeric_items,
+    run_tags,
+    stage_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +111,7 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
 
 def tracked_finetune(
     params: Params, layout: Layout, network: Network, parent_run_id: str, pretraining_run_id: str | None = None,
-    *, progress: bool = True,
+    *, progress: bool = True, tuning: Mapping[str, Any] | None = None,
 ) -> FinetuneRun:
     """Fine-tune ``network`` in a child run and log the model (a pyfunc that rebuilds it, no pickle)."""
     from cass.finetune import finetune
@@ -108,7 +121,7 @@ def tracked_finetune(
     tags = {"pretraining_run_id": pretraining_run_id}
     with stage_run(params, layout.data, parent_run_id, "finetune", network, **tags) as run:
         ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir,
-                      callbacks=[run.epoch], progress=progress)
+                      callbacks=[run.epoch], progress=progress, tuning=tuning, pretraining_run_id=pretraining_run_id)
         run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
         example = first_test_image(layout.data)
         model = with_retries(
@@ -131,13 +144,12 @@ def tracked_evaluate(
         metrics = run.evaluation(layout.evaluate(network), finetuned.model_id)
         values = numeric_items(metrics, "test_")
         RunLogger(params.mlflow, parent_run_id).metrics({f"{network}_{k}": v for k, v in values.items()})
-    lineage = pipeline_lineage(params, layout.data)
+    lineage, _ = model_lineage(layout, network)  # what the fine-tuning recorded beside the weights
     return registry.Candidate(
         network=network,
         model_uri=finetuned.model_uri,
         metrics=metrics,
-        tags=lineage.tags(network, pipeline_run_id=parent_run_id, evaluation_run_id=run.run_id,
-                          arch=metrics.get("arch"), **tags),
+        tags=lineage.tags(network, pipeline_run_id=parent_run_id, evaluation_run_id=run.run_id, **tags),
     )
 
 
@@ -173,46 +185,147 @@ def champions(params: Params) -> dict[str, str | None]:
     return registry.champions(params.mlflow, params.finetune.networks)
 
 
+@dataclass(frozen=True)
+class ModelOnDisk:
+    """A fine-tuned network in the outputs and its evaluation, as recorded beside them."""
+
+    network: Network
+    lineage: Lineage
+    record: dict[str, Any]  # the fine-tuning's lineage.json
+    settings: Params  # the settings it was trained with (tuned values included), from lineage.json
+    metrics: dict[str, Any]  # the evaluation's metrics.json
+
+
+def model_on_disk(params: Params, layout: Layout, network: Network) -> ModelOnDisk:
+    """Read what registration needs from the outputs, refusing a model whose records are missing or stale."""
+    from cass.config import params_from_mapping
+    from cass.errors import ConfigError
+
+    ft = FinetuneOutputs(layout.finetune(network))
+    for path in (ft.weights, layout.evaluate_metrics(network)):
+        if not path.is_file():
+            raise TrainingError(f"{path}: not found; run `cass finetune` and `cass evaluate` for {network} first")
+    lineage, record = model_lineage(layout, network)
+    try:  # where to register is today's choice; everything about the model is as it was trained
+        recorded = {**record["settings"], "mlflow": params.mlflow.model_dump(mode="json")}
+        settings = params_from_mapping(recorded, f"{ft.lineage} (the settings {network} was trained with)")
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise TrainingError(f"{ft.lineage}: its settings cannot be read ({exc}); rerun `cass finetune`") from None
+    metrics = json.loads(layout.evaluate_metrics(network).read_text())
+    return ModelOnDisk(network, lineage, record, settings, metrics)
+
+
+def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> str | None:
+    """The MLflow run of the pretraining ``model`` started from: the one the fine-tuning recorded, else one
+    logged earlier from the same weights, else a run logged now from ``<outputs>/pretrain`` when its weights
+    are those the fine-tuning started from (None when they are not: then only their digest is tagged)."""
+    from cass.engine import file_digest
+    from cass.layout import PretrainOutputs
+
+    pre = model.record.get("pretraining") or {}
+    if pre.get("run_id"):
+        return str(pre["run_id"])
+    digest, network = pre.get("weights_sha256"), model.network
+    if not digest:
+        return None
+    found = latest_run_id(params.mlflow, f"tags.pretrain_{network}_sha256 = '{digest}'")
+    if found:
+        return found
+    out = PretrainOutputs(layout.pretrain)
+    if not out.weights(network).is_file() or file_digest(out.weights(network)) != digest:
+        log.warning("%s: the pretraining on disk is not the one %s was fine-tuned from; its run is not linked "
+                    "(the version carries the pretrained weights' digest)", out.out_dir, network)
+        return None
+    recorded = json.loads(out.metrics.read_text()) if out.metrics.is_file() else {}
+    lineage = Lineage(model.lineage.dataset, model.lineage.label_fraction,  # the commit pretraining ran at
+                      str(recorded.get("git_commit") or model.lineage.git_commit),
+                      str(recorded.get("data_version") or model.lineage.data_version), model.lineage.test_set)
+    digests = {f"pretrain_{n}_sha256": file_digest(out.weights(n)) for n in ("cnn", "vit") if out.weights(n).is_file()}
+    with open_run(params, model, "pretrain", network="cnn+vit", lineage=lineage, stage="pretrain", **digests) as run:
+        if out.history.is_file():
+            run.history(out.history)
+        run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
+        run.artifact(out.networks)
+    return run.run_id
+
+
+@contextlib.contextmanager
+def open_run(params: Params, model: ModelOnDisk, name: str, *, network: str | None = None,
+             lineage: Lineage | None = None, **tags: str | None) -> Iterator[RunLogger]:
+    """A run for a model on disk: its lineage tags (or ``lineage``'s) and the settings it was trained with."""
+    import mlflow
+
+    all_tags = run_tags((lineage or model.lineage).tags(network or model.network, **tags))
+    with mlflow.start_run(run_name=name, tags=all_tags) as active:
+        run = RunLogger(params.mlflow, active.info.run_id)
+        run.params(model.settings)
+        yield run
+
+
 def register_outputs(
-    params: Params, layout: Layout, networks: Sequence[Network], params_file: Path | None = None
+    params: Params, layout: Layout, networks: Sequence[Network], params_file: Path | None = None,
+    gate: registry.ModelGate | None = None,
 ) -> dict:
     """Log fine-tuned models already on disk (``cass finetune`` + ``cass evaluate``) and register them.
 
-    For stage runs made outside a tracked pipeline (e.g. by ``dvc repro``): one run per network holds
-    the fine-tuning files, the model and the evaluation; returns ``{network: ModelVersion}``.
+    For stage runs made outside a tracked pipeline (e.g. by ``dvc repro``). Everything logged comes from the
+    files beside the model, never from the current settings: the settings it was trained with (tuned values
+    included) and its commit and data version from ``finetune/<net>/lineage.json``, its per-epoch curves from
+    ``history.csv``, a link to its pretraining run. The model gate (the current ``quality:`` floors) runs
+    first: with ``quality.model_gate_policy: per_network`` each passing network is registered and a failed
+    one is not; with ``all`` nothing is registered unless every network passes. Any refusal raises
+    :class:`cass.errors.GateFailed` once the passing networks are registered, naming them. One run per
+    network holds the fine-tuning files, the model and the evaluation; returns ``{network: ModelVersion}``.
     """
-    import mlflow
-
-    from cass.data.manifest import read_manifest
+    from cass.errors import GateFailed
     from cass.serving import log_classifier
 
     cfg = params.mlflow
-    for network in networks:
-        for path in (FinetuneOutputs(layout.finetune(network)).weights, layout.evaluate_metrics(network)):
-            if not path.is_file():
-                raise TrainingError(f"{path}: not found; run `cass finetune` and `cass evaluate` for {network} first")
+    models = {network: model_on_disk(params, layout, network) for network in networks}
+    check = gate or registry.default_gate(params)
+    verdicts = {network: check(model.metrics) for network, model in models.items()}
+    refused = {network: v for network, v in verdicts.items() if not v.passed}
+    passed = [network for network in networks if network not in refused]
+    if refused and (params.quality.model_gate_policy == "all" or not passed):
+        raise GateFailed(refused_summary(params, refused, passed, {}))
     configure(cfg)
-    _, info = read_manifest(layout.data)
-    lineage = Lineage(params.data.name, params.finetune.label_fraction, info.git_commit, info.data_version,
-                      test_set_hash(layout.data))
     example = first_test_image(layout.data)
     versions = {}
-    for network in networks:
+    for network in passed:
+        model = models[network]
         ft = FinetuneOutputs(layout.finetune(network))
-        tags = run_tags(lineage.tags(network, stage="register"))
-        with mlflow.start_run(run_name=f"register-{network}", tags=tags) as active:
-            run = RunLogger(cfg, active.info.run_id)
-            run.params(params)
-            run.params_files(params, params_file)
+        pretraining_run_id = logged_pretraining(params, layout, model)
+        with open_run(params, model, f"register-{network}", stage="register",
+                      pretraining_run_id=pretraining_run_id) as run:
+            run.text(yaml.safe_dump(redact_mapping(model.settings.model_dump(mode="json")), sort_keys=False),
+                     "params.resolved.yaml")
+            run.history(ft.history)
             run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
-            model = with_retries(f"logging the {network} model", lambda ft=ft: log_classifier(ft.out_dir, example), cfg)
-            metrics = run.evaluation(layout.evaluate(network), model.model_id)
+            logged = with_retries(f"logging the {network} model", lambda ft=ft: log_classifier(ft.out_dir, example),
+                                  cfg)
+            metrics = run.evaluation(layout.evaluate(network), logged.model_id)
             candidate = registry.Candidate(
                 network=network,
-                model_uri=model.model_uri,
+                model_uri=logged.model_uri,
                 metrics=metrics,
-                tags=lineage.tags(network, finetune_run_id=run.run_id, evaluation_run_id=run.run_id,
-                                  arch=metrics.get("arch")),
+                tags=model.lineage.tags(network, finetune_run_id=run.run_id, evaluation_run_id=run.run_id,
+                                        pretraining_run_id=pretraining_run_id),
+                gate=verdicts[network],
             )
-            versions[network] = registry.register(params, candidate)
+            versions[network] = registry.register(model.settings, candidate)
+    if refused:
+        raise GateFailed(refused_summary(params, refused, passed, versions))
     return versions
+
+
+def refused_summary(params: Params, refused: Mapping[str, registry.GateVerdict], passed: Sequence[str],
+                    versions: Mapping[str, Any]) -> str:
+    """What a registration refused and what it registered: one line per network."""
+    lines = [registry.refusal(params, network, verdict) for network, verdict in refused.items()]
+    for network in passed:
+        name = registry.model_name(params.mlflow, network)
+        if network in versions:
+            lines.append(f"{name}: passed the model gate, registered as version {versions[network].version}")
+        else:
+            lines.append(f"{name}: passed the model gate, not registered (quality.model_gate_policy: all)")
+    return "\n".join(lines)

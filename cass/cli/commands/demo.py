@@ -69,6 +69,8 @@ def _tracked(args: argparse.Namespace, params: Params, layout: Layout) -> int:
     print(f"MLflow run {tracked.run_id} in experiment '{params.mlflow.experiment}'; browse: {browse}")
     for result in tracked.promotions.values():
         print(result.summary())
+    if tracked.failure is not None:  # the networks that passed were registered; say which failed, exit 5
+        raise tracked.failure
     return 0
 
 

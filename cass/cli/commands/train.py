@@ -25,7 +25,7 @@ def pretrain(args: argparse.Namespace) -> int:
 def finetune(args: argparse.Namespace) -> int:
     """Fine-tune each chosen network, with the best settings of `cass tune` where --best-params gives them."""
     from cass.finetune import finetune as run_finetuning
-    from cass.tune import apply_best_params, best_params_by_network
+    from cass.tune import apply_best_params, best_params_by_network, tuning_origin
 
     params, layout = settings(args), outputs(args)
     chosen = networks(args, params)
@@ -33,7 +33,9 @@ def finetune(args: argparse.Namespace) -> int:
     pre = layout.pretrain if params.finetune.init == "cass" else None
     for network in chosen:
         net_params = apply_best_params(params, best[network], network) if network in best else params
-        out = run_finetuning(net_params, layout.data, network, layout.finetune(network), pre, progress=not args.quiet)
+        tuning = tuning_origin(best[network]) if network in best else None
+        out = run_finetuning(net_params, layout.data, network, layout.finetune(network), pre, progress=not args.quiet,
+                             tuning=tuning)
         if not reporting_rank():
             continue
         m = json.loads(out.metrics.read_text())
