@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_command(sub)
     _registry_commands(sub)
     p = _command(sub, "models", train.list_models, help="list timm model names usable as model.cnn / model.vit",
-                 description="List the timm model names the factory accepts.")
+                 description="List the timm model names the factory accepts (the registered models and their "
+                 "champions: `cass registry`).")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' (default: all)")
     return parser
 
