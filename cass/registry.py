@@ -518,7 +518,12 @@ def _attach_report(client, run_id: str, report: Path | None) -> str:
     if report is None or not report.is_dir() or not run_id:
         return ""
     folder = f"{GATE_REPORTS}/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    client.log_artifacts(run_id, str(report), folder)
+    try:
+        client.log_artifacts(run_id, str(report), folder)
+    except Exception as exc:  # the artifact store's own errors (S3, disk) are not MlflowExceptions
+        raise RegistryError(f"attaching the model gate report to run {run_id} failed ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:200]}); nothing was decided, the champion is unchanged; retry "
+                            "when the artifact store answers") from None
     page = "data_docs/index.html" if (report / "data_docs" / "index.html").is_file() else "result.json"
     return f"runs:/{run_id}/{folder}/{page}"
 
