@@ -108,7 +108,7 @@ class KillingProxy:
 
     def __init__(self, upstream_port: int) -> None:
         proxy = self
-        self.upstream, self.victim, self.target = upstream_port, None, None
+        self.upstream, self.victim, self.target, self.refuse = upstream_port, None, None, None
         self.counts: dict[tuple[str, str], int] = {}
         self.killed = threading.Event()
 
@@ -132,6 +132,11 @@ class KillingProxy:
     def forward(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
+        if self.refuse and (h.command, h.path.split("?", 1)[0].rsplit("/api/2.0/mlflow", 1)[-1]) == self.refuse:
+            h.send_response(503)  # the registry is unavailable for this request
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=120)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection")}
         conn.request(h.command, h.path, body, headers)
@@ -222,6 +227,32 @@ def test_promotion_killed_at_any_moment_leaves_the_old_or_the_complete_new_champ
         assert tags["previous_champion"] == v2 and tags["promoted_at"] == d.at and tags["rollback_reason"]
     restored = [d for d in records if d.decision == "restored"]
     assert restored[-1].version == expected and restored[-1].applied and restored[-1].replaced == champion
+
+
+def test_registry_failure_mid_promotion_is_one_line_exit_7_and_the_champion_stays(setup, proxy, monkeypatch,
+                                                                                   capsys) -> None:
+    from cass import registry
+
+    s, name = setup, "promo-refused-alias"
+    v1 = _version(s, name, 0.60)
+    assert registry.promote(name, v1, s.params, client=s.client).promoted
+    v2 = _version(s, name, 0.80)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    proxy.refuse = ("POST", "/registered-models/alias")  # the alias move fails
+    try:
+        capsys.readouterr()
+        assert _cli(s, "promote", "--model", name, "--version", v2) == 7
+    finally:
+        proxy.refuse = None
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert f"{name}: promoting v{v2} failed in the MLflow registry" in line and "retry" in line
+    assert _champion(s, name) == v1
+    _, records = registry.history(name, s.client)
+    assert [d.applied for d in records if d.version == v2] == [False]  # recorded, never applied
+    assert not s.client.search_registered_models(f"name LIKE '{name}{registry.LOCK_SUFFIX}%'")  # released
 
 
 # --------------------------------------------------------------------------------------------------
