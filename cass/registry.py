@@ -83,6 +83,7 @@ def finite(value: Any) -> bool:
 class GateVerdict:
     passed: bool
     reasons: tuple[str, ...] = ()
+    report: Path | None = None  # the gate's report folder (Data Docs and result.json), where it wrote one
 
     def text(self) -> str:
         return "passed" if self.passed else "failed: " + "; ".join(self.reasons)
@@ -92,8 +93,9 @@ ModelGate = Callable[[Mapping[str, Any]], GateVerdict]
 """Takes a version's test metrics (the evaluate stage's metrics.json) and says whether it may serve."""
 
 
-def default_gate(params: Params) -> ModelGate:
-    """The model suite of :mod:`cass.quality` (floors and severities in the ``quality:`` section)."""
+def default_gate(params: Params, report_dir: Path | None = None) -> ModelGate:
+    """The model suite of :mod:`cass.quality` (floors and severities in the ``quality:`` section). With
+    ``report_dir`` the gate's Data Docs and result.json stay there (a promotion attaches them to the version)."""
 
     def gate(metrics: Mapping[str, Any]) -> GateVerdict:
         from cass.quality import validate_model
@@ -101,10 +103,23 @@ def default_gate(params: Params) -> ModelGate:
         with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
             path = EvaluateOutputs(Path(tmp)).metrics
             path.write_text(json.dumps(dict(metrics)))
-            result = validate_model(params, path, Path(tmp) / "report", raise_on_failure=False)
-        return GateVerdict(result.success, tuple(f.describe() for f in result.failures))
+            report = report_dir or Path(tmp) / "report"
+            with _quiet("cass.quality.gate"):  # its log line names the local folder; the caller says where it went
+                result = validate_model(params, path, report, raise_on_failure=False)
+        return GateVerdict(result.success, tuple(f.describe() for f in result.failures), report_dir)
 
     return gate
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,22 +266,22 @@ def promotion_lock(client, name: str, cfg: MlflowConfig) -> Iterator[None]:
     while True:
         try:
             client.create_registered_model(
-                lock,
-                tags={"owner": token, "acquired_at": f"{time.time():.3f}",
-                      "holder": f"{socket.gethostname()}:{os.getpid()}"},
+                lock, tags={"owner": token, "acquired_at": f"{time.time():.3f}", **_holder()},
                 description=f"Held while a promotion of {name} decides; deleted afterwards.",
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: someone holds it. DOES_NOT_EXIST: the store saw it taken, then looked it up after
+            # its holder had released it (SQL stores read the existing model back when the insert collides).
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
-        _break_if_stale(client, lock, cfg.lock_stale_s)
+        _break_if_stale(client, lock, cfg)
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another promotion of {name} has held {lock} for over {cfg.lock_timeout_s:g} s; retry later, or "
                 f"delete the registered model '{lock}' if no promotion is running"
             )
-        time.sleep(0.1 + random.random() * 0.3)
+        time.sleep(0.05 + random.random() * 0.2)
     try:
         yield
     finally:
@@ -275,19 +290,206 @@ def promotion_lock(client, name: str, cfg: MlflowConfig) -> Iterator[None]:
                 client.delete_registered_model(lock)
 
 
-def _break_if_stale(client, lock: str, stale_s: float) -> None:
+def _holder() -> dict[str, str]:
+    """Who holds a lock: host and pid, and the process's start time so that a reused pid is not mistaken for it."""
+    pid = os.getpid()
+    return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
+            "started": _process_start(pid) or ""}
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (clock ticks since boot, from /proc); None when it is gone or a zombie.
+    "" where /proc is not there (then only whether the pid exists is known)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if not Path("/proc/self/stat").exists():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return ""
+        return None
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _holder_gone(tags: Mapping[str, str]) -> bool:
+    """True when the lock's holder ran on this host and that process no longer exists (killed, crashed)."""
+    if tags.get("host") != socket.gethostname() or not str(tags.get("pid", "")).isdigit():
+        return False
+    started = _process_start(int(tags["pid"]))
+    return started is None or bool(started and tags.get("started") and started != tags["started"])
+
+
+def _break_if_stale(client, lock: str, cfg: MlflowConfig) -> None:
+    """Delete a lock whose holder is gone (same host) or that is older than ``lock_stale_s``.
+
+    Exactly one waiter breaks a given lock: it must first create ``<lock>.broken-<owner>`` (atomic, like the lock
+    itself), so a second waiter that saw the same dead lock cannot delete the fresh lock of a third promoter."""
     from mlflow.exceptions import MlflowException
 
     try:
-        held = client.get_registered_model(lock)
+        held = client.get_registered_model(lock).tags
     except MlflowException:
         return  # released meanwhile
-    acquired = float(held.tags.get("acquired_at", "0") or 0)
-    if time.time() - acquired > stale_s:
-        log.warning("breaking the stale promotion lock %s held by %s", lock, held.tags.get("holder", "?"))
-        with contextlib.suppress(MlflowException):
-            if client.get_registered_model(lock).tags.get("owner") == held.tags.get("owner"):
-                client.delete_registered_model(lock)
+    age = time.time() - float(held.get("acquired_at", "0") or 0)
+    if age <= cfg.lock_stale_s and not _holder_gone(held):
+        return
+    owner = held.get("owner", "")
+    try:
+        client.create_registered_model(
+            f"{lock}.broken-{owner[:16]}", tags={"broken_at": f"{time.time():.3f}", "broken_holder":
+                                                 held.get("holder", "?"), **_holder()},
+            description=f"Marks the lock of {held.get('holder', '?')} as broken; deleted after mlflow.lock_stale_s.",
+        )
+    except MlflowException:
+        return  # another waiter breaks it
+    log.warning("breaking the promotion lock %s left by %s (%s)", lock, held.get("holder", "?"),
+                f"held {age:.0f} s" if age > cfg.lock_stale_s else "that process is gone")
+    with contextlib.suppress(MlflowException):
+        if client.get_registered_model(lock).tags.get("owner") == owner:
+            client.delete_registered_model(lock)
+    with contextlib.suppress(MlflowException):
+        for marker in client.search_registered_models(f"name LIKE '{lock}.broken-%'"):
+            if time.time() - float(marker.tags.get("broken_at", "0") or 0) > max(cfg.lock_stale_s, 60.0):
+                client.delete_registered_model(marker.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The promotion history
+
+
+HISTORY_TAG = "promotion."
+"""Version tags ``promotion.<n>``: one JSON record per decision about the version (promoted, refused, restored
+by a rollback), ``n`` numbering the decisions of the whole registered model in order."""
+TRANSITIONS = ("promoted", "restored")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One promotion decision, as recorded on its version before the alias moves."""
+
+    seq: int
+    version: str
+    decision: str  # promoted | refused | restored
+    at: str
+    by: str
+    reason: str
+    replaced: str | None = None  # the champion when the decision was taken
+    previous_champion: str | None = None  # where a rollback of this version goes
+    forced: bool = False
+    compared: Mapping[str, Any] = field(default_factory=dict)
+    gate_report: str = ""
+    applied: bool | None = None  # did the alias move (None: unknown, for a decision kept before history existed)
+
+    def to_json(self) -> str:
+        record = {k: v for k, v in self.__dict__.items() if k not in ("version", "applied")}
+        return json.dumps(record, sort_keys=True)
+
+    def line(self) -> str:
+        what = {"promoted": "promoted", "restored": "restored by rollback", "refused": "refused"}[self.decision]
+        if self.decision in TRANSITIONS:
+            what += f" (replacing v{self.replaced})" if self.replaced else " (first champion)"
+            if self.applied is False:
+                what += " [interrupted before the alias moved: not applied]"
+        return f"#{self.seq} {self.at} v{self.version} {what} by {self.by}: {self.reason}"
+
+
+def _records(versions: Sequence[Any]) -> list[Decision]:
+    found = []
+    for mv in versions:
+        for key, value in mv.tags.items():
+            if key.startswith(HISTORY_TAG) and key[len(HISTORY_TAG):].isdigit():
+                with contextlib.suppress(ValueError, TypeError):
+                    found.append(Decision(version=str(mv.version), **json.loads(value)))
+    return sorted(found, key=lambda d: d.seq)
+
+
+def _applied(records: list[Decision], champion: str | None) -> list[Decision]:
+    """Mark which transitions moved the alias. Every transition names the champion it replaced, so the chain
+    from the current champion back through ``replaced`` is what happened; a transition off the chain was
+    recorded and then interrupted before the alias moved (records are written first, see :func:`promote`)."""
+    transitions = [d for d in records if d.decision in TRANSITIONS]
+    on_chain: set[int] = set()
+    current, before, complete = champion, math.inf, champion is None
+    while current:
+        mine = [d for d in transitions if d.version == current and d.seq < before]
+        if not mine:
+            break
+        last = max(mine, key=lambda d: d.seq)
+        on_chain.add(last.seq)
+        current, before = last.replaced, last.seq
+        complete = not current  # reached the first champion
+    floor = 0 if complete else min(on_chain, default=math.inf)
+    return [
+        d if d.decision not in TRANSITIONS else
+        Decision(**{**d.__dict__, "applied": True if d.seq in on_chain else (False if d.seq > floor else None)})
+        for d in records
+    ]
+
+
+def history(name: str, client=None) -> tuple[str | None, list[Decision]]:
+    """The champion of ``name`` and every promotion decision about its versions, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    with _registry_errors(name, "reading the promotion history"):
+        champion = _champion(client, name)
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except MlflowException as exc:
+            raise RegistryError(f"cannot list versions of {name}: {exc.message}") from None
+    return champion, _applied(_records(versions), champion)
+
+
+def _write_record(client, name: str, version: str, decision: Decision) -> None:
+    """One tag, one write: a decision is on the version completely or not at all."""
+    client.set_model_version_tag(name, version, f"{HISTORY_TAG}{decision.seq}", decision.to_json())
+
+
+def _complete_flat_tags(client, name: str, champion: str | None, records: list[Decision]) -> None:
+    """Write the champion's summary tags from its record when a promotion was killed after the alias moved."""
+    applied = [d for d in records if d.version == champion and d.applied]
+    if not applied:
+        return
+    last = applied[-1]
+    tags = client.get_model_version(name, champion).tags
+    if last.decision == "promoted" and tags.get("promoted_at") != last.at:
+        _set_tags(client, name, champion, _promotion_tags(last))
+    elif last.decision == "restored" and tags.get("restored_at") != last.at:
+        _set_tags(client, name, champion, _restore_tags(last))
+        if last.replaced:
+            _set_tags(client, name, last.replaced, {"rolled_back_at": last.at, "rollback_reason": last.reason})
+
+
+def _promotion_tags(d: Decision) -> dict[str, str]:
+    return {"promoted_at": d.at, "previous_champion": d.replaced or "", "compared_metrics": json.dumps(d.compared),
+            "promotion_reason": d.reason, "promotion_forced": str(d.forced).lower(), "promoted_by": d.by,
+            "promotion_gate_report": d.gate_report}
+
+
+def _restore_tags(d: Decision) -> dict[str, str]:
+    return {"restored_at": d.at, "restored_from": d.replaced or "", "restore_reason": d.reason, "restored_by": d.by}
+
+
+@contextlib.contextmanager
+def _registry_errors(name: str, action: str) -> Iterator[None]:
+    """Any MLflow failure (server gone, store error, a race the store reports) as a RegistryError (exit 7)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        message = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0][:300]
+        raise RegistryError(
+            f"{name}: {action} failed in the MLflow registry ({exc.error_code}: {message}); the champion is as "
+            "the last complete decision left it (`cass registry` shows it); retry when the registry answers"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,12 +506,19 @@ class PromotionResult:
     reason: str
     forced: bool = False
     compared: Mapping[str, Any] = field(default_factory=dict)
+    gate_report: str = ""  # where the model gate's report of this decision is kept (a runs:/ URI)
 
     def summary(self) -> str:
+        report = f"; gate report: {self.gate_report}" if self.gate_report else ""
         if self.promoted:
-            return f"{self.name} v{self.version}: promoted to champion ({self.reason})"
+            return f"{self.name} v{self.version}: promoted to champion ({self.reason}){report}"
         kept = f"v{self.champion}" if self.champion else "none"
-        return f"{self.name} v{self.version}: not promoted, champion stays {kept} ({self.reason})"
+        return f"{self.name} v{self.version}: not promoted, champion stays {kept} ({self.reason}){report}"
+
+    def change(self) -> str:
+        """``champion v1 -> v2``, or ``first champion v1``."""
+        was = f"champion v{self.previous} -> " if self.previous else "first champion "
+        return f"{self.name}: {was}v{self.champion}"
 
 
 def _champion(client, name: str) -> str | None:
@@ -319,12 +528,33 @@ def _champion(client, name: str) -> str | None:
         version = client.get_registered_model(name).aliases.get(CHAMPION)
         return None if version is None else str(version)
     except MlflowException as exc:
-        raise RegistryError(f"registered model '{name}' not found ({exc.error_code}); run the pipeline first") from None
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RegistryError(f"registered model '{name}' not found; run the pipeline first") from None
 
 
 def _set_tags(client, name: str, version: str, tags: Mapping[str, Any]) -> None:
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
+
+
+GATE_REPORTS = "promotion_gate"
+"""Folder of a version's evaluation run where each promotion attaches its model gate report."""
+
+
+def _attach_report(client, run_id: str, report: Path | None) -> str:
+    """Log the gate's report folder to the version's evaluation run; returns the URI of its Data Docs page."""
+    if report is None or not report.is_dir() or not run_id:
+        return ""
+    folder = f"{GATE_REPORTS}/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    try:
+        client.log_artifacts(run_id, str(report), folder)
+    except Exception as exc:  # the artifact store's own errors (S3, disk) are not MlflowExceptions
+        raise RegistryError(f"attaching the model gate report to run {run_id} failed ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:200]}); nothing was decided, the champion is unchanged; retry "
+                            "when the artifact store answers") from None
+    page = "data_docs/index.html" if (report / "data_docs" / "index.html").is_file() else "result.json"
+    return f"runs:/{run_id}/{folder}/{page}"
 
 
 def promote(
@@ -339,25 +569,39 @@ def promote(
 ) -> PromotionResult:
     """Move ``champion`` to ``version`` when the gate passes and it beats the champion by the margin.
 
-    ``force`` (with a ``reason``) skips the gate and the comparison; both are still recorded.
+    ``force`` (with a ``reason``) skips the gate and the comparison; both are still recorded. The decision is
+    recorded on the version (one tag, ``promotion.<n>``) BEFORE the alias moves, so a process killed at any
+    point leaves the old champion, or the new one with its complete record; the summary tags written after
+    the move are rewritten from the record by the next promotion or rollback if they are missing.
     """
-    from mlflow.exceptions import MlflowException
-
     if force and not (reason and reason.strip()):
         raise ConfigError("--force needs --reason TEXT: say why the gate or the comparison is overridden")
-    cfg = params.mlflow
     client = client or _client()
-    gate = gate or default_gate(params)
-    version = str(version)
+    with _registry_errors(name, f"promoting v{version}"):
+        return _promote(name, str(version), params, force=force, reason=reason, gate=gate, client=client)
+
+
+def _promote(name: str, version: str, params: Params, *, force: bool, reason: str | None, gate: ModelGate | None,
+             client) -> PromotionResult:
+    from mlflow.exceptions import MlflowException
+
+    cfg = params.mlflow
     try:
         candidate = client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise RegistryError(f"{name} has no version {version}; `cass promote --help` shows how to pick one") from None
     candidate_metrics = version_metrics(client, name, version)
-    verdict = gate(candidate_metrics)
+    with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
+        verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
+        gate_report = _attach_report(client, candidate.tags.get("evaluation_run_id") or candidate.run_id,
+                                     verdict.report)
 
     with promotion_lock(client, name, cfg):
         previous = _champion(client, name)
+        _, records = history(name, client)
+        _complete_flat_tags(client, name, previous, records)
         if previous == version:
             return PromotionResult(name, version, False, previous, previous, "already the champion")
         metric = cfg.promotion_metric
@@ -393,67 +637,82 @@ def promote(
                            f"{cfg.promotion_margin:g}")
         if not verdict.passed:
             refusal = f"model gate {verdict.text()}"
+        seq = max((d.seq for d in records), default=0) + 1
 
         if refusal is not None and not force:
+            decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
+                                gate_report)
+            _write_record(client, name, version, decision)
             _set_tags(client, name, version, {
-                "promotion_refused_at": _now(),
+                "promotion_refused_at": decision.at,
                 "promotion_refused_reason": refusal,
                 "compared_metrics": json.dumps(compared),
             })
             log.info("%s v%s not promoted: %s", name, version, refusal)
-            return PromotionResult(name, version, False, previous, previous, refusal, compared=compared)
+            return PromotionResult(name, version, False, previous, previous, refusal, compared=compared,
+                                   gate_report=gate_report)
 
         if force:
             final_reason = f"forced: {reason.strip()}" + (f" (would have been refused: {refusal})" if refusal else "")
         else:
             final_reason = f"{why}; model gate {verdict.text()}"
+        decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
+                            compared, gate_report)
+        _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
         client.set_registered_model_alias(name, CHAMPION, version)
-        _set_tags(client, name, version, {
-            "promoted_at": _now(),
-            "previous_champion": previous or "",
-            "compared_metrics": json.dumps(compared),
-            "promotion_reason": final_reason,
-            "promotion_forced": str(force).lower(),
-            "promoted_by": _user(),
-        })
+        _set_tags(client, name, version, _promotion_tags(decision))
         now = _champion(client, name)
         if now != version:  # the lock makes this impossible unless someone moved the alias by hand
             raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; check who moved it")
-    log.info("%s: champion v%s -> v%s (%s)", name, previous, version, final_reason)
-    return PromotionResult(name, version, True, version, previous, final_reason, force, compared)
+    result = PromotionResult(name, version, True, version, previous, final_reason, force, compared, gate_report)
+    log.info("%s (%s)", result.change(), final_reason)
+    return result
 
 
 def rollback(name: str, params: Params, *, reason: str, client=None) -> PromotionResult:
-    """Move ``champion`` back to the version recorded as the current champion's ``previous_champion``."""
+    """Move ``champion`` back to the version the current champion replaced (its recorded previous champion).
+
+    As in :func:`promote`, the decision is recorded on the restored version before the alias moves."""
     if not (reason and reason.strip()):
         raise ConfigError("rollback needs --reason TEXT (recorded on both versions)")
     client = client or _client()
-    with promotion_lock(client, name, params.mlflow):
+    with _registry_errors(name, "rolling back"), promotion_lock(client, name, params.mlflow):
         current = _champion(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion to roll back")
-        previous = client.get_model_version(name, current).tags.get("previous_champion")
+        _, records = history(name, client)
+        _complete_flat_tags(client, name, current, records)
+        made = [d for d in records if d.version == current and d.applied]
+        previous = made[-1].previous_champion if made else client.get_model_version(name, current).tags.get(
+            "previous_champion")  # a champion promoted before the history was kept
         if not previous:
             raise RegistryError(f"{name} champion v{current} has no previous champion recorded; promote a version "
                                 "with `cass promote --force --reason ...` instead")
+        # Where a later rollback of the restored version goes: what it had replaced when it was champion.
+        before = [d for d in records if d.version == previous and d.applied]
+        back_to = before[-1].previous_champion if before else client.get_model_version(name, previous).tags.get(
+            "previous_champion")
+        decision = Decision(max((d.seq for d in records), default=0) + 1, previous, "restored", _now(), _user(),
+                            reason.strip(), current, back_to or None)
+        _write_record(client, name, previous, decision)
         client.set_registered_model_alias(name, CHAMPION, previous)
-        now = _now()
-        _set_tags(client, name, current, {"rolled_back_at": now, "rollback_reason": reason.strip()})
-        _set_tags(client, name, previous, {"restored_at": now, "restored_from": current,
-                                           "restore_reason": reason.strip(), "restored_by": _user()})
+        _set_tags(client, name, current, {"rolled_back_at": decision.at, "rollback_reason": reason.strip()})
+        _set_tags(client, name, previous, _restore_tags(decision))
     log.info("%s: champion rolled back v%s -> v%s", name, current, previous)
-    return PromotionResult(name, previous, True, previous, current, f"rollback: {reason.strip()}")
+    return PromotionResult(name, previous, True, previous, current, f"rollback: {decision.reason}")
 
 
 def champions(cfg: MlflowConfig, networks: Sequence[str], client=None) -> dict[str, str | None]:
     """Each network's champion as ``<name> v<version>``; None where the model or its champion does not exist."""
+    from mlflow.exceptions import MlflowException
+
     client = client or _client()
     found: dict[str, str | None] = {}
     for network in networks:
         name = model_name(cfg, network)
         try:
             version = _champion(client, name)
-        except RegistryError:
+        except (RegistryError, MlflowException):
             version = None
         found[network] = f"{name} v{version}" if version else None
     return found
@@ -476,3 +735,68 @@ def _user() -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the registry says: `cass registry`
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A registered model's champion, the decision that made it champion, and every decision about its versions."""
+
+    name: str
+    champion: str | None
+    made_by: Decision | None  # the applied record that made the champion (None: none kept, see ``tags``)
+    tags: Mapping[str, str]  # the champion's tags, for a champion promoted before the history was kept
+    history: Sequence[Decision]
+
+    def lines(self) -> list[str]:
+        out = [self.name]
+        if self.champion is None:
+            out.append("  champion: none (`cass promote` makes one)")
+        elif self.made_by is not None:
+            d = self.made_by
+            how = "restored by rollback" if d.decision == "restored" else "forced" if d.forced else "promoted"
+            out.append(f"  champion: v{self.champion}, {how} {d.at} by {d.by}")
+            out.append(f"  why: {d.reason}")
+            if d.gate_report:
+                out.append(f"  gate report: {d.gate_report}")
+            out.append(f"  rollback goes to: v{d.previous_champion}" if d.previous_champion
+                       else "  rollback goes to: nothing (it was the first champion)")
+        else:
+            t = self.tags
+            at = t.get("restored_at") or t.get("promoted_at", "?")
+            by = t.get("restored_by") or t.get("promoted_by", "?")
+            out.append(f"  champion: v{self.champion}, since {at} by {by}")
+            out.append(f"  why: {t.get('restore_reason') or t.get('promotion_reason', 'not recorded')}")
+            if t.get("previous_champion"):
+                out.append(f"  rollback goes to: v{t['previous_champion']}")
+        out.append("  history (oldest first):" if self.history else "  history: no promotion decision recorded")
+        out.extend(f"    {d.line()}" for d in self.history)
+        return out
+
+
+def model_status(name: str, client=None) -> ModelStatus:
+    client = client or _client()
+    champion, records = history(name, client)
+    made = [d for d in records if d.version == champion and d.applied]
+    tags: Mapping[str, str] = {}
+    if champion is not None and not made:
+        with _registry_errors(name, "reading the champion"):
+            tags = client.get_model_version(name, champion).tags
+    return ModelStatus(name, champion, made[-1] if made else None, tags, records)
+
+
+def registered_models(client=None) -> list[str]:
+    """The names of the registered models, without the promotion locks."""
+    client = client or _client()
+    names, token = [], None
+    with _registry_errors("the registry", "listing registered models"):
+        while True:
+            page = client.search_registered_models(max_results=500, page_token=token)
+            names += [m.name for m in page if LOCK_SUFFIX not in m.name]
+            token = page.token
+            if not token:
+                break
+    return sorted(names)

@@ -27,6 +27,7 @@ EPILOG = """examples:
   cass evaluate --network cnn                # test metrics, confusion matrix, ROC curves
   cass tune --network cnn --workers 2        # Optuna search; then cass finetune --best-params FILE
   cass promote --network cnn --version 3     # move 'champion' to v3 if it passes the gate and beats it
+  cass registry                              # each model's champion, why and by whom, and its history
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
   cass explain --model models:/cass-demo-vit@champion img1.png   # heat maps of what it looks at
   cass validate manifest                     # data-quality gate before training (also: splits, model)
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_command(sub)
     _registry_commands(sub)
     p = _command(sub, "models", train.list_models, help="list timm model names usable as model.cnn / model.vit",
-                 description="List the timm model names the factory accepts.")
+                 description="List the timm model names the factory accepts (the registered models and their "
+                 "champions: `cass registry`).")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' (default: all)")
     return parser
 
@@ -324,8 +326,10 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub, "promote", registry.promote, help="move the 'champion' alias to a registered version, behind the gate",
         description="Promote when the model gate passes and the version beats the champion on the same test "
-        "set by mlflow.promotion_margin in mlflow.promotion_metric. The decision is recorded as version tags. "
-        "Exit status 0: promoted; 1: refused (the champion stays).",
+        "set by mlflow.promotion_margin in mlflow.promotion_metric. The decision is recorded on the version (a "
+        "promotion.<n> tag, written before the alias moves) and the model gate's report is attached to its "
+        "evaluation run; `cass registry` shows them. Exit status 0: promoted; 1: refused (the champion stays); "
+        "7: the registry failed (the champion is as the last complete decision left it).",
     )
     _registered_model_options(p)
     p.add_argument("--version", help="the version to promote (default: the latest)")
@@ -339,6 +343,16 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     )
     _registered_model_options(p)
     p.add_argument("--reason", metavar="TEXT", required=True, help="why; recorded on both versions")
+    settings_options(p)
+
+    p = _command(
+        sub, "registry", registry.show, help="each registered model's champion, why and by whom, and its history",
+        description="For each registered model (or MODEL): the champion, when and by whom it was promoted or "
+        "restored, the full reason, where the model gate's report of that decision is kept, where a rollback would "
+        "go, and every promotion decision about its versions, oldest first (promoted, refused, restored; a "
+        "promotion interrupted before the alias moved is marked not applied).",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="one registered model, e.g. cass-demo-cnn (default: all)")
     settings_options(p)
 
     p = _command(

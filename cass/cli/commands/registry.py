@@ -1,5 +1,5 @@
-"""`cass register | promote | rollback | predict`: models in the MLflow registry (cass.tracking, cass.registry,
-cass.serving)."""
+"""`cass register | promote | rollback | registry | predict`: models in the MLflow registry (cass.tracking,
+cass.registry, cass.serving)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,21 @@ def rollback(args: argparse.Namespace) -> int:
 
     name, params = _champion_of(args)
     result = rollback(name, params, reason=args.reason)
-    print(f"{name}: champion v{result.previous} -> v{result.champion} ({result.reason})")
+    print(f"{result.change()} ({result.reason})")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """Each registered model's champion: when, why and by whom it was made champion, and every decision since."""
+    from cass.registry import model_status, registered_models
+    from cass.tracking import configure_client
+
+    configure_client(settings(args).mlflow)
+    names = [args.model] if args.model else registered_models()
+    if not names:
+        print("no registered models yet; `cass demo` or `cass register` registers the fine-tuned networks")
+    for i, name in enumerate(names):
+        print(("\n" if i else "") + "\n".join(model_status(name).lines()))
     return 0
 
 
