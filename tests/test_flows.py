@@ -44,7 +44,8 @@ def prefect_api() -> Iterator[str]:
 def _write_params(path: Path, data: Path, server: MlflowServer) -> Path:
     mapping = tiny_mapping(data)
     mapping["mlflow"] = {"tracking_uri": server.url, "experiment": EXPERIMENT, "model_prefix": PREFIX,
-                         "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5}
+                         "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5,
+                         "open_runs_file": str(path.parent / "mlflow-open-runs.json")}
     mapping["quality"] = LENIENT_MODEL_GATE
     # Short retry delays, long enough in total (1+2+4+8x5 = 47 s) for the server to come back.
     mapping["retrain"] = {"io_retries": 8, "io_retry_delay_s": 1, "io_retry_max_delay_s": 8}
