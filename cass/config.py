@@ -365,6 +365,17 @@ class MlflowConfig(_Section):
     )
     artifact_retries: int = Field(default=3, ge=1, description="attempts per artifact/model upload")
     artifact_retry_delay_s: float = Field(default=2.0, ge=0.0, description="first retry delay; doubles each time")
+    # MLflow's own HTTP client (MLFLOW_HTTP_REQUEST_*, which win when set): a call to a dead server gives up
+    # after about (http_retries + 1) x http_timeout_s plus the back-off, instead of MLflow's ~4 minutes.
+    http_timeout_s: int = Field(default=30, ge=1, description="seconds per HTTP request to the tracking server")
+    http_retries: int = Field(default=3, ge=0, le=10, description="retries of a failed HTTP request")
+    http_backoff_factor: int = Field(
+        default=1, ge=0, le=120, description="retry back-off: factor x 2^(n-1) s before the n-th retry (n >= 2)"
+    )
+    open_runs_file: str = Field(
+        default="mlflow-open-runs.json",
+        description="runs left open when the tracking server stopped answering; closed at the next start",
+    )
     promotion_metric: Literal["macro_f1", "balanced_accuracy", "accuracy", "macro_auroc"] = Field(
         default="macro_f1", description="test metric a candidate must improve to become champion"
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -36,9 +37,10 @@ from prefect.cache_policies import NO_CACHE
 
 from cass import tracking
 from cass.config import Network, Params, RetrainConfig, load_params
-from cass.errors import ConfigError, DataError, GateFailed
+from cass.errors import CassError, ConfigError, DataError, GateFailed
 from cass.layout import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
+from cass.redaction import install_log_redaction
 from cass.retraining import data_hash
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
@@ -97,6 +99,26 @@ def flow_params(
 # Each stage a task
 
 
+def _tracking_errors_told(stage: Stage) -> Callable[..., Any]:
+    """``stage.run`` with any MLflow error that escaped it turned into one TrackingError: Prefect logs a failed
+    task's exception and keeps it as the state's message, and MLflow's quote the tracking URI, password and all.
+    A TrackingError is retried like the error it replaces (:func:`_transient`)."""
+
+    @functools.wraps(stage.run)
+    def run(pipeline_run: PipelineRun, network: Network | None) -> Any:
+        try:
+            return stage.run(pipeline_run, network)
+        except CassError:
+            raise
+        except Exception as exc:
+            if not tracking.is_tracking_failure(exc):
+                raise
+            what = f"running '{stage.label(network)}'"
+            raise tracking.tracking_error(pipeline_run.params.mlflow, what, exc) from None
+
+    return run
+
+
 def stage_tasks(cfg: RetrainConfig) -> dict[str, Task]:
     """One task per stage of :data:`cass.pipeline.STAGES`, named after it (per network: ``fine-tune-cnn``);
     only I/O stages are retried."""
@@ -106,7 +128,7 @@ def stage_tasks(cfg: RetrainConfig) -> dict[str, Task]:
         options: dict[str, Any] = {"name": stage.name, "cache_policy": NO_CACHE, **(io if stage.io else {})}
         if stage.per_network:
             options["task_run_name"] = f"{stage.name}-{{network}}"
-        tasks[stage.name] = task(stage.run, **options)
+        tasks[stage.name] = task(_tracking_errors_told(stage), **options)
     return tasks
 
 
@@ -151,7 +173,8 @@ def as_tasks(tasks: dict[str, Task]) -> Execute:
 
 @task(name="champions", cache_policy=NO_CACHE)
 def read_champions(params: Params) -> dict[str, str | None]:
-    return tracking.champions(params)
+    with tracking.reaching(params.mlflow, "reading the champions"):
+        return tracking.champions(params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +292,7 @@ def retrain(
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import flow_run
 
+    install_log_redaction()  # the flow run's logs go to the Prefect API: no tracking password in them
     params = flow_params(params_file, overrides or [], dataset=dataset, label_fraction=label_fraction,
                          pretrain_epochs=pretrain_epochs, tune_trials=tune_trials)
     run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tune_trials != 0, force=force,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -234,3 +234,22 @@ def noisy_classifier(rng, n: int, k: int, strength: float):
     y = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k)) + strength * np.eye(k)[y] * rng.random((n, 1))
     return y, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def kill_when_logged(server: MlflowServer, experiment: str, filter_string: str, metric: str,
+                     stop: Callable[[], bool], timeout: float = 1200) -> float | None:
+    """Crash ``server`` as soon as a run of ``experiment`` matching ``filter_string`` has logged ``metric``
+    (e.g. a fine-tuning's first epoch); returns when (``time.monotonic()``), or None once ``stop()`` is true."""
+    import mlflow
+
+    client = mlflow.MlflowClient(server.url)
+    deadline = time.monotonic() + timeout
+    while not stop() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the experiment or the run may not exist yet
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id], filter_string) if exp else []
+            if any(metric in run.data.metrics for run in runs):
+                server.kill()
+                return time.monotonic()
+        time.sleep(0.2)
+    return None

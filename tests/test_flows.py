@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import LENIENT_MODEL_GATE, MlflowServer, tiny_mapping
+from conftest import LENIENT_MODEL_GATE, MlflowServer, kill_when_logged, tiny_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,8 @@ def prefect_api() -> Iterator[str]:
 def _write_params(path: Path, data: Path, server: MlflowServer) -> Path:
     mapping = tiny_mapping(data)
     mapping["mlflow"] = {"tracking_uri": server.url, "experiment": EXPERIMENT, "model_prefix": PREFIX,
-                         "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5}
+                         "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5,
+                         "open_runs_file": str(path.parent / "mlflow-open-runs.json")}
     mapping["quality"] = LENIENT_MODEL_GATE
     # Short retry delays, long enough in total (1+2+4+8x5 = 47 s) for the server to come back.
     mapping["retrain"] = {"io_retries": 8, "io_retry_delay_s": 1, "io_retry_max_delay_s": 8}
@@ -256,6 +257,64 @@ def test_a_network_that_fails_the_model_gate_stays_out_while_the_other_is_regist
     assert f"# Retraining: model gate failed for {low}" in summary and f"| {low} | not registered |" in summary
     assert f"| {high} | {PREFIX}-{high} v{versions[high] + 1} |" in summary
     assert {row["check"] for row in json.loads(artifacts["model-gate"].data)} == {"macro_f1_floor"}
+
+
+def test_tracking_server_killed_mid_flow_fails_it_with_no_password_in_its_prefect_logs(
+        prefect_api: str, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from cass.tracking import TrackingError, reset_client
+    from flows.retrain import retrain
+
+    password = "pw-flow-8c2b"
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    mapping = tiny_mapping(demo_root)
+    mapping["finetune"].update(epochs=6, patience=6)
+    mapping["mlflow"] = {"tracking_uri": server.url.replace("http://", f"http://alice:{password}@"),
+                         "experiment": "cass-flow-outage", "model_prefix": "cass-flow-outage"}
+    mapping["quality"] = LENIENT_MODEL_GATE
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(mapping))
+    for name in ("MLFLOW_TRACKING_URI", "CASS_TUNE_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a failed call fails at once, fix or no fix
+    monkeypatch.chdir(tmp_path)  # where the runs left open are recorded (mlflow.open_runs_file)
+    done = threading.Event()
+    crash = threading.Thread(target=kill_when_logged, args=(server, "cass-flow-outage",
+                                                            "tags.stage = 'finetune' and tags.network = 'cnn'",
+                                                            "val_loss", done.is_set))
+    crash.start()
+    try:
+        state = retrain(params_file=str(params_file), outputs=str(tmp_path / "outputs"), tune_trials=0,
+                        return_state=True)
+    finally:
+        done.set()
+        crash.join(timeout=60)
+        reset_client()
+        server.stop()
+    assert state.is_failed()
+    with pytest.raises(TrackingError, match="stopped answering"):
+        state.result()
+    flow_run_id = _flow_run_id(state)
+    address = f"127.0.0.1:{server.port}"
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while True:  # the logs reach the API in the background
+            logs = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[flow_run_id])), limit=200)]
+            if any(address in message for message in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        flow_state = client.read_flow_run(flow_run_id).state
+    assert any(f"alice:***@{address}" in message for message in logs), logs  # the failure named the server
+    texts = [*logs, flow_state.message or "", *(t.state.message or "" for t in tasks),
+             *(str(a.data) for a in artifacts)]
+    assert not [text for text in texts if password in text]
 
 
 def test_prefect_yaml_deploys_the_schedule_the_on_demand_run_and_the_gpu_pool(prefect_api: str, tmp_path: Path) -> None:

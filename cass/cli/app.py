@@ -1,5 +1,9 @@
 """``cass`` = :func:`main`: parse, set up logging, relaunch under torchrun when ``--nproc`` asks, run the
-command's handler, and turn a :class:`~cass.errors.CassError` into one message and its exit code."""
+command's handler, and turn a :class:`~cass.errors.CassError` into one message and its exit code.
+
+No credential reaches the console: log records and error messages are redacted (:mod:`cass.redaction`),
+and an MLflow error that escaped the tracking code becomes the tracking exit code's one message instead
+of a traceback that quotes the tracking URI."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 
 from cass.cli.parser import build_parser
 from cass.errors import CassError
+from cass.redaction import install_log_redaction, redact
 
 DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
 
@@ -27,6 +32,18 @@ def _setup_logging(args: argparse.Namespace) -> None:
         if os.environ.get("RANK", "0") != "0":
             level = max(level, logging.ERROR)
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    install_log_redaction()
+    if level > logging.DEBUG:  # one "Retrying (...)" line per HTTP retry: cass reports the failure once
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _tracking_exit_code(exc: Exception) -> int | None:
+    """The tracking exit code for an MLflow error no stage turned into a :class:`CassError`, else None."""
+    if "mlflow" not in sys.modules:  # nothing tracked in this process
+        return None
+    from cass.tracking import TrackingError, is_tracking_failure
+
+    return TrackingError.exit_code if is_tracking_failure(exc) else None
 
 
 def _distributed_launch(args: argparse.Namespace) -> int | None:
@@ -55,8 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         launched = _distributed_launch(args)
         return args.func(args) if launched is None else launched
     except CassError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        code = _tracking_exit_code(exc)
+        if code is None:
+            raise
+        print(f"error: the MLflow tracking store failed: {redact(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

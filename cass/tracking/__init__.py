@@ -1,7 +1,8 @@
 """MLflow tracking: where runs go, what they carry, and the tracked stages of the pipeline.
 
     redact   secrets never reach MLflow (URI passwords, secret settings, params.yaml lines)
-    client   the tracking URI, the server check before any training, the experiment, retried uploads
+    client   the tracking URI, the server check before any training, the experiment, bounded calls,
+             retried uploads, the runs a dead server left open
     runs     lineage tags, RunLogger (one run, by id), the pipeline's parent and child runs
     stages   the tracked pretrain / fine-tune / evaluate stages, registration and promotion
 
@@ -17,8 +18,11 @@ from cass.tracking.client import (
     configure_client,
     experiment_id,
     is_server,
+    is_tracking_failure,
     latest_run_id,
+    reaching,
     reset_client,
+    tracking_error,
     tracking_uri,
     with_retries,
 )
@@ -73,6 +77,7 @@ __all__ = [
     "experiment_id",
     "first_test_image",
     "is_server",
+    "is_tracking_failure",
     "latest_run_id",
     "log_quality",
     "loggable_params",
@@ -82,6 +87,7 @@ __all__ = [
     "pipeline_lineage",
     "plot_history",
     "promote_candidate",
+    "reaching",
     "redact",
     "redact_mapping",
     "redact_yaml_text",
@@ -96,6 +102,7 @@ __all__ = [
     "tracked_evaluate",
     "tracked_finetune",
     "tracked_pretrain",
+    "tracking_error",
     "tracking_uri",
     "with_retries",
 ]

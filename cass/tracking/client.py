@@ -1,26 +1,38 @@
 """Where runs go, and talking to that store: the tracking URI, a server check before any training, the
-experiment, and retried uploads.
+experiment, bounded calls, retried uploads, and the runs a dead server left open.
 
 ``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` from params.yaml. The demo uses a local
 store (``sqlite:///mlflow.db`` + the ``mlruns/`` artifact folder, no server); production points at an
 MLflow server (PostgreSQL backend store, S3 artifacts proxied by the server). A server is checked with
 a short timeout BEFORE any training starts, so a wrong address fails in seconds, not after hours.
+
+A server that dies later must not hang the run: MLflow's own HTTP client is bounded by the
+``mlflow.http_*`` settings (its ``MLFLOW_HTTP_REQUEST_*`` variables, which win when set), a failed call
+becomes one :class:`TrackingError` (exit code 6) that says the server stopped answering, and the runs
+that could not be ended are written to ``mlflow.open_runs_file`` and ended the next time the server
+answers. MLflow's own "View run ... at <url>" lines are switched off: they print the URI as given,
+password included (cass prints its own links, redacted).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse, urlunparse
 
 from cass.config import MlflowConfig
 from cass.errors import CassError
+from cass.io import atomic_write_text
 from cass.tracking.redact import redact
 
 log = logging.getLogger(__name__)
@@ -43,6 +55,20 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in ("http", "https")
 
 
+def _health_problem(uri: str, timeout: float) -> str | None:
+    """None when the server at ``uri`` answers ``/health`` with 200 within ``timeout`` s, else what went wrong."""
+    parsed = urlparse(uri)
+    bare = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else ""))
+    health = urlunparse(bare._replace(path=bare.path.rstrip("/") + "/health", query="", fragment=""))
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     """Raise :class:`TrackingError` unless the MLflow server at ``uri`` answers ``/health`` in ``timeout`` s.
 
@@ -50,23 +76,159 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     """
     if not is_server(uri):
         return
-    parsed = urlparse(uri)
-    bare = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else ""))
-    health = urlunparse(bare._replace(path=bare.path.rstrip("/") + "/health", query="", fragment=""))
-    try:
-        with urllib.request.urlopen(health, timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        problem = f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        problem = str(getattr(exc, "reason", exc))
+    problem = _health_problem(uri, timeout)
+    if problem is None:
+        return
     raise TrackingError(
-        f"the MLflow tracking server {redact(uri)} did not answer within {timeout:g} s ({problem}). Nothing "
-        "was trained. Start the server, or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri (unset both to use "
-        "the local store sqlite:///mlflow.db)."
+        f"the MLflow tracking server {redact(uri)} did not answer within {timeout:g} s ({problem}). Start the "
+        "server, or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri (unset both to use the local store "
+        "sqlite:///mlflow.db); outputs already on disk are kept."
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded calls
+
+
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_s",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_retries",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "http_backoff_factor",
+}
+"""MLflow's HTTP client variables and the ``mlflow.*`` setting each takes its value from."""
+
+_applied: dict[str, str] = {}  # the values this process set, told apart from a user's own
+
+
+def apply_http_settings(cfg: MlflowConfig) -> None:
+    """Bound MLflow's HTTP calls by the ``mlflow.http_*`` settings and switch off its run links.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_*`` at every request; a variable the user set wins (as
+    MLFLOW_TRACKING_URI does). Its "View run ... at <url>" lines print the URI with its password.
+    """
+    for name, field in HTTP_SETTINGS.items():
+        current = os.environ.get(name)
+        if current is None or current == _applied.get(name):
+            _applied[name] = os.environ[name] = str(getattr(cfg, field))
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """An error of the tracking store or the way to it: MLflow's own errors and those of its HTTP client."""
+    mlflow_errors = sys.modules.get("mlflow.exceptions")  # never imported here: only mlflow raises these
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
+        return True
+    requests_errors = sys.modules.get("requests.exceptions")
+    return requests_errors is not None and isinstance(exc, requests_errors.RequestException)
+
+
+def tracking_error(cfg: MlflowConfig, what: str, exc: BaseException | None = None) -> TrackingError:
+    """The one message for a tracking call that failed: a server that stopped answering is named as such."""
+    uri = tracking_uri(cfg)
+    problem = _health_problem(uri, cfg.server_timeout_s) if is_server(uri) else None
+    if problem is not None:
+        return TrackingError(
+            f"the MLflow tracking server {redact(uri)} stopped answering while {what} ({problem}). The outputs "
+            f"written so far stay on disk; the runs left open are recorded in {cfg.open_runs_file} and marked "
+            "FAILED the next time cass reaches the server. Start the server (or fix MLFLOW_TRACKING_URI / "
+            "mlflow.tracking_uri) and rerun."
+        )
+    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    return TrackingError(f"the MLflow store {redact(uri)} failed {what}: {redact(str(message))[:600]}")
+
+
+@contextlib.contextmanager
+def reaching(cfg: MlflowConfig, what: str) -> Iterator[None]:
+    """Turn a tracking failure in the block into one :class:`TrackingError` (``what``: "logging metrics")."""
+    try:
+        yield
+    except CassError:
+        raise
+    except Exception as exc:
+        if not is_tracking_failure(exc):
+            raise
+        raise tracking_error(cfg, what, exc) from None
+
+
+def server_answers(cfg: MlflowConfig) -> bool:
+    """Whether the tracking store can be reached now (a local store always can); one short request."""
+    uri = tracking_uri(cfg)
+    return not is_server(uri) or _health_problem(uri, cfg.server_timeout_s) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs a dead server left open
+
+
+def _read_open_runs(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text())["runs"])
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable (%s); starting a new list of open runs", path, exc)
+        return []
+
+
+def _write_open_runs(path: Path, runs: list[dict]) -> None:
+    if runs:
+        atomic_write_text(path, json.dumps({"runs": runs}, indent=2) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def record_open_run(cfg: MlflowConfig, run_id: str, status: str) -> None:
+    """Remember that ``run_id`` should end ``status`` but the server could not be told (the URI is stored
+    redacted: the file holds no password)."""
+    path = Path(cfg.open_runs_file)
+    runs = [r for r in _read_open_runs(path) if r.get("run_id") != run_id]
+    runs.append({"tracking_uri": redact(tracking_uri(cfg)), "run_id": run_id, "status": status,
+                 "since": datetime.now(UTC).isoformat(timespec="seconds")})
+    try:
+        _write_open_runs(path, runs)
+    except OSError as exc:  # the error that stopped the run matters more
+        log.warning("MLflow run %s stays RUNNING: it could not be marked %s, nor recorded in %s (%s)",
+                    run_id, status, path, exc)
+        return
+    log.warning("MLflow run %s could not be marked %s; recorded in %s, it is marked when the server answers again",
+                run_id, status, path)
+
+
+def close_open_runs(cfg: MlflowConfig) -> None:
+    """End the runs :func:`record_open_run` kept for this store, where they are still RUNNING.
+
+    Called when the store has just answered; a run the store no longer has is forgotten, and any other
+    failure leaves the list for the next start (it never fails the command).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    path = Path(cfg.open_runs_file)
+    runs = _read_open_runs(path)
+    uri = redact(tracking_uri(cfg))
+    mine = [r for r in runs if r.get("tracking_uri") == uri]
+    if not mine:
+        return
+    client, left = mlflow.MlflowClient(), [r for r in runs if r.get("tracking_uri") != uri]
+    for i, entry in enumerate(mine):
+        try:
+            run = client.get_run(entry["run_id"])
+            if run.info.status == "RUNNING":
+                client.set_terminated(entry["run_id"], entry["status"])
+                log.info("MLflow run %s (%s), left open since %s when the tracking server stopped answering, "
+                         "is now %s", entry["run_id"], run.info.run_name, entry.get("since", "?"), entry["status"])
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                log.warning("could not end the MLflow runs left open (%s); trying again at the next start",
+                            redact(str(exc))[:300])
+                left += mine[i:]
+                break
+        except Exception as exc:  # the server went away again: keep the list
+            log.warning("could not end the MLflow runs left open (%s); trying again at the next start",
+                        redact(str(exc))[:300])
+            left += mine[i:]
+            break
+    _write_open_runs(path, left)
 
 
 def _artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
@@ -86,6 +248,7 @@ def configure_client(cfg: MlflowConfig) -> str:
 
     uri = tracking_uri(cfg)
     check_tracking_server(uri, cfg.server_timeout_s)
+    apply_http_settings(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that, or in a long-lived process (a worker
@@ -96,6 +259,7 @@ def configure_client(cfg: MlflowConfig) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+    close_open_runs(cfg)
     return uri
 
 
@@ -145,7 +309,8 @@ def experiment_id(cfg: MlflowConfig) -> str | None:
     import mlflow
 
     configure_client(cfg)
-    experiment = mlflow.MlflowClient().get_experiment_by_name(cfg.experiment)
+    with reaching(cfg, f"looking up the experiment '{cfg.experiment}'"):
+        experiment = mlflow.MlflowClient().get_experiment_by_name(cfg.experiment)
     return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
 
 
@@ -156,14 +321,19 @@ def latest_run_id(cfg: MlflowConfig, filter_string: str) -> str | None:
     experiment = experiment_id(cfg)
     if experiment is None:
         return None
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment], filter_string, order_by=["attributes.start_time DESC"], max_results=1
-    )
+    with reaching(cfg, "searching the runs"):
+        runs = mlflow.MlflowClient().search_runs(
+            [experiment], filter_string, order_by=["attributes.start_time DESC"], max_results=1
+        )
     return runs[0].info.run_id if runs else None
 
 
 def with_retries(what: str, fn: Callable[[], T], cfg: MlflowConfig) -> T:
-    """Run an upload, retrying with doubling delays; raise :class:`TrackingError` when every attempt failed."""
+    """Run an upload, retrying with doubling delays; raise :class:`TrackingError` when every attempt failed.
+
+    The retries are for a flaky artifact store: when the tracking server itself stopped answering (MLflow
+    already retried the request), waiting longer will not help and the error is raised at once.
+    """
     delay = cfg.artifact_retry_delay_s
     for attempt in range(1, cfg.artifact_retries + 1):
         try:
@@ -171,6 +341,8 @@ def with_retries(what: str, fn: Callable[[], T], cfg: MlflowConfig) -> T:
         except CassError:
             raise
         except Exception as exc:  # any transport or store error: S3, HTTP, filesystem
+            if not server_answers(cfg):
+                raise tracking_error(cfg, what, exc) from None
             message = redact(f"{type(exc).__name__}: {exc}")[:600]
             if attempt == cfg.artifact_retries:
                 raise TrackingError(f"{what} failed after {attempt} attempt(s): {message}") from None

@@ -1,5 +1,6 @@
 """Secrets never reach MLflow: URI passwords, secret query parameters and secret-looking settings are
-replaced by ``***`` before anything is logged (params, tags, params.yaml, quality reports, messages)."""
+replaced by ``***`` before anything is logged (params, tags, params.yaml, quality reports, messages).
+The rule for text is :func:`cass.redaction.redact`, re-exported here."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from cass.config import Params, params_to_flat_dict
+from cass.redaction import REDACTED, redact
 
-_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^@/\s]*@")
-_QUERY_SECRET = re.compile(
-    r"(?i)(?P<head>[?&;](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|sig|signature"
-    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;\s]+"
-)
+__all__ = ["REDACTED", "loggable_params", "redact", "redact_mapping", "redact_yaml_text"]
+
 _SECRET_WORDS = r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _YAML_SECRET_LINE = re.compile(
@@ -22,13 +21,6 @@ _YAML_SECRET_LINE = re.compile(
     r"(?P<value>\"[^\"\n]*\"|'[^'\n]*'|[^#\n]*[^#\s])",
     re.IGNORECASE | re.MULTILINE,
 )
-REDACTED = "***"
-
-
-def redact(text: str) -> str:
-    """``text`` with URI passwords and secret query parameters replaced by ``***``."""
-    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
 
 
 def redact_mapping(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,12 @@ a credential is logged (:mod:`cass.tracking.redact`).
 
 The parent run of a pipeline is never made active: every stage opens its child run with the parent's id,
 because MLflow's active-run stack is per thread and Prefect runs tasks in worker threads.
+
+Every call to the store is bounded (:mod:`cass.tracking.client`) and a failure is one
+:class:`~cass.tracking.client.TrackingError`. A tracking server that dies during a training stage does not
+stop the training: the epochs it missed stay in ``history.csv`` (and are logged if it comes back), the
+stage writes its outputs, and then its uploads fail the run with exit code 6. A run that cannot be ended
+is recorded and ended at the next start (:func:`~cass.tracking.client.record_open_run`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ import yaml
 from cass.config import MlflowConfig, Params
 from cass.layout import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
 from cass.registry import EVALUATION_DIR, finite
-from cass.tracking.client import configure, with_retries
+from cass.tracking.client import (
+    configure,
+    reaching,
+    record_open_run,
+    server_answers,
+    tracking_error,
+    with_retries,
+)
 from cass.tracking.redact import loggable_params, redact, redact_mapping, redact_yaml_text
 
 log = logging.getLogger(__name__)
@@ -187,6 +200,7 @@ class RunLogger:
         self.cfg = cfg
         self.run_id = run_id
         self.mlflow = mlflow
+        self._missed: list[tuple[int, dict[str, float]]] = []  # epochs the server did not take
 
     @classmethod
     def create(
@@ -196,39 +210,55 @@ class RunLogger:
         import mlflow
 
         nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags={**tags, **nested})
+        with reaching(cfg, f"creating the run '{name}'"):
+            run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags={**tags, **nested})
         return cls(cfg, run.info.run_id)
 
     def params(self, params: Params) -> None:
         """The flat ``section.key`` settings, redacted (MLflow sends them 100 to a request)."""
         values = {k: v[:MAX_PARAM_LENGTH] for k, v in loggable_params(params).items()}
-        self.mlflow.log_params(values, run_id=self.run_id)
+        with reaching(self.cfg, f"logging the settings of run {self.run_id}"):
+            self.mlflow.log_params(values, run_id=self.run_id)
 
     def tags(self, values: Mapping[str, str]) -> None:
         client = self.mlflow.MlflowClient()
-        for key, value in values.items():
-            client.set_tag(self.run_id, key, value)
+        with reaching(self.cfg, f"tagging run {self.run_id}"):
+            for key, value in values.items():
+                client.set_tag(self.run_id, key, value)
 
     def metrics(self, values: Mapping[str, float], **kwargs: Any) -> None:
         """``kwargs``: ``step`` or ``model_id`` (the logged model the metrics describe)."""
         if values:
-            self.mlflow.log_metrics(dict(values), run_id=self.run_id, **kwargs)
+            with reaching(self.cfg, f"logging metrics of run {self.run_id}"):
+                self.mlflow.log_metrics(dict(values), run_id=self.run_id, **kwargs)
 
     def epoch(self, epoch: int, record: Mapping[str, float], skip: tuple[str, ...] = ("epoch",)) -> None:
         """One epoch's metrics with ``step=epoch``: an epoch callback of the training stages.
 
-        A failed call is a warning, not the end of the training: MLflow already retried it, and the
-        artifacts at the end of the stage are uploaded with retries and fail the run if the store is gone.
+        A failed call does not end the training: the epoch's metrics are in ``history.csv``, and they are
+        logged with the next epoch if the server answers again (one short health request per epoch until
+        then, so a dead server costs no more time). The uploads at the end of the stage fail the run if
+        the server is still gone.
         """
         values = {metric_key(k): float(v) for k, v in record.items() if k not in skip and finite(v)}
+        self._missed.append((epoch, values))
+        if len(self._missed) > 1 and not server_answers(self.cfg):
+            return  # said at the first missed epoch
         try:
-            self.metrics(values, step=epoch)
+            while self._missed:
+                step, missed = self._missed[0]
+                if missed:
+                    self.mlflow.log_metrics(missed, run_id=self.run_id, step=step)
+                self._missed.pop(0)
         except Exception as exc:  # keep training; see above
-            log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact(str(exc))[:300])
+            cause = redact(str(exc))[:300] if server_answers(self.cfg) else "the tracking server does not answer"
+            log.warning("could not log epoch %d metrics to MLflow (%s); training goes on, the metrics are in "
+                        "history.csv and are logged if the server answers again", epoch, cause)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run: FINISHED, FAILED or KILLED."""
-        self.mlflow.MlflowClient().set_terminated(self.run_id, status)
+        """End the run: FINISHED, FAILED or KILLED. When the server cannot be told, the run is recorded
+        (:func:`~cass.tracking.client.record_open_run`) and :class:`TrackingError` raised."""
+        end_run(self.cfg, self.run_id, status)
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -343,17 +373,50 @@ def plot_history(history_csv: Path, out_png: Path, title: str) -> Path:
 # The runs of a pipeline
 
 
-@contextlib.contextmanager
-def child_run(name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> Iterator[str]:
-    """A nested run, active in this thread for the block; ends FAILED when the block raises.
+def end_run(cfg: MlflowConfig, run_id: str, status: str, active: bool = False) -> None:
+    """Set the final status of ``run_id`` (``active``: it is this thread's active run, which is left too).
 
-    ``parent_run_id`` names the parent explicitly (default: this thread's active run). Stage runs are
-    active runs because the model is logged into the active run (:func:`cass.serving.log_classifier`).
+    When the store does not answer, the run is recorded to be ended at the next start and
+    :class:`TrackingError` raised; a dead server is found with one short request, not MLflow's retries.
     """
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id, tags=run_tags(tags)) as run:
-        yield run.info.run_id
+    what = f"ending run {run_id} {status}"
+    try:
+        if not active and not server_answers(cfg):
+            raise tracking_error(cfg, what)
+        with reaching(cfg, what):
+            if active:
+                mlflow.end_run(status)  # leaves the active run first, then tells the store
+            else:
+                mlflow.MlflowClient().set_terminated(run_id, status)
+    except BaseException:
+        record_open_run(cfg, run_id, status)
+        raise
+
+
+@contextlib.contextmanager
+def child_run(
+    cfg: MlflowConfig, name: str, tags: Mapping[str, str], parent_run_id: str | None = None
+) -> Iterator[str]:
+    """A nested run, active in this thread for the block; ends FAILED when the block raises (KILLED on Ctrl-C).
+
+    ``parent_run_id`` names the parent explicitly (default: this thread's active run). Stage runs are
+    active runs because the model is logged into the active run (:func:`cass.serving.log_classifier`).
+    When the block failed, a failure to end the run never hides the block's error.
+    """
+    import mlflow
+
+    with reaching(cfg, f"starting the run '{name}'"):
+        run = mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id, tags=run_tags(tags))
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            end_run(cfg, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", active=True)
+        raise
+    end_run(cfg, run_id, "FINISHED", active=True)
 
 
 def start_pipeline_run(
@@ -398,7 +461,8 @@ def stage_run(
     configure(params.mlflow)
     lineage = pipeline_lineage(params, data_dir)
     name = f"{stage}-{network}" if network else stage
-    with child_run(name, lineage.tags(network or networks_tag(params), stage=stage, **tags), parent_run_id) as run_id:
+    with child_run(params.mlflow, name, lineage.tags(network or networks_tag(params), stage=stage, **tags),
+                   parent_run_id) as run_id:
         run = RunLogger(params.mlflow, run_id)
         run.params(params)
         yield run
