@@ -45,6 +45,7 @@ from cass import distributed, training
 from cass.config import TrainerConfig
 from cass.data.dataset import EpochLoader
 from cass.errors import TrainingError
+from cass.io import clean_stale
 from cass.losses import EmbeddingSpread
 
 log = logging.getLogger(__name__)
@@ -400,6 +401,9 @@ class Engine:
         return out
 
     def _resume(self, learner: Learner, checkpoint: Checkpoint | None) -> tuple[int, list[dict[str, float]]]:
+        if checkpoint is not None and self.main:
+            for stale in clean_stale(checkpoint.path.parent):  # temporary files of writes killed earlier
+                log.info("removed %s, left by an interrupted run", stale)
         if checkpoint is None or not checkpoint.resume or not checkpoint.path.is_file():
             return 0, []
         state = training.load_checkpoint(checkpoint.path)

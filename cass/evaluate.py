@@ -30,7 +30,7 @@ from cass.data.transforms import eval_transform
 from cass.engine import file_digest
 from cass.errors import DataError
 from cass.finetune import ClassifierSpec, load_classifier
-from cass.io import atomic_path, atomic_write_text
+from cass.io import atomic_path, atomic_write_text, output_set
 from cass.layout import EvaluateOutputs, FinetuneOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
@@ -79,34 +79,34 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
         "num_samples": len(test),
     }
 
-    out.out_dir.mkdir(parents=True, exist_ok=True)
-    if params.data.group_columns:
-        from cass.subgroups import read_groups, subgroup_table, worst_group_gap
+    # One set: a kill or a full disk leaves the previous evaluation whole (cass.io.output_set); a file this run
+    # does not write (subgroups.csv, explanations.png under other settings) does not linger from an earlier one.
+    with output_set(out.out_dir) as staging:
+        staged = EvaluateOutputs(staging)
+        if params.data.group_columns:
+            from cass.subgroups import read_groups, subgroup_table, worst_group_gap
 
-        table = subgroup_table(y, probs, read_groups(params, test["path"].tolist()), info.multilabel, threshold,
-                               params.evaluate.min_subgroup_size)
-        atomic_write_text(out.subgroups, table.to_csv(index=False, float_format="%.6f"))
-        metrics.update(worst_group_gap(table))
-    else:
-        out.subgroups.unlink(missing_ok=True)  # no stale table from an earlier setting
-    pred = pd.DataFrame(probs, columns=[f"p_{c}" for c in info.classes])
-    pred.insert(0, "labels", test["labels"].to_numpy())
-    pred.insert(0, "path", test["path"].to_numpy())
-    atomic_write_text(out.predictions, pred.to_csv(index=False, float_format="%.6f"))
-    atomic_write_text(out.class_counts, class_counts(df, info.classes).to_csv(index=False))
-    _plot_confusion(metrics, info.classes, info.multilabel, out.confusion_matrix, spec.network)
-    _plot_roc(y, probs, info.classes, info.multilabel, out.roc, spec.network)
-    before, after = (reliability_table(p, y, info.multilabel, bins) for p in (raw, probs))
-    tables = pd.concat([before.assign(scaling="raw"), after.assign(scaling=f"temperature {spec.temperature:g}")])
-    atomic_write_text(out.reliability_table, tables.to_csv(index=False, float_format="%.6f"))
-    plot_reliability(before, after, ece_raw, ece, spec.temperature, out.reliability, spec.network, info.multilabel)
-    if params.evaluate.explain_per_class:
-        _explanations(params, dataset, test, model, spec, device, out.explanations)
-    else:
-        out.explanations.unlink(missing_ok=True)
-    atomic_write_text(out.lineage, json.dumps(lineage, indent=2) + "\n")
-    atomic_write_text(out.metrics, json.dumps(_json_safe(metrics), indent=2) + "\n")
-    atomic_write_text(out.scores, json.dumps(_json_safe(headline(metrics)), indent=2) + "\n")
+            table = subgroup_table(y, probs, read_groups(params, test["path"].tolist()), info.multilabel, threshold,
+                                   params.evaluate.min_subgroup_size)
+            atomic_write_text(staged.subgroups, table.to_csv(index=False, float_format="%.6f"))
+            metrics.update(worst_group_gap(table))
+        pred = pd.DataFrame(probs, columns=[f"p_{c}" for c in info.classes])
+        pred.insert(0, "labels", test["labels"].to_numpy())
+        pred.insert(0, "path", test["path"].to_numpy())
+        atomic_write_text(staged.predictions, pred.to_csv(index=False, float_format="%.6f"))
+        atomic_write_text(staged.class_counts, class_counts(df, info.classes).to_csv(index=False))
+        _plot_confusion(metrics, info.classes, info.multilabel, staged.confusion_matrix, spec.network)
+        _plot_roc(y, probs, info.classes, info.multilabel, staged.roc, spec.network)
+        before, after = (reliability_table(p, y, info.multilabel, bins) for p in (raw, probs))
+        tables = pd.concat([before.assign(scaling="raw"), after.assign(scaling=f"temperature {spec.temperature:g}")])
+        atomic_write_text(staged.reliability_table, tables.to_csv(index=False, float_format="%.6f"))
+        plot_reliability(before, after, ece_raw, ece, spec.temperature, staged.reliability, spec.network,
+                         info.multilabel)
+        if params.evaluate.explain_per_class:
+            _explanations(params, dataset, test, model, spec, device, staged.explanations)
+        atomic_write_text(staged.lineage, json.dumps(lineage, indent=2) + "\n")
+        atomic_write_text(staged.metrics, json.dumps(_json_safe(metrics), indent=2) + "\n")
+        atomic_write_text(staged.scores, json.dumps(_json_safe(headline(metrics)), indent=2) + "\n")
     log.info("%s: test macro F1 %.3f, ECE %.3f -> %.3f at temperature %.3f", spec.network, metrics["macro_f1"],
              ece_raw, ece, spec.temperature)
     return out

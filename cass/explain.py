@@ -307,14 +307,9 @@ def _load(model_uri: str):
     local = Path(model_uri)
     if FinetuneOutputs(local).spec.is_file():
         return load_classifier(local, "cpu")
-    import mlflow
+    from cass.serving import load_verified
 
-    from cass.errors import DataError
-
-    try:
-        wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except mlflow.exceptions.MlflowException as exc:
-        raise DataError(f"could not load model {model_uri}: {exc.message}") from None
+    wrapper = load_verified(model_uri).unwrap_python_model()  # hashes checked first (ModelIntegrityError)
     if not hasattr(wrapper, "model") or not hasattr(wrapper, "spec"):
         raise ExplainError(f"{model_uri} is not a CASS classifier (cass.serving.ImageClassifier)")
     return wrapper.model, wrapper.spec

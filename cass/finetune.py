@@ -34,7 +34,7 @@ from cass.data.splits import read_subset
 from cass.data.transforms import cass_transform, eval_transform
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, Step, StepOutput, file_digest, fingerprint
 from cass.errors import DataError, TrainingError
-from cass.io import atomic_write_text
+from cass.io import atomic_write_text, output_set
 from cass.layout import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
@@ -343,12 +343,17 @@ class FinetuneLearner(Learner):
         return {**tuning, "in_effect": sorted(k for k, v in tuned.items() if effective.get(k) == v)}
 
     def write_outputs(self, out: FinetuneOutputs, history: list[dict[str, float]]) -> None:
-        """Weights, the spec that rebuilds the classifier, history.csv, lineage.json and metrics.json (rank 0)."""
-        cfg, best = self.params.finetune, history[self.best_epoch - 1]
-        out.out_dir.mkdir(parents=True, exist_ok=True)
+        """Weights, the spec that rebuilds the classifier, history.csv, lineage.json and metrics.json (rank 0),
+        published as one set (:func:`cass.io.output_set`): the swap also drops the checkpoint, so the finished
+        run is not resumed."""
         # Temperature (and multi-label thresholds) fitted on the validation split: cass.calibration.
         self.spec = calibrate_classifier(self.model, self.val_loader, self.spec, self.params.evaluate,
                                          self.engine.device)
+        with output_set(out.out_dir) as staging:
+            self._write(FinetuneOutputs(staging), history)
+
+    def _write(self, out: FinetuneOutputs, history: list[dict[str, float]]) -> None:
+        cfg, best = self.params.finetune, history[self.best_epoch - 1]
         save_weights(self.model, out.weights)
         atomic_write_text(out.spec, self.spec.to_json())
         atomic_write_text(out.history, pd.DataFrame(history).to_csv(index=False))

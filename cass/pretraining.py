@@ -23,7 +23,7 @@ from cass.data.dataset import ImageDataset
 from cass.data.manifest import DatasetInfo, read_manifest
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, file_digest, fingerprint
 from cass.errors import DataError
-from cass.io import atomic_write_text
+from cass.io import atomic_write_text, output_set
 from cass.layout import MANIFEST_FILE, PretrainOutputs
 from cass.lineage import git_commit
 from cass.monitor import KnnMonitor
@@ -94,7 +94,14 @@ def write_outputs(
 ) -> None:
     """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json
     (the networks, the method and its ``recipe``), history.csv and metrics.json (loss and speed summaries,
-    lineage, the ``recipe``, then the method's ``details``)."""
+    lineage, the ``recipe``, then the method's ``details``), published as one set; the checkpoints in the
+    folder stay (they tell a later run that this pretraining finished, :mod:`cass.retraining`)."""
+    with output_set(out.out_dir, carry=(out.CHECKPOINT, out.DINO_CHECKPOINT)) as staging:
+        _write_outputs(PretrainOutputs(staging), params, info, networks, history, details, method, recipe)
+
+
+def _write_outputs(out: PretrainOutputs, params: Params, info: DatasetInfo, networks: Mapping[str, torch.nn.Module],
+                   history: list[dict], details: dict, method: str, recipe: Mapping[str, Any] | None) -> None:
     recipe = dict(recipe or {})
     for net, module in networks.items():
         save_weights(module, out.weights(net))

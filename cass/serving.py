@@ -17,14 +17,24 @@ model, so its probabilities equal those of ``cass evaluate``.
 The model is saved as *models from code*: MLflow stores a three-line script, the ``cass`` package
 (``code_paths``) and the classifier files (``model.json`` + ``model.safetensors``), and rebuilds the
 network from them on load. Nothing is unpickled, so it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION
-set to false.
+set to false. Loading still runs the folder's script and may import its copy of ``cass``: the sha256 of
+every code and classifier file is recorded in the MLmodel file's metadata (``cass_integrity``) and, as
+the digest of that list, in a tag of the logged model on the tracking server; :func:`verify_model_folder`
+checks them before :func:`predict_files` loads a model (:class:`~cass.errors.ModelIntegrityError`).
+
+Bad input (no ``image`` column, bytes that are not an image) raises :class:`BadModelInput`, a
+:class:`~cass.errors.DataError` that is also an ``MlflowException``: ``mlflow models serve`` answers it
+with HTTP 400 and the message, without a stack trace.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +47,13 @@ import torch
 
 from cass.calibration import probabilities
 from cass.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb8
-from cass.errors import DataError
+from cass.errors import DataError, ModelIntegrityError
 
 IMAGE_COLUMN = "image"
+MODEL_CODE_FILE = "cass_classifier.py"
+INTEGRITY_KEY = "cass_integrity"  # MLmodel metadata: {"files": {path in the folder: sha256}, "digest": ...}
+INTEGRITY_TAG = "cass.integrity_digest"  # the logged model's tag on the tracking server: the list's digest
+_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 LABELS_COLUMN = "labels"
 CLASSIFIER_ARTIFACT = "classifier"
 
@@ -67,6 +81,20 @@ mlflow.models.set_model(ImageClassifier())
 '''
 
 
+class BadModelInput(DataError, mlflow.exceptions.MlflowException):
+    """Input the model cannot score: a DataError for cass (exit 3), an MlflowException with
+    INVALID_PARAMETER_VALUE for MLflow's scoring server, which answers it with HTTP 400 and this message
+    instead of a stack trace."""
+
+    def __init__(self, message: str) -> None:
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        mlflow.exceptions.MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _image_bytes(value: Any, row: int) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
@@ -74,11 +102,20 @@ def _image_bytes(value: Any, row: int) -> bytes:
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise DataError(f"input row {row}: the '{IMAGE_COLUMN}' text is not base64-encoded image bytes") from None
-    raise DataError(
+            raise BadModelInput(
+                f"input row {row}: the '{IMAGE_COLUMN}' text is not base64-encoded image bytes"
+            ) from None
+    raise BadModelInput(
         f"input row {row}: expected encoded image bytes (or base64 text) in '{IMAGE_COLUMN}', "
         f"got {type(value).__name__}"
     )
+
+
+def _decode(data: bytes, where: str) -> Any:
+    try:
+        return decode_image(data, where, DEFAULT_MAX_PIXELS)
+    except DataError as exc:
+        raise BadModelInput(str(exc)) from None
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -89,16 +126,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from cass.data.transforms import eval_transform
         from cass.finetune import load_classifier
 
-        self.model, self.spec = load_classifier(Path(context.artifacts[CLASSIFIER_ARTIFACT]), "cpu")
+        classifier = Path(context.artifacts[CLASSIFIER_ARTIFACT])
+        verify_model_folder(classifier.parents[1], code=False)  # weights and spec as exported (mlflow models serve)
+        self.model, self.spec = load_classifier(classifier, "cpu")
         self.transform = eval_transform(self.spec.image_size, AugmentConfig(mean=self.spec.mean, std=self.spec.std))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-            raise DataError(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
+            raise BadModelInput(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
         rows = []
         for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
-            image = self.transform(to_rgb8(decode_image(_image_bytes(value, i), f"input row {i}", DEFAULT_MAX_PIXELS)))
+            image = self.transform(to_rgb8(_decode(_image_bytes(value, i), f"input row {i}")))
             # One image per forward pass: batched kernels round differently with the batch's size, and the
             # temperature (often < 1) magnifies that; an image's probabilities must not depend on its neighbours.
             with torch.no_grad():
@@ -148,10 +187,16 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
         staged.mkdir()
         for file in (out.spec, out.weights):
             shutil.copy2(file, staged / file.name)
-        code = Path(tmp) / "cass_classifier.py"
+        code = Path(tmp) / MODEL_CODE_FILE
         code.write_text(_MODEL_CODE)
         package = Path(tmp) / "cass"
         shutil.copytree(Path(cass.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Where MLflow puts each file in the model folder, and its hash.
+        files = {f"artifacts/{CLASSIFIER_ARTIFACT}/{f.name}": _sha256(f) for f in sorted(staged.iterdir())}
+        files[MODEL_CODE_FILE] = _sha256(code)
+        files.update({f"code/cass/{f.relative_to(package).as_posix()}": _sha256(f)
+                      for f in sorted(package.rglob("*")) if f.is_file()})
+        digest = integrity_digest(files)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(code),
@@ -160,9 +205,105 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
             signature=signature(spec.classes, spec.multilabel),
             input_example=pd.DataFrame({IMAGE_COLUMN: [example_image]}),
             pip_requirements=pip_requirements(),
-            metadata={**calibration_metadata(spec), **kwargs.pop("metadata", {})},
+            metadata={**calibration_metadata(spec), INTEGRITY_KEY: {"files": files, "digest": digest},
+                      **kwargs.pop("metadata", {})},
+            tags={**(kwargs.pop("tags", None) or {}), INTEGRITY_TAG: digest},
             **kwargs,
         )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def integrity_digest(files: dict[str, str]) -> str:
+    """One hash for a model folder's list of file hashes (what the tracking server records)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _is_bytecode_cache(rel: str) -> bool:
+    return "__pycache__" in rel.split("/")
+
+
+def verify_model_folder(folder: Path, expected_digest: str | None = None, *, code: bool = True) -> None:
+    """Refuse a model folder whose files differ from the hashes recorded when it was logged.
+
+    Checked: the MLmodel file loads the model from code (no pickle), from ``cass_classifier.py`` and the
+    folder's ``code`` (with ``code``), every recorded file is there with its hash, and no other file sits
+    in ``code/``, ``artifacts/`` or beside the script (Python's own ``__pycache__`` excepted). With
+    ``expected_digest`` (the tracking server's record) the list of hashes itself must be the recorded one;
+    without it the check catches accidental or partial changes, not a rewrite of MLmodel too."""
+    import yaml
+
+    folder = Path(folder)
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelIntegrityError(f"{folder}: not an MLflow model folder (no MLmodel file)")
+    conf = yaml.safe_load(mlmodel.read_text()) or {}
+    record = (conf.get("metadata") or {}).get(INTEGRITY_KEY) or {}
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ModelIntegrityError(
+            f"{mlmodel}: no content hashes recorded ({INTEGRITY_KEY}); the model was logged by an older version "
+            "or its MLmodel file was edited. Log and register it again (`cass register`)"
+        )
+    digest = integrity_digest(files)
+    if expected_digest is not None and digest != expected_digest:
+        raise ModelIntegrityError(
+            f"{mlmodel}: its list of file hashes ({digest[:12]}) is not the one the tracking server recorded when "
+            f"the model was logged ({expected_digest[:12]}); the model's files were replaced. Do not use it; "
+            "register the model again from its training outputs"
+        )
+    if code:
+        flavor = (conf.get("flavors") or {}).get("python_function") or {}
+        loader = (flavor.get("loader_module"), flavor.get("code"), Path(str(flavor.get("model_code_path"))).name)
+        if loader != (_CODE_LOADER, "code", MODEL_CODE_FILE):
+            raise ModelIntegrityError(
+                f"{mlmodel}: loads with {loader[0]} from {loader[2]} (code folder {loader[1]}), not with "
+                f"{_CODE_LOADER} from {MODEL_CODE_FILE}; the MLmodel file was changed. Do not load it"
+            )
+    for rel, want in sorted(files.items()):
+        if not code and not rel.startswith("artifacts/"):
+            continue
+        path = folder / rel
+        if not path.is_file():
+            raise ModelIntegrityError(f"{path}: missing from the model folder (recorded when it was logged)")
+        if _sha256(path) != want:
+            raise ModelIntegrityError(
+                f"{path}: its content differs from the hash recorded when the model was logged "
+                f"(sha256 {want[:12]}...); the folder was modified. Restore it or load the registered version"
+            )
+    if code:
+        present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
+        checked = {r for r in present if r.startswith(("code/", "artifacts/")) or r.endswith(".py")}
+        if extra := sorted(r for r in checked - set(files) if not _is_bytecode_cache(r)):
+            raise ModelIntegrityError(
+                f"{folder / extra[0]}: not recorded when the model was logged ({len(extra)} such file(s)); "
+                "the folder was modified. Remove it or load the registered version"
+            )
+
+
+def recorded_digest(model_uri: str) -> str | None:
+    """The digest the tracking server recorded for a ``models:/`` URI's logged model (None otherwise)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    client = mlflow.MlflowClient()
+    ref = model_uri[len("models:/"):].strip("/")
+    try:
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+            model_id = ref
+        elif "@" in ref:
+            name, alias = ref.rsplit("@", 1)
+            model_id = client.get_model_version_by_alias(name, alias).model_id
+        else:
+            name, version = ref.rsplit("/", 1)
+            model_id = client.get_model_version(name, version).model_id
+        if not model_id:
+            return None
+        return client.get_logged_model(model_id).tags.get(INTEGRITY_TAG)
+    except mlflow.exceptions.MlflowException as exc:
+        raise DataError(f"could not look up model {model_uri}: {exc.message}") from None
 
 
 def calibration_metadata(spec) -> dict[str, Any]:
@@ -182,10 +323,9 @@ def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
     from cass.data.images import read_bytes
 
     images = [read_bytes(Path(p)) for p in paths]
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except mlflow.exceptions.MlflowException as exc:
-        raise DataError(f"could not load model {model_uri}: {exc.message}") from None
+    for path, data in zip(paths, images, strict=True):
+        decode_image(data, str(path), DEFAULT_MAX_PIXELS)  # a file that is no image is named, not "input row i"
+    model = load_verified(model_uri)
     probs = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
     out = probs.copy()
     if LABELS_COLUMN in probs.columns:  # multi-label: the classes over their thresholds
@@ -194,3 +334,23 @@ def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
         out.insert(0, "prediction", probs.idxmax(axis=1) if len(probs) else [])
     out.insert(0, "path", [str(p) for p in paths])
     return out
+
+
+def load_verified(model_uri: str):
+    """Load a pyfunc model after :func:`verify_model_folder`: a local folder against its own MLmodel file,
+    a ``models:/`` URI also against the digest the tracking server recorded for it."""
+    local = Path(model_uri)
+    expected = None
+    try:
+        if not local.is_dir():
+            expected = recorded_digest(model_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        verify_model_folder(local, expected)
+        dont_write = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True  # leave the model folder as it is
+        try:
+            return mlflow.pyfunc.load_model(str(local))
+        finally:
+            sys.dont_write_bytecode = dont_write
+    except mlflow.exceptions.MlflowException as exc:
+        raise DataError(f"could not load model {model_uri}: {exc.message}") from None

@@ -148,12 +148,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def tensor_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state: about the size of its file, for a full disk's message."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def save_weights(model: nn.Module, path: Path) -> Path:
     """Save a state_dict as safetensors, atomically (never a pickled model)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp))
     return path
 
@@ -168,7 +179,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     """torch.save of plain state_dicts and numbers, written atomically; read with weights_only=True."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
     return path
 

@@ -4,6 +4,7 @@ its lineage, the registry commands, predictions from the champion, and the fault
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,6 +194,16 @@ def test_champion_serves_with_mlflow_models_serve(local, tmp_path) -> None:
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
+        # Bad input: HTTP 400 with the one-line reason, no stack trace.
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(b"not an image").decode()]]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        answer = json.loads(refused.value.read())
+        assert refused.value.code == 400 and "stack_trace" not in answer, answer
+        assert "input row 0: not an image file" in answer["message"] and "Traceback" not in answer["message"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -367,3 +379,85 @@ def test_explain_command_draws_heat_maps_from_a_registered_model(local, tmp_path
     assert _cli(local, "explain", "--model", f"models:/{PREFIX}-cnn@champion", *map(str, images),
                 "--out", str(out)) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.cnn.png" for p in images)
+
+
+def _model_folder(local, tmp_path: Path, network: str = "cnn") -> Path:
+    """The champion's model folder, downloaded as `mlflow artifacts download` would."""
+    import mlflow
+
+    mlflow.set_tracking_uri(local.uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{PREFIX}-{network}@champion",
+                                                    dst_path=str(tmp_path / "model")))
+
+
+def test_a_modified_model_folder_is_refused_before_its_code_runs(local, tmp_path, capsys) -> None:
+    folder = _model_folder(local, tmp_path)
+    image = str(next((local.data / "tumor").glob("*.png")))
+    assert _cli(local, "predict", "--model", str(folder), image) == 0  # as logged: it loads
+    capsys.readouterr()
+    marker = tmp_path / "code-ran"
+    script = folder / "cass_classifier.py"
+    original = script.read_text()
+    script.write_text(original + f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert _cli(local, "predict", "--model", str(folder), image) == 10
+    err = capsys.readouterr().err
+    assert f"{script}: its content differs from the hash recorded" in err and "Traceback" not in err
+    assert not marker.exists()  # refused before MLflow ran the script
+    script.write_text(original)
+
+    weights = folder / "artifacts" / "classifier" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert _cli(local, "predict", "--model", str(folder), image) == 10
+    assert f"{weights}: its content differs" in capsys.readouterr().err
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    planted = folder / "code" / "cass" / "sitecustom.py"
+    planted.write_text("print('planted')\n")
+    assert _cli(local, "predict", "--model", str(folder), image) == 10
+    assert f"{planted}: not recorded when the model was logged" in capsys.readouterr().err
+    planted.unlink()
+    assert _cli(local, "predict", "--model", str(folder), image) == 0
+
+
+def test_a_registered_model_is_checked_against_the_hashes_the_server_recorded(local, tmp_path, capsys) -> None:
+    """Rewriting a file and the MLmodel's hash list together passes the folder's own check, not the
+    tracking server's record of the registered version."""
+    import mlflow
+
+    from cass.serving import INTEGRITY_KEY, INTEGRITY_TAG, integrity_digest, verify_model_folder
+
+    mlflow.set_tracking_uri(local.uri)
+    version = local.client.get_model_version_by_alias(f"{PREFIX}-cnn", "champion")
+    logged = local.client.get_logged_model(version.model_id)
+    assert logged.tags[INTEGRITY_TAG]
+    store = Path(logged.artifact_location.removeprefix("file://"))
+    backup = tmp_path / "backup"
+    shutil.copytree(store, backup)
+    try:
+        spec = store / "artifacts" / "classifier" / "model.json"
+        spec.write_text(spec.read_text().replace('"temperature"', '"temperature" ', 1))
+        conf = yaml.safe_load((store / "MLmodel").read_text())
+        files = conf["metadata"][INTEGRITY_KEY]["files"]
+        files["artifacts/classifier/model.json"] = hashlib.sha256(spec.read_bytes()).hexdigest()
+        conf["metadata"][INTEGRITY_KEY]["digest"] = integrity_digest(files)
+        (store / "MLmodel").write_text(yaml.safe_dump(conf))
+        verify_model_folder(store)  # consistent in itself
+        image = str(next((local.data / "tumor").glob("*.png")))
+        assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", image) == 10
+        assert "not the one the tracking server recorded" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(store)
+        shutil.copytree(backup, store)
+    assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", image) == 0
+
+
+def test_predict_names_the_file_that_is_not_an_image(local, tmp_path, capsys) -> None:
+    good = next((local.data / "tumor").glob("*.png"))
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", str(good), str(bad)) == 3
+    err = capsys.readouterr().err
+    assert f"{bad}: not an image file" in err and "input row" not in err

@@ -63,6 +63,23 @@ def _distributed_launch(args: argparse.Namespace) -> int | None:
     return None
 
 
+RESUMING_COMMANDS = {
+    "pretrain": "rerun the same command to resume after the last finished epoch (its checkpoint in the "
+                "pretraining folder)",
+    "finetune": "rerun the same command to resume after the last finished epoch (checkpoint.pt in the "
+                "fine-tuning folder)",
+    "tune": "rerun the same command to continue the study: finished trials are kept in its database",
+    "demo": "rerun the same command: finished stages are reused and an interrupted training resumes after "
+            "its last finished epoch",
+}
+
+
+def interrupted_hint(command: str | None) -> str:
+    """What a Ctrl-C left and how to go on: only the commands that checkpoint promise a resume; outputs are
+    written as whole sets (cass.io), so an interruption leaves the previous ones."""
+    return RESUMING_COMMANDS.get(command or "", "outputs on disk are the previous complete ones; rerun the command")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: the exit status of the command (see cass.errors for the codes)."""
     args = build_parser().parse_args(argv)
@@ -81,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the MLflow tracking store failed: {redact(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(f"interrupted; {interrupted_hint(args.command)}", file=sys.stderr)
         return 130
     finally:
         if "RANK" in os.environ and "torch.distributed" in sys.modules:

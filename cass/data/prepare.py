@@ -8,8 +8,6 @@ kind (:mod:`cass.data.problems`), and nothing is written unless there is none.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manif
 from cass.data.problems import Problems
 from cass.data.splits import assign_splits, write_subsets
 from cass.errors import DataError
+from cass.io import output_set
 from cass.lineage import data_version, git_commit
 
 log = logging.getLogger(__name__)
@@ -82,9 +81,8 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     problems = Problems()
-    try:
+    with output_set(out_dir) as staging:
         # MedMNIST images are extracted once, next to the outputs, and reused.
         result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist", problems)
         classes = check_labels(result.rows, result.classes, params.data.classes, problems)
@@ -123,19 +121,7 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
         )
         write_manifest(df, info, staging)
         write_subsets(df, params.split.label_fractions, params.split.seed, staging)
-        _swap_in(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    backup = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(backup)
-    staging.rename(out_dir)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def summarize(data_dir: Path, params: Params | None = None) -> str:
