@@ -284,6 +284,14 @@ def verify_model_folder(folder: Path, expected_digest: str | None = None, *, cod
             )
 
 
+def logged_model_id(version: Any) -> str | None:
+    """The logged model behind a registered version (some stores leave ``model_id`` empty; its source
+    ``models:/m-...`` names it too)."""
+    source = str(getattr(version, "source", "") or "")
+    from_source = source[len("models:/"):].split("/")[0] if source.startswith("models:/m-") else None
+    return getattr(version, "model_id", None) or from_source
+
+
 def recorded_digest(model_uri: str) -> str | None:
     """The digest the tracking server recorded for a ``models:/`` URI's logged model (None otherwise)."""
     if not model_uri.startswith("models:/"):
@@ -295,10 +303,10 @@ def recorded_digest(model_uri: str) -> str | None:
             model_id = ref
         elif "@" in ref:
             name, alias = ref.rsplit("@", 1)
-            model_id = client.get_model_version_by_alias(name, alias).model_id
+            model_id = logged_model_id(client.get_model_version_by_alias(name, alias))
         else:
             name, version = ref.rsplit("/", 1)
-            model_id = client.get_model_version(name, version).model_id
+            model_id = logged_model_id(client.get_model_version(name, version))
         if not model_id:
             return None
         return client.get_logged_model(model_id).tags.get(INTEGRITY_TAG)

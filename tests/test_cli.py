@@ -242,3 +242,23 @@ def test_demo_says_what_to_do_when_its_prefect_server_never_answers(tmp_path: Pa
     assert "error: the temporary local Prefect server did not answer within 0 s" in proc.stderr, proc.stderr
     assert "PREFECT_API_URL=" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "pretrain").exists()
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    ("finetune", "resume after the last finished epoch"),
+    ("pretrain", "resume after the last finished epoch"),
+    ("evaluate", "outputs on disk are the previous complete ones"),
+])
+def test_ctrl_c_promises_a_resume_only_where_the_command_has_one(command: str, says: str, tmp_path: Path,
+                                                                 demo_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from cass.cli.commands import train
+
+    def interrupted(_args) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, command, interrupted)
+    params = _write_params(tmp_path, demo_root)
+    assert main([command, "--params", str(params), "--outputs", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert says in err and (command != "evaluate" or "resume" not in err)

@@ -427,11 +427,11 @@ def test_a_registered_model_is_checked_against_the_hashes_the_server_recorded(lo
     tracking server's record of the registered version."""
     import mlflow
 
-    from cass.serving import INTEGRITY_KEY, INTEGRITY_TAG, integrity_digest, verify_model_folder
+    from cass.serving import INTEGRITY_KEY, INTEGRITY_TAG, integrity_digest, logged_model_id, verify_model_folder
 
     mlflow.set_tracking_uri(local.uri)
     version = local.client.get_model_version_by_alias(f"{PREFIX}-cnn", "champion")
-    logged = local.client.get_logged_model(version.model_id)
+    logged = local.client.get_logged_model(logged_model_id(version))
     assert logged.tags[INTEGRITY_TAG]
     store = Path(logged.artifact_location.removeprefix("file://"))
     backup = tmp_path / "backup"
