@@ -231,6 +231,40 @@ def test_data_show_reads_the_manifest_without_pandas_numpy_or_pillow(tmp_path: P
                                              int((df["labels"] == name).sum())], name
 
 
+_DOWNLOAD = """
+import sys
+from cass.cli import main
+import mlflow
+code = main(sys.argv[3:])
+mlflow.artifacts.download_artifacts(artifact_uri=sys.argv[1], dst_path=sys.argv[2])
+print(code)
+"""
+
+
+def test_a_command_that_downloads_from_mlflow_draws_no_progress_bars(tmp_path: Path, demo_root: Path,
+                                                                     prepared_dir: Path) -> None:
+    """`cass promote` and `cass predict` download model files: in a command's process MLflow's "Downloading
+    artifacts" bars are off (they filled the output), unless the user turned them on."""
+    artifacts = tmp_path / "artifacts"
+    for i in range(3):
+        (artifacts / f"part{i}.txt").parent.mkdir(exist_ok=True)
+        (artifacts / f"part{i}.txt").write_text(str(i))
+    params = _write_params(tmp_path, demo_root)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+
+    def download(env: dict[str, str]) -> subprocess.CompletedProcess:
+        argv = ["data", "show", "--params", str(params), "--outputs", str(prepared_dir.parent)]
+        return subprocess.run([sys.executable, "-c", _DOWNLOAD, artifacts.as_uri(), str(tmp_path / "copy"), *argv],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+    proc = download(env)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "0", proc.stderr
+    assert (tmp_path / "copy" / "artifacts" / "part2.txt").read_text() == "2"
+    assert "Downloading artifacts" not in proc.stderr, proc.stderr
+    turned_on = download({**env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"})  # the user's choice stands
+    assert "Downloading artifacts" in turned_on.stderr, turned_on.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # The demo's temporary Prefect server
 

@@ -201,19 +201,6 @@ def test_run_labels_name_the_data_fraction_changed_settings_and_time(tiny_params
         "demo@untracked lf=0.25 finetune.k0=0 finetune.k1=1 finetune.k2=2 +2 more 11-30 16:40"
 
 
-def test_cli_commands_draw_no_mlflow_download_bars(local, tmp_path) -> None:
-    """`cass predict` loads a model from the registry: its output is the predictions, with no bar above."""
-    images = sorted((local.data / "stroma").glob("*.png"))[:1]
-    unset = ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_TRACKING_URI")
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    proc = subprocess.run([sys.executable, "-m", "cass", "predict", "--model", f"models:/{PREFIX}-cnn@champion",
-                           str(images[0]), "--params", str(local.params_file)], capture_output=True, text=True,
-                          env=env, cwd=local.root, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "prediction" in proc.stdout
-    assert "Downloading artifacts" not in proc.stderr, proc.stderr[-2000:]
-
-
 def test_both_networks_registered_with_description_and_promoted(local) -> None:
     for network in ("cnn", "vit"):
         name = f"{PREFIX}-{network}"
