@@ -24,6 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -234,7 +235,11 @@ class RunLogger:
         from cass.data.manifest import read_manifest
 
         df, info = read_manifest(Path(data_dir))
-        data = mlflow.data.from_pandas(df, source=str(info.root), name=name, digest=digest)
+        with warnings.catch_warnings():
+            # MLflow registers its local-folder source twice ("can be interpreted in multiple ways") and hints
+            # that integer columns cannot hold missing values (width, height never miss): noise in every run log.
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(df, source=str(info.root), name=name, digest=digest)
         entry = DatasetInput(data._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
         self._retry(f"logging the dataset input of run {self.run_id}",
                     lambda: self.mlflow.MlflowClient().log_inputs(self.run_id, datasets=[entry]))
