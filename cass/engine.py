@@ -6,7 +6,8 @@ and the persistent :class:`~cass.data.dataset.EpochLoader`, the per-step learnin
 gradient accumulation (DDP's ``no_sync`` on all but the last micro-batch), the epoch loop with its
 progress bar (rank 0), the all-reduce of the epoch's metrics, the stop on a non-finite loss, resuming at
 an epoch boundary from an atomic checkpoint guarded by a fingerprint, the epoch callbacks (MLflow
-logging, Optuna pruning) and writing on rank 0 alone.
+logging, Optuna pruning) and writing on rank 0 alone. Where no progress bar shows (no terminal: a
+Prefect worker, a log file), a long epoch logs progress lines instead (:class:`ProgressLog`).
 
 A :class:`Learner` is the method: its ``step`` takes one batch through forward, loss and backward; the
 engine decides when its optimiser steps (``optimizer_step``), what learning rate it uses, and when an
@@ -49,6 +50,9 @@ from cass.io import clean_stale
 from cass.losses import EmbeddingSpread
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds at least between two progress lines of an epoch in a log (there are at most 10 per epoch)."""
 
 ENGINE_KEYS = ("epoch", "history", "fingerprint")
 """What the engine itself keeps in a checkpoint, beside the learner's ``state_dict``."""
@@ -226,6 +230,46 @@ class _EpochMeter:
         return images, {name: float(t) / max(images, 1) for name, t in zip(self.sums, totals[:-1], strict=True)}
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``: a duration as a progress line shows it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLog:
+    """Progress lines of one epoch where no progress bar shows: the batch of the total, the time spent,
+    and the time left in the epoch and in the stage, e.g. ``CASS pretraining epoch 3/20: batch 96/480
+    (20%), 0m48s elapsed, ETA 3m12s for the epoch, 54m40s for the stage``.
+
+    A line each time another tenth of the epoch is done, once :data:`PROGRESS_EVERY_S` have passed since
+    the previous one: short epochs log none (their epoch line suffices), long ones about every 30 s."""
+
+    def __init__(self, name: str, epoch: int, epochs: int, batches: int, every_s: float | None = None) -> None:
+        self.name, self.epoch, self.epochs, self.batches = name, epoch, epochs, batches
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.started = self.last = time.perf_counter()
+        self.next_tenth = 1
+
+    def update(self, done: int) -> None:
+        """``done`` batches of the epoch are finished."""
+        now = time.perf_counter()
+        if done >= self.batches or done * 10 < self.next_tenth * self.batches or now - self.last < self.every_s:
+            return
+        self.next_tenth = done * 10 // self.batches + 1
+        self.last = now
+        elapsed = now - self.started
+        per_batch = elapsed / done
+        left = (self.batches - done) * per_batch
+        stage = left + (self.epochs - self.epoch) * self.batches * per_batch
+        log.info("%s epoch %d/%d: batch %d/%d (%d%%), %s elapsed, ETA %s for the epoch, %s for the stage",
+                 self.name, self.epoch, self.epochs, done, self.batches, 100 * done // self.batches,
+                 duration(elapsed), duration(left), duration(stage))
+
+
 class Engine:
     """Runs a :class:`Learner` under one stage's :class:`~cass.config.TrainerConfig`.
 
@@ -369,11 +413,16 @@ class Engine:
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"{learner.name} {epoch + 1}/{self.cfg.epochs}", leave=False, unit="batch",
                    disable=None if self.progress and self.main else True)
+        # No bar because there is no terminal (tqdm's choice): progress lines in the log instead.
+        lines = (ProgressLog(learner.name, epoch + 1, self.cfg.epochs, self.batches)
+                 if self.progress and self.main and bar.disable else None)
         for i, batch in enumerate(bar):
             out = self._micro_batch(learner, _to_device(batch, self.device), self._step(epoch, i, lrs))
             meter.add(len(batch[-1]), out)  # batches are (inputs, targets)
             shown = {name: f"{loss.item():.4f}" for name, loss in out.losses.items()}
             bar.set_postfix(shown, img_s=f"{meter.images / (time.perf_counter() - started):.0f}")
+            if lines is not None:
+                lines.update(i + 1)
         seconds = time.perf_counter() - started
         images, losses = meter.reduce()
         last = min((epoch + 1) * self.steps_per_epoch - 1, len(lrs) - 1)

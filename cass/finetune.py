@@ -274,8 +274,8 @@ class FinetuneLearner(Learner):
             "lr": stats.lr,
             "epoch_seconds": stats.seconds + time.perf_counter() - started,
         }
-        log.info("finetune %s epoch %d: train loss %.4f, val loss %.4f, val macro F1 %.3f", self.network,
-                 stats.epoch, record["train_loss"], val_loss, record["val_macro_f1"])
+        log.info("finetune %s epoch %d/%d: train loss %.4f, val loss %.4f, val macro F1 %.3f", self.network,
+                 stats.epoch, stats.epochs, record["train_loss"], val_loss, record["val_macro_f1"])
         self._keep_best(stats.epoch, val_loss)
         return record
 

@@ -232,9 +232,12 @@ class PretrainingLearner(Learner):
         tripped = [int(h["epoch"]) for h in history if collapsed_networks(h, self.healthy_of(h), fraction)]
         spreads = ", ".join(f"{LABELS[net]} {last[f'{net}_embedding_std']:.4f}" for net in NETWORKS)
         if collapsed:
+            # The advice once per run: the warning of the epoch that tripped gave it, when this process saw it.
+            advice = (f"What to do: see the warning of epoch {tripped[0]}." if self.collapse_reported and tripped
+                      else self.collapse_hint)
             log.warning("collapse check: %s pretraining ended collapsed (%s embedding std %s; healthy %.4f, "
                         "warning under %.2f x). %s", self.method.upper(), "/".join(LABELS[n] for n in collapsed),
-                        spreads, healthy[collapsed[0]], fraction, self.collapse_hint)
+                        spreads, healthy[collapsed[0]], fraction, advice)
         elif tripped:
             log.info("collapse check: %s embeddings collapsed in epoch(s) %s but ended spread (%s)",
                      self.method.upper(), ", ".join(map(str, tripped)), spreads)

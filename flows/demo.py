@@ -43,7 +43,6 @@ def prefect_environment(quiet: bool, environ: MutableMapping[str, str] = os.envi
         environ.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_S))
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cass")
-    environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if quiet:
         environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 

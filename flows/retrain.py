@@ -13,6 +13,10 @@ stops the run (then nothing is registered or promoted).
 A run whose data and result-changing settings equal those of a completed run trains nothing
 (:mod:`cass.retraining`); a run that changes only fine-tuning settings reuses the pretraining.
 
+Wherever the flow runs (this process, a worker's subprocess, a Kubernetes Job), the library's log lines
+(epochs, progress, gate messages) go to the flow run's log (:func:`library_logs_to_the_run_log`), and a
+flow run is named by what sets it apart (:func:`run_name`), as its MLflow runs are.
+
     prefect deploy --all                                   # the deployments of prefect.yaml
     prefect deployment run 'cass-retrain/retrain-on-demand' -p label_fraction=0.1
     python -m flows.retrain --set finetune.epochs=5        # one run here, without a deployment
@@ -44,6 +48,7 @@ from cass.redaction import install_log_redaction
 from cass.retraining import data_hash
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
+LIBRARY_LOGGER = "cass"
 FLOW_NAME = "cass-retrain"
 SUMMARY_KEY = "retrain-summary"
 DATA_GATE_KEY = "data-quality-gate"
@@ -93,6 +98,49 @@ def flow_params(
     if tune_trials:
         extra.append(f"tune.n_trials={tune_trials}")
     return load_params(params_file, extra)
+
+
+def run_name() -> str:
+    """The flow run's name, from its parameters: ``retrain <dataset>@<data version> lf=<fraction>
+    <changed settings> <time>`` (:func:`cass.tracking.run_label`), instead of Prefect's random one."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    from cass.errors import CassError
+    from cass.lineage import data_version
+
+    given = flow_run.parameters
+    params_file = given.get("params_file", "params.yaml")
+    try:
+        params = flow_params(params_file, given.get("overrides") or [], dataset=given.get("dataset"),
+                             label_fraction=given.get("label_fraction"), pretrain_epochs=given.get("pretrain_epochs"),
+                             tune_trials=given.get("tune_trials"))
+        base = load_params(params_file)
+    except (CassError, OSError):  # the flow itself reports bad settings, with the key and what to do
+        return f"retrain {datetime.now():%m-%d %H:%M}"
+    version = given.get("data_version") or data_version(params.data.root)
+    return f"retrain {tracking.run_label(params, version, tracking.changed_settings(params, base))}"
+
+
+def library_logs_to_the_run_log() -> None:
+    """Send the library's log lines (``cass.*``: epochs, progress, gate messages) to this flow run's log.
+
+    Prefect gives each logger named in ``PREFECT_LOGGING_EXTRA_LOGGERS`` the handler that ships records to
+    its API, but no level. In the process a worker starts for a flow run nothing but Prefect configures
+    logging, and Prefect's root level is WARNING: ``cass`` inherited it and dropped every INFO line before
+    that handler saw it (a run in this process, where the CLI had set the root level to INFO, showed them).
+    Here ``cass`` gets Prefect's own level (``PREFECT_LOGGING_LEVEL``, as ``prefect.extra``) when it would
+    otherwise drop more, and the API handler when the deployment's environment did not name it.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+        logger.addHandler(APILogHandler())
+    level = logging.getLogger("prefect.extra").getEffectiveLevel()
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +310,8 @@ def ensure_concurrency_limit(name: str) -> None:
                 get_run_logger().info("created the global concurrency limit %r with 1 slot", name)
 
 
-@flow(name=FLOW_NAME, description="Retrain CASS: data gate, pretraining, tuning, fine-tuning of the CNN and the ViT, "
+@flow(name=FLOW_NAME, flow_run_name=run_name,
+      description="Retrain CASS: data gate, pretraining, tuning, fine-tuning of the CNN and the ViT, "
       "evaluation, model gate, registration and promotion in MLflow.")
 def retrain(
     params_file: str = "params.yaml",
@@ -293,6 +342,7 @@ def retrain(
     from prefect.runtime import flow_run
 
     install_log_redaction()  # the flow run's logs go to the Prefect API: no tracking password in them
+    library_logs_to_the_run_log()
     params = flow_params(params_file, overrides or [], dataset=dataset, label_fraction=label_fraction,
                          pretrain_epochs=pretrain_epochs, tune_trials=tune_trials)
     run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tune_trials != 0, force=force,

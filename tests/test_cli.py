@@ -180,14 +180,15 @@ try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-heavy = ("torch", "mlflow", "prefect", "optuna", "great_expectations")
+heavy = sys.argv.pop(1).split(",")
 print(code, *sorted(name for name in heavy if name in sys.modules))
 """
+HEAVY = ("torch", "mlflow", "prefect", "optuna", "great_expectations")
 
 
-def _heavy_imports(argv: list[str], cwd: Path) -> list[str]:
-    proc = subprocess.run([sys.executable, "-c", _IMPORTS, *argv], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+def _heavy_imports(argv: list[str], cwd: Path, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS.replace("sys.argv[1:]", "sys.argv[2:]"), ",".join(heavy),
+                           *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr
     code, *heavy = proc.stdout.splitlines()[-1].split()
     assert code == "0", proc.stdout + proc.stderr
@@ -204,6 +205,64 @@ def test_light_commands_do_not_import_torch_mlflow_or_prefect(tmp_path: Path, de
     assert _heavy_imports(["models", "test_vit"], tmp_path) == ["torch"]  # timm's registry needs torch, no more
     proc = subprocess.run([sys.executable, "-m", "cass.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage: cass" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "cass", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: cass" in proc.stdout
+
+
+def test_data_show_reads_the_manifest_without_pandas_numpy_or_pillow(tmp_path: Path, demo_root: Path,
+                                                                     prepared_dir: Path) -> None:
+    """`cass data show` is a glance at a file: it loads the settings and nothing of the data stack."""
+    params = _write_params(tmp_path, demo_root)
+    argv = ["data", "show", "--params", str(params), "--outputs", str(prepared_dir.parent)]
+    assert _heavy_imports(argv, tmp_path, ("pandas", "numpy", "PIL", *HEAVY)) == []
+    proc = subprocess.run([sys.executable, "-m", "cass", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"dataset demo: 64 images, 4 classes, single-label, root {demo_root}"
+    table = [line.split() for line in lines[2:]]  # the same counts as the manifest, read with pandas here
+    from cass.data.manifest import read_manifest
+
+    df, _ = read_manifest(prepared_dir)
+    counts = df.groupby(["labels", "split"]).size()
+    assert table[0] == ["class", "train", "val", "test", "total"]
+    for name, *numbers in table[1:]:
+        assert [int(n) for n in numbers] == [*(int(counts[name, s]) for s in ("train", "val", "test")),
+                                             int((df["labels"] == name).sum())], name
+
+
+_DOWNLOAD = """
+import sys
+from cass.cli import main
+import mlflow
+code = main(sys.argv[3:])
+mlflow.artifacts.download_artifacts(artifact_uri=sys.argv[1], dst_path=sys.argv[2])
+print(code)
+"""
+
+
+def test_a_command_that_downloads_from_mlflow_draws_no_progress_bars(tmp_path: Path, demo_root: Path,
+                                                                     prepared_dir: Path) -> None:
+    """`cass promote` and `cass predict` download model files: in a command's process MLflow's "Downloading
+    artifacts" bars are off (they filled the output), unless the user turned them on."""
+    artifacts = tmp_path / "artifacts"
+    for i in range(3):
+        (artifacts / f"part{i}.txt").parent.mkdir(exist_ok=True)
+        (artifacts / f"part{i}.txt").write_text(str(i))
+    params = _write_params(tmp_path, demo_root)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+
+    def download(env: dict[str, str]) -> subprocess.CompletedProcess:
+        argv = ["data", "show", "--params", str(params), "--outputs", str(prepared_dir.parent)]
+        return subprocess.run([sys.executable, "-c", _DOWNLOAD, artifacts.as_uri(), str(tmp_path / "copy"), *argv],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+    proc = download(env)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "0", proc.stderr
+    assert (tmp_path / "copy" / "artifacts" / "part2.txt").read_text() == "2"
+    assert "Downloading artifacts" not in proc.stderr, proc.stderr
+    turned_on = download({**env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"})  # the user's choice stands
+    assert "Downloading artifacts" in turned_on.stderr, turned_on.stderr
 
 
 # --------------------------------------------------------------------------------------------------

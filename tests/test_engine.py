@@ -179,3 +179,34 @@ def test_a_checkpoint_not_kept_is_removed_once_the_outputs_are_written(tmp_path:
     written: list[bool] = []
     engine.finish(lambda: written.append(checkpoint.path.is_file()), checkpoint)
     assert written == [True] and not checkpoint.path.exists()
+
+
+def test_without_a_terminal_a_long_epoch_logs_progress_with_eta(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    import cass.engine
+
+    monkeypatch.setattr(cass.engine, "PROGRESS_EVERY_S", 0.0)  # every epoch counts as long
+    cfg = TrainerConfig(epochs=2, batch_size=4, lr=0.1, device="cpu", num_workers=0)
+    engine = Engine(cfg, seed=3, key="toy", progress=True)  # pytest captures stderr: no terminal, no bar
+    learner = Toy(engine)
+    engine.data(Points(), full_batches=False)  # 8 batches an epoch
+    with caplog.at_level(logging.INFO, logger="cass"):
+        engine.fit(learner)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cass.engine"]
+    # One line per tenth of the epoch, the last batch left to the epoch's own line.
+    assert [line.split(":")[0] + ":" + line.split(":")[1].split(",")[0] for line in lines] == [
+        f"toy epoch {e}/2: batch {b}/8 ({b * 100 // 8}%)" for e in (1, 2) for b in range(1, 8)]
+    assert all(" elapsed, ETA " in line and " for the epoch, " in line and line.endswith("for the stage")
+               for line in lines), lines
+    # A bar that shows (or progress turned off) means no lines; neither do short epochs at the default pace.
+    caplog.clear()
+    monkeypatch.setattr(cass.engine, "PROGRESS_EVERY_S", 30.0)
+    with caplog.at_level(logging.INFO, logger="cass"):
+        train(epochs=1)
+    assert not [r for r in caplog.records if r.name == "cass.engine"]
+
+
+def test_durations_read_as_a_person_would_say_them() -> None:
+    from cass.engine import duration
+
+    assert [duration(s) for s in (4.4, 65, 3599, 3725)] == ["4s", "1m05s", "59m59s", "1h02m"]

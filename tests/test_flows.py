@@ -141,7 +141,15 @@ def test_flow_completes_on_the_demo_and_both_networks_get_a_champion(retraining)
     assert parent.info.status == "FINISHED" and parent.data.tags["outcome"] == "completed"
     children = {r.info.run_name for r in _runs(retraining)
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"pretrain", "finetune-cnn", "finetune-vit", "evaluate-cnn", "evaluate-vit"} <= children
+    assert {f"{stage} {parent.info.run_name}" for stage in ("pretrain", "finetune-cnn", "finetune-vit",
+                                                            "evaluate-cnn", "evaluate-vit")} <= children
+    # Flow run and MLflow runs are named by what sets them apart, not at random.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(_flow_run_id(retraining.state))
+    assert flow_run.name.startswith("retrain demo@untracked lf=1 "), flow_run.name
+    assert parent.info.run_name.startswith("demo@") and " lf=1 " in parent.info.run_name
 
     summary = _artifacts(_flow_run_id(retraining.state))["retrain-summary"].data
     assert "# Retraining completed" in summary
@@ -186,12 +194,16 @@ def test_worse_configuration_does_not_replace_the_champion_and_reuses_pretrainin
         assert "does not beat" in tags["promotion_refused_reason"]
     # Only fine-tuning changed: the finished pretraining of the first run is reused, not trained again.
     assert result["pretraining"] == {"run_id": first["pretraining"]["run_id"], "reused": True}
-    assert [r.info.run_name for r in _runs(retraining)].count("pretrain") == 1
+    assert [r.data.tags.get("stage") for r in _runs(retraining)].count("pretrain") == 1
+    # The changed settings that change a result name the run; where it ran (parallel or not) does not.
+    name = retraining.client.get_run(result["run_id"]).info.run_name
+    assert "finetune.lr=1e-08" in name and "finetune.epochs=1" in name and "parallel" not in name, name
     assert "reused" in _artifacts(_flow_run_id(state))["retrain-summary"].data
     for network in ("cnn", "vit"):  # each concurrent fine-tuning logged into its own run, under this pipeline
         run = retraining.client.get_run(retraining.client.get_model_version(
             f"{PREFIX}-{network}", result["versions"][network]).tags["finetune_run_id"])
-        assert run.info.run_name == f"finetune-{network}" and run.data.tags["mlflow.parentRunId"] == result["run_id"]
+        assert run.info.run_name.startswith(f"finetune-{network} demo@")
+        assert run.data.tags["mlflow.parentRunId"] == result["run_id"]
         assert run.data.params["finetune.lr"] == "1e-08"
         assert len(retraining.client.get_metric_history(run.info.run_id, "val_loss")) == 1
 

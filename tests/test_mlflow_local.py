@@ -75,9 +75,17 @@ def _cli(local, *args: str) -> int:
     return main([*args, "--params", str(local.params_file), "--outputs", str(local.layout.root), "-q"])
 
 
+def _stage(run) -> str:
+    """A run's stage, with its network where the stage runs per network: "pipeline", "finetune-cnn"."""
+    tags = run.data.tags
+    return tags["stage"] + (f"-{tags['network']}" if tags["network"] in ("cnn", "vit") else "")
+
+
 def _runs(local) -> dict[str, object]:
+    """The runs of the pipeline run, by stage."""
     exp = local.client.get_experiment_by_name("cass-test")
-    return {r.info.run_name: r for r in local.client.search_runs([exp.experiment_id])}
+    runs = local.client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{local.result.run_id}'")
+    return {"pipeline": local.client.get_run(local.result.run_id), **{_stage(r): r for r in runs}}
 
 
 def _champion(local, network: str) -> str:
@@ -86,10 +94,10 @@ def _champion(local, network: str) -> str:
 
 def test_pipeline_run_carries_lineage_params_epoch_metrics_and_artifacts(local) -> None:
     runs = _runs(local)
-    parent = runs["pipeline demo lf=1"]
+    parent = runs["pipeline"]
     stages = ["pretrain", "finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"]
     assert set(stages) <= set(runs)
-    for name in [*stages, "pipeline demo lf=1"]:
+    for name in [*stages, "pipeline"]:
         run = runs[name]
         assert run.info.status == "FINISHED", name
         tags = run.data.tags
@@ -100,7 +108,7 @@ def test_pipeline_run_carries_lineage_params_epoch_metrics_and_artifacts(local) 
         assert tags["network"] in ("cnn", "vit", "cnn+vit"), name
         # Same flat params everywhere, so the compare view lines up.
         assert run.data.params["finetune.epochs"] == "2" and run.data.params["model.cnn"] == "test_resnet", name
-        if name != "pipeline demo lf=1":
+        if name != "pipeline":
             assert tags["mlflow.parentRunId"] == parent.info.run_id
     pretrain_id = runs["pretrain"].info.run_id
     for name in ("finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"):
@@ -124,6 +132,75 @@ def test_pipeline_run_carries_lineage_params_epoch_metrics_and_artifacts(local) 
     assert {"data_quality/manifest", "data_quality/splits", "data_quality/model"} <= files(parent, "data_quality")
     logged = local.client.download_artifacts(parent.info.run_id, "params.yaml", str(local.root))
     assert Path(logged).read_text() == local.params_file.read_text()  # the exact file
+
+
+def test_runs_are_named_apart_with_their_dataset_input_and_test_metrics(local) -> None:
+    runs = _runs(local)
+    parent = runs["pipeline"]
+    # Named by what sets the run apart: the dataset at its version, the label fraction, when it started.
+    assert re.fullmatch(r"demo@01234567 lf=1 \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    stages = ["pretrain", "finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"]
+    for stage in stages:
+        assert runs[stage].info.run_name == f"{stage} {parent.info.run_name}"
+    # The prepared dataset is every run's MLflow dataset input (the Dataset column), the DVC md5 its digest.
+    for stage in ["pipeline", *stages]:
+        inputs = runs[stage].inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("demo", DATA_MD5)], stage
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == (
+            "test" if stage.startswith("evaluate") else "training"), stage
+        assert json.loads(inputs[0].dataset.profile)["num_rows"] == 64  # one manifest row per image
+    # The test scores sit on the fine-tuning runs too, where runs are compared.
+    for network in ("cnn", "vit"):
+        finetuned, evaluated = runs[f"finetune-{network}"].data.metrics, runs[f"evaluate-{network}"].data.metrics
+        for key in ("test_macro_f1", "test_balanced_accuracy", "test_macro_auroc"):
+            assert finetuned[key] == evaluated[key], (network, key)
+    # MLflow 3's UI opens the experiment on its training runs, not on the GenAI traces view.
+    tags = local.client.get_experiment_by_name("cass-test").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_before_gets_its_kind_and_one_set_by_hand_stays(tmp_path, tiny_params) -> None:
+    import mlflow
+
+    from cass.tracking import configure, reset_client
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    older = client.create_experiment("older", (tmp_path / "a").as_uri())
+    chosen = client.create_experiment("chosen", (tmp_path / "b").as_uri(), tags={"mlflow.experimentKind": "no_type"})
+    try:
+        for name in ("older", "chosen"):
+            mlflow_cfg = tiny_params.mlflow.model_copy(update={"tracking_uri": uri, "experiment": name})
+            configure(mlflow_cfg)
+    finally:
+        reset_client()
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "no_type"
+
+
+def test_run_labels_name_the_data_fraction_changed_settings_and_time(tiny_params) -> None:
+    from datetime import datetime
+
+    from cass.tracking.runs import changed_settings, run_label
+
+    def changed(**updates):
+        params = tiny_params
+        for key, value in updates.items():
+            section, name = key.split("__")
+            params = params.model_copy(update={section: getattr(params, section).model_copy(update={name: value})})
+        return params
+
+    params = changed(finetune__lr=0.0005, finetune__label_fraction=0.25, mlflow__experiment="other",
+                     pretrain__num_workers=2, data__workers=3)
+    # Where a run goes (MLflow, loader workers) sets no result apart; the label fraction is named on its own.
+    assert changed_settings(params, tiny_params) == {"finetune.lr": "0.0005"}
+    assert changed_settings(params, None) == {}
+    when = datetime(2026, 11, 30, 16, 40)
+    assert run_label(params, DATA_MD5, {"finetune.lr": "0.0005"}, when) == \
+        "demo@01234567 lf=0.25 finetune.lr=0.0005 11-30 16:40"
+    many = {f"finetune.k{i}": str(i) for i in range(5)}
+    assert run_label(params, "", many, when) == \
+        "demo@untracked lf=0.25 finetune.k0=0 finetune.k1=1 finetune.k2=2 +2 more 11-30 16:40"
 
 
 def test_both_networks_registered_with_description_and_promoted(local) -> None:

@@ -116,8 +116,9 @@ def _candidate(tracked, delta: float, network: str = "cnn") -> str:
 
 def test_pipeline_run_on_the_server_with_artifacts_in_s3(tracked) -> None:
     exp = tracked.client.get_experiment_by_name("cass-server")
-    runs = {r.info.run_name: r for r in tracked.client.search_runs([exp.experiment_id])}
-    for name in ("pipeline demo lf=1", "pretrain", "finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"):
+    runs = {r.data.tags["stage"] + (f"-{r.data.tags['network']}" if r.data.tags["network"] in ("cnn", "vit") else ""): r
+            for r in tracked.client.search_runs([exp.experiment_id]) if "stage" in r.data.tags}
+    for name in ("pipeline", "pretrain", "finetune-cnn", "evaluate-cnn", "finetune-vit", "evaluate-vit"):
         assert runs[name].info.status == "FINISHED", name
         assert runs[name].data.tags["data_version"] and runs[name].data.tags["git_commit"]
     assert runs["finetune-vit"].data.tags["pretraining_run_id"] == runs["pretrain"].info.run_id

@@ -190,6 +190,8 @@ def test_collapse_is_reported_once_when_it_trips_and_once_at_the_end(
     assert "pretrain.variant" in tripped[0]  # says what to do
     summary = [m for m in messages if m.startswith("collapse check")]
     assert len(summary) == 1 and "ended collapsed" in summary[0], summary
+    # The advice is given once: the summary points back to the warning instead of repeating it.
+    assert "see the warning of epoch 1" in summary[0] and "pretrain.variant" not in summary[0], summary
     assert json.loads(out.metrics.read_text())["collapsed"] is True
 
 
@@ -227,12 +229,15 @@ def test_non_finite_loss_stops_with_a_clear_message(prepared_dir: Path, demo_roo
 
 
 def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, demo_root: Path,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     params = _params(demo_root, finetune={"epochs": 3, "patience": 1, "label_fraction": 0.25})
     pre = pretrain(params, prepared_dir, tmp_path / "pre", progress=False)
     seen = []
-    out = finetune(params, prepared_dir, "cnn", tmp_path / "ft", pre.out_dir, callbacks=[lambda e, m: seen.append(m)],
-                   progress=False)
+    with caplog.at_level(logging.INFO, logger="cass"):
+        out = finetune(params, prepared_dir, "cnn", tmp_path / "ft", pre.out_dir,
+                       callbacks=[lambda e, m: seen.append(m)], progress=False)
+    epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("finetune cnn epoch")]
+    assert epochs == [f"finetune cnn epoch {e}/3" for e in range(1, len(seen) + 1)]  # each line with the total
     summary = json.loads(out.metrics.read_text())
     assert summary["labelled_images"] == 8  # 25 % of 9 training images per class, stratified: 2 each
     assert len(seen) == summary["epochs_run"] and all("val_loss" in m for m in seen)  # validated every epoch

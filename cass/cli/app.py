@@ -18,6 +18,9 @@ from cass.errors import CassError
 from cass.redaction import install_log_redaction, redact
 
 DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
+QUIET_LIBRARIES = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+"""Library settings of every command, each left alone where the user set it: MLflow draws a "Downloading
+artifacts" bar for every model it loads or promotes, which buries `cass promote` and `cass predict` output."""
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -85,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun runs again in each process
     _setup_logging(args)
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     try:
         launched = _distributed_launch(args)
         return args.func(args) if launched is None else launched

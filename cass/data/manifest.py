@@ -4,25 +4,32 @@ Columns: ``path`` (relative to the data root, POSIX separators), ``labels`` (cla
 ``|``; exactly one for single-label data), ``split`` (train/val/test, or empty before splitting),
 ``sha256``, ``width``, ``height``, ``mode`` and ``group`` (patient id, may be empty). A JSON file beside
 it (:class:`DatasetInfo`) holds what applies to the whole dataset.
+
+pandas and the image readers are imported by the functions that use them: ``cass data show``
+(:func:`summarize`) reads the manifest without them, in a fraction of the time.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from cass.data.images import ImageError, ImageInfo, inspect_image
 from cass.data.problems import Problems
 from cass.errors import DataError
 from cass.io import atomic_write_text
 from cass.layout import INFO_FILE, MANIFEST_FILE
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cass.config import Params
+    from cass.data.images import ImageInfo
 
 COLUMNS = ("path", "labels", "split", "sha256", "width", "height", "mode", "group")
 SPLITS = ("train", "val", "test")
@@ -65,6 +72,8 @@ def join_labels(labels: Iterable[str]) -> str:
 
 
 def empty_manifest() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
 
 
@@ -78,10 +87,9 @@ def write_manifest(df: pd.DataFrame, info: DatasetInfo, out_dir: Path) -> Path:
 
 def read_manifest(data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
     """Read a prepared manifest and its dataset info from ``data_dir``."""
-    mpath, ipath = data_dir / MANIFEST_FILE, data_dir / INFO_FILE
-    for p in (mpath, ipath):
-        if not p.is_file():
-            raise DataError(f"{p}: not found; run `cass data prepare` first")
+    import pandas as pd
+
+    mpath, ipath = _prepared_files(data_dir)
     df = pd.read_csv(mpath, dtype={c: "string" for c in ("path", "labels", "split", "sha256", "mode", "group")})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
@@ -92,7 +100,52 @@ def read_manifest(data_dir: Path) -> tuple[pd.DataFrame, DatasetInfo]:
     return df, DatasetInfo.from_json(ipath.read_text())
 
 
+def _prepared_files(data_dir: Path) -> tuple[Path, Path]:
+    """The manifest and the dataset info of ``data_dir``; a DataError saying what to run when one is missing."""
+    mpath, ipath = Path(data_dir) / MANIFEST_FILE, Path(data_dir) / INFO_FILE
+    for p in (mpath, ipath):
+        if not p.is_file():
+            raise DataError(f"{p}: not found; run `cass data prepare` first")
+    return mpath, ipath
+
+
+def summarize(data_dir: Path, params: Params | None = None) -> str:
+    """Class counts per split, for ``cass data show`` and ``cass data prepare``; with ``params``, a warning
+    when the prepared data was made from other settings (:func:`cass.data.fingerprint.ensure_prepared`).
+    Read with the csv module: showing a dataset needs neither pandas nor the image readers."""
+    from cass.data.fingerprint import ensure_prepared
+
+    mpath, ipath = _prepared_files(data_dir)
+    info = DatasetInfo.from_json(ipath.read_text())
+    counts: Counter[tuple[str, str]] = Counter()
+    with open(mpath, newline="") as fh:
+        for row in csv.DictReader(fh):
+            for label in filter(None, (row.get("labels") or "").split(LABEL_SEP)):
+                counts[label, row.get("split") or ""] += 1
+    splits = [s for s in SPLITS if any(split == s for _, split in counts)]
+    header = ["class", *splits, "total"]
+    rows = [[c, *(str(counts[c, s]) for s in splits), str(sum(counts[c, s] for s in splits))] for c in info.classes]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    table = [" ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
+                                                                                                    strict=True)))
+             for r in [header, *rows]]
+    lines = [
+        f"dataset {info.name}: {info.num_images} images, {len(info.classes)} classes, "
+        f"{'multi-label' if info.multilabel else 'single-label'}, root {info.root}",
+        f"data version {info.data_version or '(not tracked by DVC)'}; splits {info.split_counts}",
+        *table,
+    ]
+    if params is not None:
+        try:
+            ensure_prepared(params, data_dir)
+        except DataError as exc:
+            lines.append(f"WARNING: {exc}")
+    return "\n".join(lines)
+
+
 def _inspect_one(args: tuple[str, str, int]) -> ImageInfo | tuple[str, str]:
+    from cass.data.images import ImageError, inspect_image
+
     root, rel, max_pixels = args
     try:
         return inspect_image(Path(root) / rel, max_pixels, where=rel)
@@ -104,6 +157,8 @@ def inspect_all(
     root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0
 ) -> list[ImageInfo | tuple[str, str]]:
     """Hash and decode every file, in parallel: its :class:`ImageInfo`, or (kind, message) when unusable."""
+    from concurrent.futures import ProcessPoolExecutor
+
     workers = workers or os.cpu_count() or 1
     jobs = [(str(root), rel, max_pixels) for rel in rel_paths]
     if workers == 1 or len(jobs) < 64:
@@ -114,6 +169,8 @@ def inspect_all(
 
 def inspect_files(root: Path, rel_paths: Sequence[str], max_pixels: int, workers: int = 0) -> list[ImageInfo]:
     """Hash and decode every file; report every bad file at once, grouped by kind, not only the first."""
+    from cass.data.images import ImageInfo
+
     problems = Problems()
     results = inspect_all(root, rel_paths, max_pixels, workers)
     for r in results:

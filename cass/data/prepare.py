@@ -15,13 +15,12 @@ import pandas as pd
 
 from cass.config import Params, metrics_fix, unwritten_metrics
 from cass.data import adapters
-from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
+from cass.data.fingerprint import fingerprint, prepared_settings
 from cass.data.images import ImageInfo
 from cass.data.layouts import get_layout
-from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manifest, write_manifest
+from cass.data.manifest import DatasetInfo, inspect_all, label_lists, write_manifest
 from cass.data.problems import Problems
 from cass.data.splits import assign_splits, write_subsets
-from cass.errors import DataError
 from cass.io import output_set
 from cass.lineage import data_version, git_commit
 
@@ -124,26 +123,3 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
     return out_dir
 
 
-def summarize(data_dir: Path, params: Params | None = None) -> str:
-    """Class counts per split, for ``cass data show``; with ``params``, a warning when the prepared data
-    was made from other settings (:func:`cass.data.fingerprint.ensure_prepared`)."""
-    df, info = read_manifest(data_dir)
-    rows = []
-    for labels, split in zip(label_lists(df), df["split"], strict=True):
-        rows.extend((c, split) for c in labels)
-    table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().unstack(fill_value=0)
-    splits = [s for s in ("train", "val", "test") if s in table.columns]
-    table = table.reindex(index=list(info.classes), columns=splits, fill_value=0)
-    table["total"] = table.sum(axis=1)
-    lines = [
-        f"dataset {info.name}: {info.num_images} images, {len(info.classes)} classes, "
-        f"{'multi-label' if info.multilabel else 'single-label'}, root {info.root}",
-        f"data version {info.data_version or '(not tracked by DVC)'}; splits {info.split_counts}",
-        table.to_string(),
-    ]
-    if params is not None:
-        try:
-            ensure_prepared(params, data_dir)
-        except DataError as exc:
-            lines.append(f"WARNING: {exc}")
-    return "\n".join(lines)

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment's kind: MLflow 3's UI opens an experiment without one in its GenAI (traces) view; this
+one holds training runs, so it opens on the runs table."""
+
 
 class TrackingError(CassError):
     """The tracking server or the artifact store cannot be used."""
@@ -284,7 +288,8 @@ def configure(cfg: MlflowConfig) -> str:
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
             try:
-                experiment_id = client.create_experiment(cfg.experiment, _artifact_location(cfg, uri))
+                experiment_id = client.create_experiment(cfg.experiment, _artifact_location(cfg, uri),
+                                                         tags=EXPERIMENT_TAGS)
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -296,6 +301,9 @@ def configure(cfg: MlflowConfig) -> str:
             )
         else:
             experiment_id = experiment.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment made before; a kind set by hand stays
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment_id, key, value)
     except MlflowException as exc:
         raise TrackingError(f"MLflow store {redact(uri)} refused the experiment '{cfg.experiment}': "
                             f"{redact(exc.message)}") from None

@@ -6,6 +6,11 @@ Every run carries the tags ``git_commit``, ``data_version`` (the DVC md5 of the 
 are the flat ``section.key`` settings, so the compare view lines up across runs; nothing that looks like
 a credential is logged (:mod:`cass.tracking.redact`).
 
+Runs are named by what sets them apart (:func:`run_label`): the dataset and its version, the label
+fraction, the settings changed from the settings file and the start time, e.g. ``demo@0123abcd lf=0.1
+finetune.lr=0.0005 11-30 16:40``; a stage run puts its stage first (``finetune-cnn demo@0123abcd ...``).
+The prepared dataset is each run's MLflow dataset input (the Dataset column), its digest the data version.
+
 The parent run of a pipeline is never made active: every stage opens its child run with the parent's id,
 because MLflow's active-run stack is per thread and Prefect runs tasks in worker threads.
 
@@ -27,8 +32,10 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +59,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
+RUN_LABEL_TAG = "run_label"
+"""The tag of a pipeline's parent run that holds its label; its stage runs are named after it."""
+SHOWN_CHANGES = 3  # changed settings named in a run's label; more are counted ("+2 more")
+_NAMED_ELSEWHERE = ("data.", "finetune.label_fraction", "split.label_fractions")  # in the label already
 
 
 def numeric_items(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -101,6 +112,45 @@ class Lineage:
         }
         tags.update({k: v for k, v in more.items() if v})
         return tags
+
+
+def data_digest(data_dir: Path, data_version: str = "") -> str:
+    """The digest of the dataset input of a run: the DVC md5 of the data when DVC tracks it, else the
+    content hash of the prepared manifest (every file's sha256, label and split), shortened as MLflow
+    stores digests (36 characters)."""
+    if data_version:
+        return data_version[:36]
+    from cass.retraining import data_hash
+
+    return data_hash(Path(data_dir))[:32]
+
+
+def changed_settings(params: Params, base: Params | None) -> dict[str, str]:
+    """The result-changing settings (:func:`cass.retraining.result_settings`) in which ``params`` differs
+    from ``base`` (the settings file without overrides), as ``section.key`` -> value; the data and the
+    label fraction are named apart, where a run goes (MLflow, retries, workers) is not named."""
+    from cass.retraining import result_settings
+
+    if base is None:
+        return {}
+    keys = set(result_settings(params, tuning=True))
+    now, before = loggable_params(params), loggable_params(base)
+    return {k: v for k, v in now.items()
+            if k in keys and before.get(k) != v and not k.startswith(_NAMED_ELSEWHERE)}
+
+
+def run_label(
+    params: Params, digest: str, changed: Mapping[str, str] | None = None, when: datetime | None = None
+) -> str:
+    """What sets a run apart from the others of its experiment: ``<dataset>@<data version> lf=<label
+    fraction>``, the changed settings (the first :data:`SHOWN_CHANGES`) and the start time (minutes)."""
+    parts = [f"{params.data.name}@{digest[:8] or 'untracked'}", f"lf={params.finetune.label_fraction:g}"]
+    items = list((changed or {}).items())
+    parts += [f"{key}={value}" for key, value in items[:SHOWN_CHANGES]]
+    if len(items) > SHOWN_CHANGES:
+        parts.append(f"+{len(items) - SHOWN_CHANGES} more")
+    parts.append((when or datetime.now()).strftime("%m-%d %H:%M"))
+    return " ".join(parts)
 
 
 def test_set_hash(data_dir: Path) -> str:
@@ -254,6 +304,25 @@ class RunLogger:
             cause = redact(str(exc))[:300] if server_answers(self.cfg) else "the tracking server does not answer"
             log.warning("could not log epoch %d metrics to MLflow (%s); training goes on, the metrics are in "
                         "history.csv and are logged if the server answers again", epoch, cause)
+
+    def dataset(self, data_dir: Path, name: str, digest: str, context: str) -> None:
+        """The prepared dataset as the run's MLflow dataset input (the runs table's Dataset column):
+        ``name`` and ``digest`` (the data version), its manifest's schema and row count, used for
+        ``context`` (``training``, ``test``)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        from cass.data.manifest import read_manifest
+
+        df, info = read_manifest(Path(data_dir))
+        with warnings.catch_warnings():
+            # MLflow registers its local-folder source twice ("can be interpreted in multiple ways") and hints
+            # that integer columns cannot hold missing values (width, height never miss): noise in every run log.
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(df, source=str(info.root), name=name, digest=digest)
+        entry = DatasetInput(data._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+        self._retry(f"logging the dataset input of run {self.run_id}",
+                    lambda: self.mlflow.MlflowClient().log_inputs(self.run_id, datasets=[entry]))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, FAILED or KILLED. When the server cannot be told, the run is recorded
@@ -429,19 +498,35 @@ def start_pipeline_run(
     """
     cfg = params.mlflow
     experiment_id = configure(cfg)
-    name = f"pipeline {params.data.name} lf={params.finetune.label_fraction:g}"
     lineage = pipeline_lineage(params, layout.data)
-    all_tags = run_tags({**lineage.tags(networks_tag(params), stage="pipeline"), **(tags or {})})
-    run = RunLogger.create(cfg, experiment_id, name, all_tags)
+    digest = data_digest(layout.data, lineage.data_version)
+    label = run_label(params, digest, changed_settings(params, _file_settings(params_file)))
+    all_tags = run_tags({**lineage.tags(networks_tag(params), stage="pipeline"), RUN_LABEL_TAG: label, **(tags or {})})
+    run = RunLogger.create(cfg, experiment_id, label, all_tags)
     try:
         run.params(params)
         run.params_files(params, params_file)
         run.artifact(layout.data / INFO_FILE, "data")
+        run.dataset(layout.data, params.data.name, digest, "training")
     except BaseException:
         with contextlib.suppress(Exception):
             end_pipeline_run(params, run.run_id, "FAILED")
         raise
     return run.run_id
+
+
+def _file_settings(params_file: Path | None) -> Params | None:
+    """The settings file as written (no overrides), the base a run's changed settings are measured from;
+    None when there is none or it no longer reads."""
+    from cass.config import load_params
+    from cass.errors import CassError
+
+    if params_file is None or not Path(params_file).is_file():
+        return None
+    try:
+        return load_params(params_file)
+    except CassError:
+        return None
 
 
 def end_pipeline_run(
@@ -455,14 +540,20 @@ def end_pipeline_run(
 
 @contextlib.contextmanager
 def stage_run(
-    params: Params, data_dir: Path, parent_run_id: str, stage: str, network: str | None = None, **tags: str | None
+    params: Params, data_dir: Path, parent_run_id: str, stage: str, network: str | None = None, *,
+    context: str = "training", **tags: str | None
 ) -> Iterator[RunLogger]:
-    """A child run of ``parent_run_id`` for one stage, with the lineage tags and the flat params."""
+    """A child run of ``parent_run_id`` for one stage, with the lineage tags, the flat params and the
+    dataset input (``context``); named ``<stage>[-<network>] <the parent's label>``."""
+    import mlflow
+
     configure(params.mlflow)
     lineage = pipeline_lineage(params, data_dir)
-    name = f"{stage}-{network}" if network else stage
+    label = mlflow.MlflowClient().get_run(parent_run_id).data.tags.get(RUN_LABEL_TAG, "")
+    name = " ".join(filter(None, (f"{stage}-{network}" if network else stage, label)))
     with child_run(params.mlflow, name, lineage.tags(network or networks_tag(params), stage=stage, **tags),
                    parent_run_id) as run_id:
         run = RunLogger(params.mlflow, run_id)
         run.params(params)
+        run.dataset(data_dir, params.data.name, data_digest(data_dir, lineage.data_version), context)
         yield run

@@ -134,16 +134,19 @@ def tracked_evaluate(
     params: Params, layout: Layout, network: Network, parent_run_id: str, finetuned: FinetuneRun,
     pretraining_run_id: str | None = None,
 ) -> registry.Candidate:
-    """Evaluate ``network`` on the test split in a child run; returns what registration needs."""
+    """Evaluate ``network`` on the test split in a child run; returns what registration needs. The test
+    metrics also go on the fine-tuning run (``test_macro_f1`` ...) and, per network, on the parent run."""
     from cass.evaluate import evaluate
 
     tags = {"pretraining_run_id": pretraining_run_id, "finetune_run_id": finetuned.run_id,
             "model_id": finetuned.model_id}
-    with stage_run(params, layout.data, parent_run_id, "evaluate", network, **tags) as run:
+    with stage_run(params, layout.data, parent_run_id, "evaluate", network, context="test", **tags) as run:
         evaluate(params, layout.data, layout.finetune(network), layout.evaluate(network))
         metrics = run.evaluation(layout.evaluate(network), finetuned.model_id)
         values = numeric_items(metrics, "test_")
         RunLogger(params.mlflow, parent_run_id).metrics({f"{network}_{k}": v for k, v in values.items()})
+        # The fine-tuning runs are what one compares (settings, curves): their test scores belong beside them.
+        RunLogger(params.mlflow, finetuned.run_id).metrics(values)
     lineage, _ = model_lineage(layout, network)  # what the fine-tuning recorded beside the weights
     return registry.Candidate(
         network=network,

@@ -22,7 +22,8 @@ def demo_data(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace) -> int:
     """Manifest, splits and label-fraction subsets into <outputs>/data."""
-    from cass.data.prepare import prepare_data, summarize
+    from cass.data.manifest import summarize
+    from cass.data.prepare import prepare_data
 
     params = settings(args)
     print(summarize(prepare_data(params, outputs(args).data)))
@@ -31,7 +32,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """The classes, split sizes and data version of <outputs>/data."""
-    from cass.data.prepare import summarize
+    from cass.data.manifest import summarize
 
     params = settings(args)  # a typo in the settings fails here as in every other command
     print(summarize(outputs(args).data, params))
