@@ -223,15 +223,16 @@ def _tune(run: PipelineRun, network: Network) -> str:
 
 
 def _finetune(run: PipelineRun, network: Network) -> FinetuneRun | None:
-    """Fine-tune ``network``, with the best settings tuning found when it ran."""
-    params = run.params
+    """Fine-tune ``network``, with the best settings tuning found when it ran (its run tags which)."""
+    params, tags = run.params, {}
     if network in run.best_params:
-        from cass.tune import apply_best_params
+        from cass.tune import tuned_settings
 
-        params = apply_best_params(params, Path(run.best_params[network]), network)
+        tuned = tuned_settings(params, Path(run.best_params[network]), network)
+        params, tags = tuned.params, tuned.tags()
     if run.tracked:
         return tracking.tracked_finetune(params, run.layout, network, run.run_id, run.pretraining_run_id,
-                                         progress=run.progress)
+                                         progress=run.progress, tags=tags)
     from cass.finetune import finetune
 
     finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress)
