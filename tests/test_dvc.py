@@ -98,7 +98,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.copytree(REPO / "cass", root / "cass", ignore=shutil.ignore_patterns("__pycache__"))
     raw = tiny_mapping(Path("data/demo"))
     raw["data"]["max_image_pixels"] = 89_478_485
-    raw["finetune"].update(device="cpu", lr=0.001)
+    raw["finetune"].update(device="cpu", lr=0.001, focal_gamma=2.0)  # keys docs/dvc.md's example sets with -S
     raw["augment"] = {}
     raw["quality"] = {"min_images_per_class": 5}
     raw["tune"] = {"n_trials": 2, "epochs": 1, "startup_trials": 1, "pruner": {"type": "none"}, "pin": [],

@@ -216,3 +216,18 @@ def test_database_lost_mid_study_exits_11_with_one_message_and_fails_the_runs(
     assert (out / "tune" / "best_cnn.yaml").is_file()
     assert study.get_trials(states=(TrialState.RUNNING,)) == []  # the cut-off trials were failed and queued again
     assert client.get_run(study.user_attrs[PARENT_RUN_ATTR]).info.status == "FINISHED"
+
+
+def test_database_refusing_at_start_exits_11_before_any_trial(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.conftest import free_port
+
+    params, out = _project(tmp_path, demo_root, prepared_dir, n_trials=2)
+    storage = f"postgresql://optuna:s3cret-pw@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    code = main(["tune", "--network", "cnn", "--storage", storage, "--params", str(params), "--outputs", str(out)])
+    err = capsys.readouterr().err
+    assert code == 11, err
+    assert "error: the tuning database postgresql://optuna:***@127.0.0.1" in err and "Connection refused" in err
+    assert "s3cret-pw" not in err and "Traceback" not in err
+    assert not (out / "tune").exists()
