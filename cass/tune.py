@@ -166,9 +166,11 @@ def tuned_settings(params: Params, path: Path, network: str | None = None) -> Tu
         raise ConfigError(f"{path}: holds the best settings of the {doc['network']}, not of the {network}")
     pinned = params.tune.pinned
     tuned = {k: v for k, v in doc["finetune"].items() if k not in pinned}
-    named = [*doc["finetune"], *(str(k).removeprefix("finetune.") for k in doc.get("pinned") or {})]
-    kept = {k: getattr(params.finetune, k) for k in dict.fromkeys(named) if k in pinned}
-    result = trial_params(params, tuned, f"{path} (best parameters over the settings)")
+    study_pins = {str(k).removeprefix("finetune."): v for k, v in (doc.get("pinned") or {}).items()}
+    # The study's own pins belong to its best settings (every trial ran with them), unless pinned here again.
+    carried = {k: v for k, v in study_pins.items() if k not in pinned and k not in tuned}
+    kept = {k: getattr(params.finetune, k) for k in dict.fromkeys([*doc["finetune"], *study_pins]) if k in pinned}
+    result = trial_params(params, {**tuned, **carried}, f"{path} (best parameters over the settings)")
     origin = f"trial {doc['trial']} of study {doc['study']}" if "trial" in doc and "study" in doc else "tuning"
     source = f"{path} ({origin})"
     who = f"{network}: " if network else ""
@@ -180,7 +182,10 @@ def tuned_settings(params: Params, path: Path, network: str | None = None) -> Tu
     if kept:
         log.info("%spinned by tune.pin, not tuned: %s", who,
                  ", ".join(f"finetune.{k}={v!r}" for k, v in sorted(kept.items())))
-    return TunedSettings(result, tuned, kept, source)
+    if carried:
+        log.info("%spinned in the study, not tuned: %s", who, ", ".join(
+            f"finetune.{k}={v!r} (was {getattr(params.finetune, k)!r})" for k, v in sorted(carried.items())))
+    return TunedSettings(result, tuned, {**kept, **carried}, source)
 
 
 def apply_best_params(params: Params, path: Path, network: str | None = None) -> Params:

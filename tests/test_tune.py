@@ -305,6 +305,13 @@ def test_pinned_key_keeps_its_value_over_a_best_params_file(
                             "pinned_keys": "finetune.lr"}
     assert "pinned by tune.pin, not tuned: finetune.lr=0.002" in caplog.text
     assert apply_best_params(explicit, best, "cnn") == tuned.params
+    # A file from a study that pinned lr carries that value: its best trial ran with it.
+    caplog.clear()
+    best.write_text(yaml.safe_dump({"network": "cnn", "study": "s-cnn", "trial": 3, "finetune": {"batch_size": 4},
+                                    "pinned": {"finetune.lr": 0.002}}))
+    carried = tuned_settings(load_params(params_file), best, "cnn")
+    assert (carried.params.finetune.lr, carried.params.finetune.batch_size) == (0.002, 4)
+    assert carried.pinned == {"lr": 0.002} and "pinned in the study, not tuned: finetune.lr=0.002" in caplog.text
     # A key outside tune.space is not pinned by --set (there is nothing to search), nor is another section.
     assert load_params(params_file, ["finetune.patience=5", "pretrain.lr=0.01"]).tune.pin == ()
 
