@@ -661,6 +661,29 @@ class TuneConfig(_Section):
     )
     max_retry: int = Field(default=3, ge=0, description="re-runs of a trial whose worker died")
     space: dict[str, SearchSpec] = Field(default_factory=_default_space)
+    pin: tuple[str, ...] = Field(
+        default=(), description="finetune keys that keep their value: not searched, not taken from --best-params"
+    )
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("pin")
+    @classmethod
+    def _pinned_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        keys = []
+        for entry in v:
+            name = entry.removeprefix("finetune.")
+            if name not in TUNABLE_FINETUNE_KEYS:
+                raise ValueError(
+                    f"tune.pin: '{entry}' is not a tunable finetune setting"
+                    f"{did_you_mean(name, TUNABLE_FINETUNE_KEYS) or '.'} Tunable (as finetune.<key>): "
+                    f"{', '.join(TUNABLE_FINETUNE_KEYS)}"
+                )
+            keys.append(f"finetune.{name}")
+        return tuple(dict.fromkeys(keys))
 
     @field_validator("space", mode="before")
     @classmethod
@@ -701,6 +724,16 @@ class TuneConfig(_Section):
     @property
     def study_direction(self) -> Literal["maximize", "minimize"]:
         return self.direction or ("minimize" if self.objective == "val_loss" else "maximize")
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        """The ``finetune`` keys (without the section) that tuning leaves alone."""
+        return frozenset(key.removeprefix("finetune.") for key in self.pin)
+
+    @property
+    def searched(self) -> dict[str, SearchSpec]:
+        """``space`` without the pinned keys: what a trial draws."""
+        return {name: spec for name, spec in self.space.items() if name not in self.pinned}
 
 
 class RetrainConfig(_Section):
@@ -892,11 +925,23 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> Params:
-    """Load ``params.yaml``, apply ``section.key=value`` overrides, validate."""
+    """Load ``params.yaml``, apply ``section.key=value`` overrides, validate; a searched finetune key that
+    an override sets is pinned (:func:`pin_overridden`)."""
     overrides = list(overrides)
     raw = apply_overrides(read_params_file(path), overrides)
     source = f"{path}" + (f" with overrides {overrides}" if overrides else "")
-    return params_from_mapping(raw, source)
+    return pin_overridden(params_from_mapping(raw, source), overrides)
+
+
+def pin_overridden(params: Params, overrides: Iterable[str]) -> Params:
+    """``params`` with each key of ``tune.space`` that an override sets (``--set finetune.lr=3e-4``) added
+    to ``tune.pin``: a value given explicitly is neither searched by ``cass tune`` nor replaced by a tuned one."""
+    explicit = [parts for parts, _ in map(parse_override, overrides)]
+    keys = [f"finetune.{p[1]}" for p in explicit if len(p) == 2 and p[0] == "finetune" and p[1] in params.tune.space]
+    pin = tuple(dict.fromkeys((*params.tune.pin, *keys)))
+    if pin == params.tune.pin:
+        return params
+    return params.model_copy(update={"tune": params.tune.model_copy(update={"pin": pin})})
 
 
 def params_to_flat_dict(params: Params) -> dict[str, Any]:

@@ -224,16 +224,18 @@ def _tune(run: PipelineRun, network: Network) -> str:
 
 
 def _finetune(run: PipelineRun, network: Network) -> FinetuneRun | None:
-    """Fine-tune ``network``, with the best settings tuning found when it ran."""
-    params, tuning = run.params, None
+    """Fine-tune ``network``, with the best settings tuning found when it ran (its run tags which, its
+    lineage.json records the tuning)."""
+    params, tags, tuning = run.params, {}, None
     if network in run.best_params:
-        from cass.tune import apply_best_params, tuning_origin
+        from cass.tune import tuned_settings, tuning_origin
 
-        params = apply_best_params(params, Path(run.best_params[network]), network)
+        tuned = tuned_settings(params, Path(run.best_params[network]), network)
+        params, tags = tuned.params, tuned.tags()
         tuning = tuning_origin(Path(run.best_params[network]))
     if run.tracked:
         return tracking.tracked_finetune(params, run.layout, network, run.run_id, run.pretraining_run_id,
-                                         progress=run.progress, tuning=tuning)
+                                         progress=run.progress, tags=tags, tuning=tuning)
     from cass.finetune import finetune
 
     finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress,

@@ -7,6 +7,12 @@ A running trial beats a heartbeat; when a worker dies, the next worker to look f
 queues it again. ``n_trials`` counts finished trials over all workers, so a study interrupted or spread
 over pods ends with the same number of trials. The best settings go to ``best_<network>.yaml``, which
 ``cass finetune --best-params`` applies over ``params.yaml`` (and DVC declares as a dependency).
+A pinned key (``tune.pin``, or a ``--set finetune.<key>``) is not searched and keeps its value over that
+file; which values came from tuning is logged, and tagged on a tracked fine-tune run.
+
+Faults: a worker that dies is replaced by the others (its trial is queued again), and the study's result
+is judged by the study, not by the workers' exit codes; a database that stops answering ends the command
+with one :class:`~cass.errors.StudyDatabaseError` (exit 11) and every MLflow run of the study closed.
 
 MLflow: one parent run per study, one child run per trial (sampled settings, per-epoch metrics, final
 state ``complete``/``pruned``/``failed``).
@@ -14,17 +20,20 @@ state ``complete``/``pruned``/``failed``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +50,7 @@ from cass.config import (
     TuneConfig,
     params_from_mapping,
 )
-from cass.errors import CassError, ConfigError, TrainingError
+from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError
 from cass.finetune import finetune
 from cass.io import atomic_write_text
 from cass.layout import best_params_path, optuna_storage_file
@@ -130,12 +139,64 @@ def read_best_params(path: Path) -> dict[str, Any]:
     return doc
 
 
-def apply_best_params(params: Params, path: Path, network: str | None = None) -> Params:
-    """``params`` with the finetune settings of a ``best_<network>.yaml`` file, validated."""
+@dataclass(frozen=True)
+class TunedSettings:
+    """The settings fine-tuning runs with, and which of their values came from a best-parameters file."""
+
+    params: Params
+    tuned: dict[str, Any]  # finetune key -> the tuned value now in params
+    pinned: dict[str, Any]  # finetune key the file also holds -> the value kept (tune.pin)
+    source: str  # "<file> (trial <n> of study <name>)"
+
+    def tags(self) -> dict[str, str | None]:
+        """MLflow tags of the fine-tune run: ``tuned_from``, and ``tuned_keys`` and ``pinned_keys``
+        (comma-separated ``finetune.<key>``; None, so not set, when there is none)."""
+        return {
+            "tuned_from": self.source,
+            "tuned_keys": ",".join(f"finetune.{k}" for k in sorted(self.tuned)) or None,
+            "pinned_keys": ",".join(f"finetune.{k}" for k in sorted(self.pinned)) or None,
+        }
+
+
+def tuned_settings(params: Params, path: Path, network: str | None = None) -> TunedSettings:
+    """``params`` with the finetune settings of a ``best_<network>.yaml`` file, validated; keys pinned in
+    ``tune.pin`` keep the value of ``params``. Logs which values come from the file and which are pinned."""
     doc = read_best_params(path)
     if network is not None and doc.get("network") not in (None, network):
         raise ConfigError(f"{path}: holds the best settings of the {doc['network']}, not of the {network}")
-    return trial_params(params, doc["finetune"], f"{path} (best parameters over the settings)")
+    pinned = params.tune.pinned
+    tuned = {k: v for k, v in doc["finetune"].items() if k not in pinned}
+    study_pins = {str(k).removeprefix("finetune."): v for k, v in (doc.get("pinned") or {}).items()}
+    # The study's own pins belong to its best settings (every trial ran with them), unless pinned here again.
+    carried = {k: v for k, v in study_pins.items() if k not in pinned and k not in tuned}
+    kept = {k: getattr(params.finetune, k) for k in dict.fromkeys([*doc["finetune"], *study_pins]) if k in pinned}
+    result = trial_params(params, {**tuned, **carried}, f"{path} (best parameters over the settings)")
+    origin = f"trial {doc['trial']} of study {doc['study']}" if "trial" in doc and "study" in doc else "tuning"
+    source = f"{path} ({origin})"
+    who = f"{network}: " if network else ""
+    if tuned:
+        log.info("%stuned settings from %s: %s", who, source, ", ".join(
+            f"finetune.{k}={v!r} (was {getattr(params.finetune, k)!r})" for k, v in sorted(tuned.items())))
+    else:
+        log.info("%s%s holds no tuned setting; every value comes from the settings", who, path)
+    if kept:
+        log.info("%spinned by tune.pin, not tuned: %s", who,
+                 ", ".join(f"finetune.{k}={v!r}" for k, v in sorted(kept.items())))
+    if carried:
+        log.info("%spinned in the study, not tuned: %s", who, ", ".join(
+            f"finetune.{k}={v!r} (was {getattr(params.finetune, k)!r})" for k, v in sorted(carried.items())))
+    return TunedSettings(result, tuned, {**kept, **carried}, source)
+
+
+def apply_best_params(params: Params, path: Path, network: str | None = None) -> Params:
+    """``params`` with the finetune settings of a ``best_<network>.yaml`` file, validated; pinned keys
+    (``tune.pin``) keep their value (see :func:`tuned_settings`)."""
+    return tuned_settings(params, path, network).params
+
+
+def _pinned_values(params: Params) -> dict[str, Any]:
+    """The pinned keys of the search space and the values they keep, as ``finetune.<key>: value``."""
+    return {f"finetune.{k}": getattr(params.finetune, k) for k in params.tune.space if k in params.tune.pinned}
 
 
 def tuning_origin(path: Path) -> dict[str, Any]:
@@ -160,16 +221,97 @@ def write_best_params(study: optuna.Study, params: Params, network: str, out_dir
         "direction": cfg.study_direction,
         "value": best.value,
         "trials": {"complete": progress.complete, "pruned": progress.pruned, "failed": progress.failed},
-        "finetune": {name: best.params[name] for name in cfg.space if name in best.params},
+        "finetune": {name: best.params[name] for name in cfg.searched if name in best.params},
+        "pinned": _pinned_values(params),
     }
+    return _write_best_doc(doc, network, out_dir, f"study {study.study_name}")
+
+
+def _write_best_doc(doc: dict[str, Any], network: str, out_dir: Path, origin: str) -> Path:
     header = (
-        f"# Best fine-tuning settings of the {network}, found by `cass tune` (study {study.study_name}).\n"
+        f"# Best fine-tuning settings of the {network}, found by `cass tune` ({origin}).\n"
         f"# `cass finetune --network {network} --best-params <this file>` applies the finetune: keys over "
-        "params.yaml.\n"
+        "params.yaml;\n# pinned: the keys tune.pin (or --set) kept out of the search, with the values they keep.\n"
     )
     path = best_params_path(out_dir, network)
     atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The study's database going away
+
+
+def _database_failure(exc: BaseException) -> BaseException | None:
+    """The database error behind ``exc`` (itself, or in its chain of causes), or None.
+
+    When the database goes away mid-trial, Optuna raises ``StorageInternalError`` ("invalid data in the
+    commit") and then, failing to read the trial back, an ``UnboundLocalError``: both are a lost database."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    seen: set[int] = set()
+    failure, current = None, exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError | DisconnectionError | PoolTimeout):
+            return current  # the driver's own error: the most telling
+        if isinstance(current, StorageInternalError) and failure is None:
+            failure = current
+        current = current.__cause__ or current.__context__
+    return failure
+
+
+def _database_reason(failure: BaseException) -> str:
+    orig = getattr(failure, "orig", None)  # the driver's error inside SQLAlchemy's
+    text = str(orig if orig is not None else failure).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return redact(" ".join(lines[:2]) or type(failure).__name__)
+
+
+def _database_message(url: str, during: str, failure: BaseException) -> str:
+    reason = _database_reason(failure)
+    return (
+        f"the tuning database {redact(url)} failed during {during}: {reason}"
+        f"{'' if reason.endswith(('.', '?', '!')) else '.'} Check that the database server runs and accepts "
+        "connections from this machine (the URL comes from "
+        f"--storage, ${STORAGE_ENV} or tune.storage), then rerun the same command: the study resumes with "
+        "its finished trials, and trials that were running are failed and queued again"
+    )
+
+
+@contextlib.contextmanager
+def _study_database(url: str, during: str) -> Iterator[None]:
+    """Turn a refused or lost database connection into one :class:`StudyDatabaseError` naming the storage."""
+    try:
+        yield
+    except StudyDatabaseError:
+        raise
+    except Exception as exc:
+        failure = _database_failure(exc)
+        if failure is None:
+            raise
+        raise StudyDatabaseError(_database_message(url, during, failure)) from None
+
+
+@contextlib.contextmanager
+def _quiet_heartbeat_failures() -> Iterator[None]:
+    """Optuna's heartbeat thread dies with a traceback when the database goes away; the trial's own
+    thread meets the same failure and reports it once (as a StudyDatabaseError)."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and _database_failure(args.exc_value) is not None:
+            log.debug("heartbeat thread stopped: %s", _database_reason(args.exc_value))
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,17 +489,28 @@ class _OpenStudy:
     study: optuna.Study
     runs: _Runs
     parent_run_id: str
+    url: str
 
 
 def _open_study(params: Params, network: str, url: str, worker_index: int) -> _OpenStudy:
     """Create or join the network's study; refuse one whose trials were run with other settings."""
+    runs = _Runs.open(params)
+    with _study_database(url, f"opening study '{study_name(params.tune, network)}'"):
+        return _join_study(params, network, url, worker_index, runs)
+
+
+def _join_study(params: Params, network: str, url: str, worker_index: int, runs: _Runs) -> _OpenStudy:
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     cfg = params.tune
     name = study_name(cfg, network)
-    runs = _Runs.open(params)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:  # a server: check pooled connections before use, and give up on one that does not answer
+        engine = {"pool_pre_ping": True}
+        if url.startswith("postgres"):
+            engine["connect_args"] = {"connect_timeout": 30}
     seed = (params.seed if cfg.seed is None else cfg.seed) + worker_index
     on_stale = _OnStaleTrial(cfg.max_retry, params.mlflow)
     try:
@@ -378,6 +531,8 @@ def _open_study(params: Params, network: str, url: str, worker_index: int) -> _O
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials),
             pruner=_pruner(cfg),
         )
+    except DBAPIError:
+        raise  # the server refused or did not answer: a StudyDatabaseError (_study_database)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise ConfigError(
             f"cannot open the tuning storage {redact(url)}: {exc}. Use sqlite:///path/optuna.db or "
@@ -404,7 +559,7 @@ def _open_study(params: Params, network: str, url: str, worker_index: int) -> _O
     if parent is None:
         parent = runs.study(params, network, name, url).run_id
         study.set_user_attr(PARENT_RUN_ATTR, parent)
-    return _OpenStudy(study, runs, parent)
+    return _OpenStudy(study, runs, parent, url)
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: FloatSpec | IntSpec | CategoricalSpec) -> Any:
@@ -443,7 +598,7 @@ class _Objective:
         frozen = next((t for t in counted if t.number == trial.number), None)
         retry_of = frozen.system_attrs.get("failed_trial") if frozen is not None else None
 
-        values = {name: _suggest(trial, name, spec) for name, spec in cfg.space.items()}
+        values = {name: _suggest(trial, name, spec) for name, spec in cfg.searched.items()}
         fixed = {} if cfg.epochs is None else {"epochs": cfg.epochs}
         settings = trial_params(self.params, {**values, **fixed}, f"tune trial {trial.number}")
         run = self.opened.runs.trial(self.opened.parent_run_id, trial, self.network, settings, retry_of)
@@ -498,21 +653,22 @@ def _work(opened: _OpenStudy, objective: _Objective, cfg: TuneConfig) -> int:
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     poll = max(1.0, min(cfg.heartbeat_interval / 2, 10.0))
     ran = 0
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        progress = study_progress(study)
-        if progress.finished >= cfg.n_trials:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            log.info("tune.timeout (%gs) reached; this worker starts no further trial", cfg.timeout)
-            break
-        if progress.waiting == 0 and progress.finished + progress.running >= cfg.n_trials:
-            time.sleep(poll)
-            continue
-        study.optimize(objective, n_trials=1, catch=(TrainingError, _SurplusTrial), gc_after_trial=True)
-        ran += 1
+    with _study_database(opened.url, f"study '{study.study_name}'"), _quiet_heartbeat_failures():
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            progress = study_progress(study)
+            if progress.finished >= cfg.n_trials:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("tune.timeout (%gs) reached; this worker starts no further trial", cfg.timeout)
+                break
+            if progress.waiting == 0 and progress.finished + progress.running >= cfg.n_trials:
+                time.sleep(poll)
+                continue
+            study.optimize(objective, n_trials=1, catch=(TrainingError, _SurplusTrial), gc_after_trial=True)
+            ran += 1
     return ran
 
 
@@ -530,6 +686,9 @@ def run_worker(
 
     ``worker_index`` offsets the sampler seed, so that workers started together do not draw the same
     random start-up points. Returns the number of trials this worker ran."""
+    if not params.tune.searched:
+        log.info("every key of tune.space is pinned: %s has nothing to search", study_name(params.tune, network))
+        return 0
     opened = _open_study(params, network, storage, worker_index)
     objective = _Objective(params, Path(data_dir), network, Path(out_dir), pretrain_dir, opened, callbacks)
     ran = _work(opened, objective, params.tune)
@@ -551,7 +710,8 @@ def route_optuna_logging() -> None:
     optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())
 
 
-def _worker_process(args: tuple, level: int, threads: int) -> None:
+def _worker_process(args: tuple, level: int, threads: int, errors: Any) -> None:
+    """A local worker. Its CassError goes to the parent (``errors``), which reports once for all workers."""
     import torch
 
     logging.basicConfig(
@@ -562,8 +722,41 @@ def _worker_process(args: tuple, level: int, threads: int) -> None:
     try:
         run_worker(*args)
     except CassError as exc:
-        log.error("%s", exc)
+        errors.put((exc.exit_code, str(exc)))
         sys.exit(exc.exit_code)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _after_workers(params: Params, network: str, url: str, failed: Sequence[str],
+                   errors: Sequence[tuple[int, str]], workers: int) -> None:
+    """Judge local workers of which some failed by the study they leave: finished -> a warning (the
+    others ran the dead worker's trials); unfinished -> one error (a database failure first)."""
+    import optuna
+    from sqlalchemy.pool import NullPool
+
+    cfg = params.tune
+    name = study_name(cfg, network)
+    finished = 0
+    with _study_database(url, f"study '{name}'"), contextlib.suppress(KeyError):  # KeyError: no study yet
+        storage = optuna.storages.RDBStorage(database_url(url), engine_kwargs={"poolclass": NullPool})
+        finished = study_progress(optuna.load_study(study_name=name, storage=storage)).finished
+    if finished >= cfg.n_trials:
+        log.warning("%d of %d tuning workers stopped (%s); the others finished the study's %d trials",
+                    len(failed), workers, "; ".join(failed), cfg.n_trials)
+        return
+    kinds = {kind.exit_code: kind for kind in CassError.__subclasses__()}
+    for code, message in sorted(errors, key=lambda e: e[0] != StudyDatabaseError.exit_code):
+        raise kinds.get(code, CassError)(message)  # the workers' own error, with its exit code
+    raise TrainingError(
+        f"{len(failed)} of {workers} tuning workers failed ({'; '.join(failed)}) and the study has "
+        f"{finished} of its {cfg.n_trials} trials; see their log, then rerun the same command to resume it"
+    )
 
 
 def work(
@@ -588,10 +781,12 @@ def work(
     ctx = multiprocessing.get_context("spawn")  # fork would copy torch threads and open database handles
     level = logging.getLogger().getEffectiveLevel()
     threads = max(1, (os.cpu_count() or 1) // workers)
+    errors = ctx.SimpleQueue()
     procs = [
         ctx.Process(
             target=_worker_process,
-            args=((params, data_dir, network, out_dir, pretrain_dir, url, worker_index + i, callbacks), level, threads),
+            args=((params, data_dir, network, out_dir, pretrain_dir, url, worker_index + i, callbacks), level, threads,
+                  errors),
             name=f"tune-{network}-{i}",
         )
         for i in range(workers)
@@ -606,9 +801,12 @@ def work(
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    failed = [f"{p.name}: exit code {p.exitcode}" for p in procs if p.exitcode != 0]
+    failed = [f"{p.name}: {_exit_reason(p.exitcode)}" for p in procs if p.exitcode != 0]
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
     if failed:
-        raise TrainingError(f"{len(failed)} of {workers} tuning workers failed ({'; '.join(failed)}); see their log")
+        _after_workers(params, network, url, failed, reported, workers)
 
 
 def tune(
@@ -631,48 +829,78 @@ def tune(
     (a pipeline's) that the study's run is nested under."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {workers})")
+    if not params.tune.searched:
+        return _nothing_to_search(params, network, Path(out_dir))
     url = resolve_storage(params, out_dir, network, storage)
     opened = _open_study(params, network, url, worker_index=0)
     if parent_run_id:
         RunLogger(params.mlflow, opened.parent_run_id).tags({"mlflow.parentRunId": parent_run_id})
+    pinned = _pinned_values(params)
     log.info(
-        "tuning %s: study %s in %s, %d trials", network, opened.study.study_name, redact(url), params.tune.n_trials
+        "tuning %s: study %s in %s, %d trials over %s%s", network, opened.study.study_name, redact(url),
+        params.tune.n_trials, ", ".join(params.tune.searched),
+        f"; pinned: {', '.join(f'{k}={v!r}' for k, v in pinned.items())}" if pinned else "",
     )
-    status, best_file = "FAILED", None
+    status, best_file, failure = "FAILED", None, None
     try:
         if workers == 1:  # the study is open already: run it here
             objective = _Objective(params, Path(data_dir), network, Path(out_dir), pretrain_dir, opened, callbacks)
             _work(opened, objective, params.tune)
         else:
             work(params, data_dir, network, out_dir, pretrain_dir, workers=workers, storage=url, callbacks=callbacks)
-        best_file = write_best_params(opened.study, params, network, Path(out_dir))
+        with _study_database(url, f"study '{opened.study.study_name}'"):
+            best_file = write_best_params(opened.study, params, network, Path(out_dir))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except CassError as exc:
+        failure = str(exc)
+        raise
     finally:
         try:
-            _end_study(opened, params.tune, best_file, status)
+            _end_study(opened, params.tune, best_file, status, failure)
         except Exception as exc:  # never hide the error that ended the study
             log.warning("could not close the study's MLflow run %s: %s", opened.parent_run_id, exc)
     return best_file
 
 
-def _end_study(opened: _OpenStudy, cfg: TuneConfig, best_file: Path | None, status: str) -> None:
-    progress = study_progress(opened.study)
-    summary: dict[str, float] = {
-        "trials_complete": progress.complete,
-        "trials_pruned": progress.pruned,
-        "trials_failed": progress.failed,
-    }
-    if progress.complete:
-        summary[f"best_{cfg.objective}"] = opened.study.best_value
-        summary["best_trial"] = opened.study.best_trial.number
+def _nothing_to_search(params: Params, network: str, out_dir: Path) -> Path:
+    """Every key of tune.space is pinned: no study; the best-parameters file says so and changes nothing."""
+    pinned = _pinned_values(params)
+    log.warning("tuning %s: every key of tune.space is pinned (%s); no trial runs, and fine-tuning uses the "
+                "settings as they are", network, ", ".join(f"{k}={v!r}" for k, v in pinned.items()))
+    doc = {"network": network, "objective": params.tune.objective, "finetune": {}, "pinned": pinned}
+    return _write_best_doc(doc, network, out_dir, "nothing to search: every key of tune.space is pinned")
+
+
+def _end_study(opened: _OpenStudy, cfg: TuneConfig, best_file: Path | None, status: str,
+               failure: str | None = None) -> None:
+    """Close the study's MLflow run with ``status``, even when its database is gone (then without the summary)."""
     run = RunLogger(opened.runs.cfg, opened.parent_run_id)
-    run.metrics(summary)
-    if best_file is not None:
-        run.artifact(best_file)
-    run.finish(status)
+    try:
+        if failure:
+            run.tags({"failure": failure[:5000]})
+        try:
+            progress = study_progress(opened.study)
+            summary: dict[str, float] = {
+                "trials_complete": progress.complete,
+                "trials_pruned": progress.pruned,
+                "trials_failed": progress.failed,
+            }
+            if progress.complete:
+                summary[f"best_{cfg.objective}"] = opened.study.best_value
+                summary["best_trial"] = opened.study.best_trial.number
+        except Exception as exc:
+            if _database_failure(exc) is None:
+                raise
+            log.debug("study run %s closes without its summary: %s", opened.parent_run_id, exc)
+        else:
+            run.metrics(summary)
+        if best_file is not None:
+            run.artifact(best_file)
+    finally:
+        run.finish(status)
 
 
 def best_params_by_network(files: Sequence[Path], networks: Sequence[str]) -> dict[str, Path]:

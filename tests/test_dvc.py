@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,11 +98,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.copytree(REPO / "cass", root / "cass", ignore=shutil.ignore_patterns("__pycache__"))
     raw = tiny_mapping(Path("data/demo"))
     raw["data"]["max_image_pixels"] = 89_478_485
-    raw["finetune"].update(device="cpu", lr=0.001)
+    raw["finetune"].update(device="cpu", lr=0.001, focal_gamma=2.0)  # keys docs/dvc.md's example sets with -S
     raw["augment"] = {}
     raw["quality"] = {"min_images_per_class": 5, **LENIENT_MODEL_GATE}  # one-epoch models: the gate only warns
-    raw["tune"] = {"n_trials": 2, "epochs": 1, "startup_trials": 1, "pruner": {"type": "none"},
-                   "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    raw["tune"] = {"n_trials": 2, "epochs": 1, "startup_trials": 1, "pruner": {"type": "none"}, "pin": [],
+                   "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                             "batch_size": {"type": "categorical", "choices": [4, 8]}}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     sh("cass", "data", "demo", "-q", cwd=root)
     sh("cass", "data", "add", "data/demo", "--layout", "imagefolder", "-q", cwd=root)
@@ -206,7 +208,6 @@ def test_finetune_setting_reruns_only_what_depends_on_it(shared_project: Path) -
     before = {p: (project / p).read_bytes() for p in pipeline_outputs(project) if p.startswith("outputs/pretrain")}
     out = sh("dvc", "exp", "run", "-S", "finetune.epochs=3", cwd=project).stdout
     # tune@* searches around the finetune settings, so it reruns too; prepare, the gates and pretraining do not.
-    # (finetune.lr would be a poor probe: the tuned lr overrides it, so the final model would not change.)
     assert ran_stages(out) == {"tune@cnn", "tune@vit", "finetune@cnn", "finetune@vit", "evaluate@cnn",
                                "evaluate@vit", "model_gate@cnn", "model_gate@vit"}, out
     assert all((project / p).read_bytes() == b for p, b in before.items()), "pretraining outputs changed"
@@ -315,6 +316,28 @@ def test_dvc_metrics_are_numbers_and_each_model_records_its_lineage_apart(projec
         evaluated = json.loads((project / f"outputs/evaluate/{net}/lineage.json").read_text())
         assert evaluated["arch"] == record["arch"] and evaluated["git_commit"] == commit
         assert json.loads((project / f"outputs/quality/model/{net}/result.json").read_text())["success"]
+
+
+@slow
+def test_docs_experiment_example_trains_with_the_values_it_sets(shared_project: Path) -> None:
+    # Guards: `dvc exp run -S finetune.lr=...` used to rerun tuning, whose lr replaced the one set, so the
+    # docs' own example trained the same models as before and skipped evaluation.
+    project = shared_project
+    docs = (REPO / "docs" / "dvc.md").read_text().splitlines()
+    example = next(line for line in docs if line.startswith("dvc exp run -S finetune.lr="))
+    args = shlex.split(example.split("#")[0])
+    assert "-S" in args and any(a.startswith("tune.pin=") for a in args), example
+
+    run = sh(*args, cwd=project)
+    assert {"finetune@cnn", "finetune@vit", "evaluate@cnn", "evaluate@vit"} <= ran_stages(run.stdout), run.stdout
+    said = run.stdout + run.stderr
+    for net in ("cnn", "vit"):
+        best = yaml.safe_load((project / "outputs" / "tune" / f"best_{net}.yaml").read_text())
+        assert set(best["finetune"]) == {"batch_size"}  # lr pinned: out of the search; focal_gamma is not searched
+        assert best["pinned"] == {"finetune.lr": 0.0003}
+        assert f"{net}: pinned by tune.pin, not tuned: finetune.lr=0.0003" in said
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["finetune"]["lr"] == 0.0003 and params["finetune"]["focal_gamma"] == 1.0
 
 
 @slow

@@ -30,6 +30,7 @@ from cass.tune import (
     run_worker,
     study_progress,
     tune,
+    tuned_settings,
 )
 from tests.conftest import tiny_mapping
 
@@ -261,3 +262,118 @@ def test_killed_worker_trial_is_failed_requeued_and_the_study_completes(
     assert best_file.is_file()
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(killed.user_attrs[RUN_ATTR])
     assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "failed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pinned settings: an explicit value is neither searched nor replaced by a tuned one
+
+
+def test_pin_takes_tunable_finetune_keys_only(demo_root: Path) -> None:
+    raw = tiny_mapping(demo_root)
+    raw["tune"] = {"pin": ["lr", "finetune.focal_gamma", "finetune.lr"]}
+    assert params_from_mapping(raw).tune.pin == ("finetune.lr", "finetune.focal_gamma")
+    wrong_keys = (("finetune.lrr", "did you mean 'lr'?"), ("finetune.epochs", "Tunable (as finetune.<key>): lr,"))
+    for wrong, message in wrong_keys:
+        raw["tune"] = {"pin": [wrong]}
+        with pytest.raises(ConfigError, match=f"tune.pin: '{wrong}' is not a tunable finetune setting") as exc:
+            params_from_mapping(raw, "params.yaml")
+        assert message in str(exc.value)
+
+
+def test_pinned_key_keeps_its_value_over_a_best_params_file(
+    tmp_path: Path, demo_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    best = tmp_path / "best_cnn.yaml"
+    best.write_text(yaml.safe_dump({"network": "cnn", "study": "s-cnn", "trial": 3,
+                                    "finetune": {"lr": 0.05, "batch_size": 4}}))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_mapping(demo_root, tmp_path)))
+
+    # Unpinned, the file wins (what a tuning is for), and the log says which values it replaced.
+    caplog.set_level("INFO", logger="cass.tune")
+    unpinned = tuned_settings(load_params(params_file), best, "cnn")
+    assert (unpinned.params.finetune.lr, unpinned.params.finetune.batch_size) == (0.05, 4)
+    assert "cnn: tuned settings from" in caplog.text and "finetune.lr=0.05 (was 0.0003)" in caplog.text
+
+    # `--set finetune.lr=...` of a searched key pins it: the file's lr is not used, its batch_size is.
+    caplog.clear()
+    explicit = load_params(params_file, ["finetune.lr=0.002"])
+    assert explicit.tune.pin == ("finetune.lr",)
+    tuned = tuned_settings(explicit, best, "cnn")
+    assert (tuned.params.finetune.lr, tuned.params.finetune.batch_size) == (0.002, 4)
+    assert tuned.tags() == {"tuned_from": f"{best} (trial 3 of study s-cnn)", "tuned_keys": "finetune.batch_size",
+                            "pinned_keys": "finetune.lr"}
+    assert "pinned by tune.pin, not tuned: finetune.lr=0.002" in caplog.text
+    assert apply_best_params(explicit, best, "cnn") == tuned.params
+    # A file from a study that pinned lr carries that value: its best trial ran with it.
+    caplog.clear()
+    best.write_text(yaml.safe_dump({"network": "cnn", "study": "s-cnn", "trial": 3, "finetune": {"batch_size": 4},
+                                    "pinned": {"finetune.lr": 0.002}}))
+    carried = tuned_settings(load_params(params_file), best, "cnn")
+    assert (carried.params.finetune.lr, carried.params.finetune.batch_size) == (0.002, 4)
+    assert carried.pinned == {"lr": 0.002} and "pinned in the study, not tuned: finetune.lr=0.002" in caplog.text
+    # A key outside tune.space is not pinned by --set (there is nothing to search), nor is another section.
+    assert load_params(params_file, ["finetune.patience=5", "pretrain.lr=0.01"]).tune.pin == ()
+
+
+def test_explicit_setting_is_not_searched_and_reaches_fine_tuning(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dir, out / "data")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_mapping(demo_root, tmp_path, n_trials=2, epochs=1,
+                                                   pruner={"type": "none"})))
+    common = ["--params", str(params_file), "--outputs", str(out), "--set", "finetune.lr=0.0005"]
+
+    caplog.set_level("INFO")
+    assert main(["tune", "--network", "cnn", *common]) == 0
+    study = _study(f"sqlite:///{(out / 'tune' / 'optuna_cnn.db').resolve()}")
+    assert len(study.trials) == 2
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    for trial in study.trials:
+        assert set(trial.params) == {"batch_size"}  # lr is not searched ...
+        assert client.get_run(trial.user_attrs[RUN_ATTR]).data.params["finetune.lr"] == "0.0005"  # ... it is set
+    assert "pinned: finetune.lr=0.0005" in caplog.text
+    best_file = best_params_path(out / "tune", "cnn")
+    best = yaml.safe_load(best_file.read_text())
+    assert set(best["finetune"]) == {"batch_size"} and best["pinned"] == {"finetune.lr": 0.0005}
+
+    caplog.clear()
+    assert main(["finetune", "--network", "cnn", "--best-params", str(best_file), *common, "-q"]) == 0
+    assert f"finetune.batch_size={best['finetune']['batch_size']!r}" in caplog.text
+    assert "pinned by tune.pin, not tuned: finetune.lr=0.0005" in caplog.text
+
+    # Every searched key pinned: nothing to search, no study; the file changes no setting.
+    assert main(["tune", "--network", "vit", *common, "--set", "finetune.batch_size=4"]) == 0
+    assert not (out / "tune" / "optuna_vit.db").exists()
+    empty = yaml.safe_load(best_params_path(out / "tune", "vit").read_text())
+    assert empty["finetune"] == {} and empty["pinned"] == {"finetune.lr": 0.0005, "finetune.batch_size": 4}
+
+
+def test_tracked_fine_tune_run_tags_the_tuned_and_pinned_keys(
+    tmp_path: Path, demo_root: Path, prepared_dir: Path
+) -> None:
+    from cass.layout import Layout
+    from cass.pipeline import PipelineRun, _finetune
+    from cass.tracking import configure
+
+    layout = Layout(tmp_path / "out")
+    shutil.copytree(prepared_dir, layout.data)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_mapping(demo_root, tmp_path)))
+    params = load_params(params_file, ["finetune.lr=0.002"])
+    best = tmp_path / "best_cnn.yaml"
+    best.write_text(yaml.safe_dump({"network": "cnn", "study": "s-cnn", "trial": 1,
+                                    "finetune": {"lr": 0.05, "batch_size": 4}}))
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.create_run(configure(params.mlflow)).info.run_id
+
+    run = PipelineRun(params, layout, tracked=True, run_id=parent, best_params={"cnn": str(best)}, progress=False)
+    finetuned = _finetune(run, "cnn")
+
+    logged = client.get_run(finetuned.run_id).data
+    assert logged.tags["tuned_keys"] == "finetune.batch_size"
+    assert logged.tags["pinned_keys"] == "finetune.lr"
+    assert logged.tags["tuned_from"] == f"{best} (trial 1 of study s-cnn)"
+    assert (logged.params["finetune.lr"], logged.params["finetune.batch_size"]) == ("0.002", "4")

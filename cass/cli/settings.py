@@ -42,15 +42,16 @@ def load_settings(
     path: str | Path, overrides: Iterable[str] = (), updates: Mapping[str, Any] | None = None
 ) -> Params:
     """The settings file, then the ``--set`` overrides, then ``updates`` ({"pretrain.method": "dino"}),
-    validated once by the schema of ``params.yaml``."""
-    from cass.config import apply_overrides, params_from_mapping, read_params_file
+    validated once by the schema of ``params.yaml``; a searched finetune key that ``--set`` gives is
+    pinned (:func:`cass.config.pin_overridden`)."""
+    from cass.config import apply_overrides, params_from_mapping, pin_overridden, read_params_file
 
     overrides, updates = list(overrides), dict(updates or {})
     raw = apply_updates(apply_overrides(read_params_file(path), overrides), updates)
     source = f"{path}" + (f" with overrides {overrides}" if overrides else "")
     if updates:
         source += f"{' and' if overrides else ' with'} options {updates}"
-    return params_from_mapping(raw, source)
+    return pin_overridden(params_from_mapping(raw, source), overrides)
 
 
 def settings(args: argparse.Namespace, updates: Mapping[str, Any] | None = None) -> Params:

@@ -111,14 +111,16 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
 
 def tracked_finetune(
     params: Params, layout: Layout, network: Network, parent_run_id: str, pretraining_run_id: str | None = None,
-    *, progress: bool = True, tuning: Mapping[str, Any] | None = None,
+    *, progress: bool = True, tags: Mapping[str, str | None] | None = None, tuning: Mapping[str, Any] | None = None,
 ) -> FinetuneRun:
-    """Fine-tune ``network`` in a child run and log the model (a pyfunc that rebuilds it, no pickle)."""
+    """Fine-tune ``network`` in a child run and log the model (a pyfunc that rebuilds it, no pickle).
+    ``tags``: more tags of the run (e.g. which settings came from tuning); ``tuning``: the tuning the settings
+    came from, for lineage.json (:func:`cass.tune.tuning_origin`)."""
     from cass.finetune import finetune
     from cass.serving import log_classifier
 
     pre_dir = layout.pretrain if params.finetune.init == "cass" else None
-    tags = {"pretraining_run_id": pretraining_run_id}
+    tags = {**(tags or {}), "pretraining_run_id": pretraining_run_id}
     with stage_run(params, layout.data, parent_run_id, "finetune", network, **tags) as run:
         ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir,
                       callbacks=[run.epoch], progress=progress, tuning=tuning, pretraining_run_id=pretraining_run_id)

@@ -65,6 +65,9 @@ def tune(args: argparse.Namespace) -> int:
             continue
         path = run_study(params, layout.data, network, layout.tune, pre, workers=args.workers, storage=args.storage)
         doc = read_best_params(path)
+        if "trial" not in doc:
+            print(f"{network}: nothing to search, every key of tune.space is pinned -> {path}")
+            continue
         print(f"{network}: best trial {doc['trial']} of {doc['study']}, {doc['objective']} {doc['value']:.4f} "
               f"-> {path}")
     return 0
