@@ -6,6 +6,7 @@ project's own dvc.yaml; the tests then rerun, change and move it. S3 is a real m
 
 from __future__ import annotations
 
+import configparser
 import filecmp
 import hashlib
 import json
@@ -95,6 +96,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = init_repo(tmp_path_factory.mktemp("dvc-project") / "repo")
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the offline page template of `dvc plots`
+    template = configparser.ConfigParser()
+    template.read(REPO / ".dvc" / "config")
+    sh("dvc", "config", "plots.html_template", template["plots"]["html_template"], cwd=root)
     shutil.copytree(REPO / "cass", root / "cass", ignore=shutil.ignore_patterns("__pycache__"))
     raw = tiny_mapping(Path("data/demo"))
     raw["data"]["max_image_pixels"] = 89_478_485
@@ -223,6 +228,7 @@ def test_finetune_setting_reruns_only_what_depends_on_it(shared_project: Path) -
     sh("dvc", "plots", "show", "-o", str(html), cwd=project)
     page = (html / "index.html").read_text()
     assert "val_loss" in page and "confusion_matrix.png" in page
+    assert "<script src=" not in page  # Vega inline (.dvc/plots/offline.html): the page renders offline
 
     # Registering the experiment's model logs what it was trained with, not what params.yaml says now.
     # Guards: the version's run logged finetune.lr of params.yaml while the model was trained with the tuned lr,
