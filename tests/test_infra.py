@@ -204,8 +204,6 @@ def test_published_ports_match_the_docs(compose: dict) -> None:
 def test_every_failure_mode_in_the_production_docs_names_a_test_that_exists() -> None:
     # The failure-modes table of docs/production.md promises that each row is backed by a test: a renamed or
     # removed test would leave a row whose promise nothing checks.
-    import re
-
     repo = Path(__file__).resolve().parents[1]
     table = (repo / "docs" / "production.md").read_text().split("## 9. Failure modes", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| fault")
