@@ -122,12 +122,17 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from ``model.json`` + ``model.safetensors`` and classifies raw images."""
 
     def load_context(self, context) -> None:
+        classifier = Path(context.artifacts[CLASSIFIER_ARTIFACT])
+        verify_model_folder(classifier.parents[1], code=False)  # weights and spec as exported (mlflow models serve)
+        self.load(classifier)
+
+    def load(self, classifier: Path) -> None:
+        """The network and its preprocessing from a classifier folder (``model.json`` + weights), unchecked:
+        :meth:`load_context` verifies the model folder first."""
         from cass.config import AugmentConfig
         from cass.data.transforms import eval_transform
         from cass.finetune import load_classifier
 
-        classifier = Path(context.artifacts[CLASSIFIER_ARTIFACT])
-        verify_model_folder(classifier.parents[1], code=False)  # weights and spec as exported (mlflow models serve)
         self.model, self.spec = load_classifier(classifier, "cpu")
         self.transform = eval_transform(self.spec.image_size, AugmentConfig(mean=self.spec.mean, std=self.spec.std))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -224,12 +223,12 @@ def test_served_probabilities_equal_evaluation_after_scaling(tmp_path: Path, tin
 
 def test_served_multilabel_model_decides_at_its_own_thresholds(tmp_path: Path, tiny_params: Params,
                                                                demo_root: Path) -> None:
-    from cass.serving import CLASSIFIER_ARTIFACT, ImageClassifier
+    from cass.serving import ImageClassifier
 
     cut = (0.2, 0.4, 0.6, 0.8)
     folder = _saved_classifier(tmp_path / "ml", tiny_params, multilabel=True, temperature=0.5, thresholds=cut)
     served = ImageClassifier()
-    served.load_context(SimpleNamespace(artifacts={CLASSIFIER_ARTIFACT: str(folder)}))
+    served.load(folder)  # the classifier folder alone: load_context checks a whole MLflow model folder first
     images = [p.read_bytes() for p in sorted((demo_root / "stroma").glob("*.png"))[:4]]
     out = served.predict(None, pd.DataFrame({"image": images}))
     probs = out[list(served.spec.classes)].to_numpy()
