@@ -353,7 +353,10 @@ def test_data_change_marks_every_stage_changed(shared_project: Path) -> None:
     shutil.copy(project / "data/demo/tumor/tumor_0000.png", extra)
     try:
         status = json.loads(sh("dvc", "status", "--json", cwd=project).stdout)
-        assert STAGES | {"data.dvc"} <= set(status), status
+        # Every stage that reads the images; the model gates read only the evaluation they follow, so they
+        # show as changed once `dvc repro` has rewritten it.
+        readers = {stage for stage in STAGES if not stage.startswith("model_gate@")}
+        assert readers | {"data.dvc"} <= set(status), status
     finally:
         extra.unlink()
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
