@@ -29,7 +29,7 @@ from cass.layout import FinetuneOutputs
 from tests.conftest import service_unavailable, tiny_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
-SET_FILES = ("model.safetensors", "model.json", "history.csv", "metrics.json")
+SET_FILES = ("model.safetensors", "model.json", "history.csv", "lineage.json", "metrics.json")
 
 # Runs the CLI after installing a kill switch: SIGKILL right after the KILL_AFTER-th replacement of one of
 # the output set's files (1 = just after model.safetensors is replaced), or right after torch.save wrote a
@@ -86,11 +86,13 @@ def _digest(path: Path) -> str:
 
 
 def _identity(folder: Path) -> tuple:
-    """What makes a fine-tuning output set one run's: its weights, spec, curves and summary (without the
-    timings, which differ between equal runs)."""
+    """What makes a fine-tuning output set one run's: its weights, spec, curves, lineage and summary (without
+    the timings, which differ between equal runs)."""
     history = pd.read_csv(folder / "history.csv").drop(columns=["epoch_seconds"])
     metrics = json.loads((folder / "metrics.json").read_text())
+    lineage = json.loads((folder / "lineage.json").read_text())
     return (_digest(folder / "model.safetensors"), _digest(folder / "model.json"), history.to_csv(index=False),
+            lineage["weights_sha256"], lineage["settings"]["finetune"]["lr"],
             metrics["epochs_run"], metrics["best_epoch"], metrics["best_val_loss"])
 
 
@@ -107,7 +109,7 @@ def test_a_kill_while_fine_tuning_publishes_leaves_one_whole_set(prepared_dir: P
     shutil.copytree(folder, snapshot)
 
     seen = {}
-    for k in (1, 2, 3, 4):  # killed just after the weights, the spec, the curves, the summary were replaced
+    for k in range(1, len(SET_FILES) + 1):  # killed just after each file of the set was written
         shutil.rmtree(folder)
         shutil.copytree(snapshot, folder)
         proc = _finetune(second, outputs, KILL_AFTER=str(k), KILL_NAMES=",".join(SET_FILES))
