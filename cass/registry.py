@@ -334,10 +334,13 @@ def _break_if_stale(client, lock: str, cfg: MlflowConfig) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        held = client.get_registered_model(lock).tags
+        model = client.get_registered_model(lock)
     except MlflowException:
         return  # released meanwhile
-    age = time.time() - float(held.get("acquired_at", "0") or 0)
+    held = model.tags
+    # A lock read between its creation and its tags has none yet: its age is the registered model's own.
+    acquired = float(held.get("acquired_at") or (model.creation_timestamp or 0) / 1000 or time.time())
+    age = time.time() - acquired
     if age <= cfg.lock_stale_s and not _holder_gone(held):
         return
     owner = held.get("owner", "")
