@@ -59,6 +59,18 @@ def stop_after_first_epoch(epoch, _metrics):
 job, params_file, data_dir, out = sys.argv[1], load_params(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 if job == "interrupted-pretrain":
     pretrain(params_file, data_dir, out, callbacks=[stop_after_first_epoch], progress=False)
+elif job == "pair-per-rank":  # each rank keeps its whole pair (targets, projectors, predictors) to compare
+    import os
+
+    import torch
+
+    import cass.pretrain
+
+    pairs = []
+    build_pair = cass.pretrain.build_pair
+    cass.pretrain.build_pair = lambda params: pairs.append(build_pair(params)) or pairs[-1]
+    pretrain(params_file, data_dir, out, progress=False)
+    torch.save(dict(pairs[0].named_parameters()), out.parent / f"pair-rank{os.environ['RANK']}.pt")
 else:  # two stages in one process group, as a flow run under torchrun does
     pretrain(load_params(sys.argv[5]), data_dir, out / "dino", progress=False)
     finetune(params_file, data_dir, "cnn", out / "finetune", Path(sys.argv[6]), progress=False)
@@ -170,6 +182,38 @@ def test_dino_and_finetuning_in_two_processes_match_one_process(one_process: Pat
     got, expected = (json.loads(p.read_text()) for p in (out / "finetune" / "metrics.json", single.metrics))
     assert got["epochs_run"] == expected["epochs_run"] and got["best_epoch"] == expected["best_epoch"]
     assert got["best_val_loss"] == pytest.approx(expected["best_val_loss"], rel=1e-3)
+
+
+def test_two_view_ema_variant_keeps_every_part_in_step_across_processes(demo_root: Path, prepared_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    # Guards BYOL (two views, projectors, predictors, EMA targets) under DDP: DDP averages the online
+    # gradients, so each rank's EMA step moves the same targets the same way; a part left out of the
+    # optimiser, of the DDP module or of the EMA update would leave the ranks' pairs apart. (BatchNorm in the
+    # projectors sees each process's half batch, so this run is not compared with one process.)
+    raw = _mapping(demo_root)
+    raw["pretrain"].update(variant="byol", monitor_every=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "pretrain"
+    done = _torchrun_worker(tmp_path, "pair-per-rank", tmp_path / "params.yaml", prepared_dir, out)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    ranks = [torch.load(tmp_path / f"pair-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert any(k.startswith("cnn_target.") for k in ranks[0]) and any(k.startswith("vit_predictor.") for k in ranks[0])
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=f"{key} differs between ranks")
+    # The targets trail the online networks (EMA, momentum < 1), and rank 0's online backbones are what was saved.
+    assert not torch.equal(ranks[0]["cnn_target.projector.0.weight"], ranks[0]["cnn.projector.0.weight"])
+    for net in ("cnn", "vit"):
+        saved = load_file(str(out / f"{net}.safetensors"))
+        for key, value in saved.items():
+            if f"{net}.backbone.{key}" in ranks[0]:  # BatchNorm statistics are buffers, not parameters
+                torch.testing.assert_close(value, ranks[0][f"{net}.backbone.{key}"], rtol=0, atol=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["variant"] == "byol" and metrics["views"] == 2
+    state = load_checkpoint(PretrainOutputs(out).checkpoint)
+    assert {"cnn_target", "vit_target", "cnn_predictor"} <= state.keys()
+    assert not any(k.startswith("module.") for part in ("cnn", "cnn_target", "vit_predictor") for k in state[part])
 
 
 def test_global_batch_must_divide_among_processes() -> None:
