@@ -201,7 +201,9 @@ def main() -> None:
                     help=f"default: %(default)s; all = every one of: {', '.join(METHODS)}")
     ap.add_argument("--plot", type=Path, default=Path("outputs/benchmarks/label_efficiency.png"))
     ap.add_argument("--table", type=Path, help="write the markdown table of mean ± sd here")
-    ap.add_argument("--from-csv", type=Path, help="only redraw the plot (and table) from a CSV written by --csv")
+    ap.add_argument("--from-csv", type=Path, nargs="+",
+                    help="only redraw the plot (and table) from CSVs written by --csv (e.g. one per dataset, run side "
+                    "by side on two cores)")
     args = ap.parse_args()
     setup_logging()
     apply_threads(args.threads)
@@ -213,14 +215,14 @@ def main() -> None:
     datasets(args)  # fail on a bad name before any training
     env = environment(resolve_device("auto"))
     if args.from_csv:
-        rows = pd.read_csv(args.from_csv).to_dict("records")
+        rows = pd.concat([pd.read_csv(path) for path in args.from_csv]).to_dict("records")
         for r in rows:
             r.setdefault("dataset", "tissue")  # CSVs written before --datasets existed
         seeds = sorted({int(r["seed"]) for r in rows})
         kinds = list(dict.fromkeys(r["dataset"] for r in rows))
         summary_records = report(rows, args)
         plot(pd.DataFrame(summary_records), networks, args.plot, _title(args, len(seeds), env, kinds))
-        emit({"benchmark": "label_efficiency", "from_csv": str(args.from_csv),
+        emit({"benchmark": "label_efficiency", "from_csv": [str(path) for path in args.from_csv],
               "decision_rule": decision(summary_records)})
         return
     started = time.perf_counter()

@@ -76,10 +76,11 @@ class CassLearner(PretrainingLearner):
     @property
     def collapse_hint(self) -> str:
         if self.pair.variant == "paper":
-            alternative = RANDOM_INIT_VARIANT if RANDOM_INIT_VARIANT != "paper" else "simsiam or byol"
-            return (f"From random weights the paper's recipe tends to collapse: set pretrain.variant to "
-                    f"{alternative} to keep the embeddings spread (docs/baselines.md: what each gains), or start "
-                    f"from pretrained weights (model.pretrained or *_weights).")
+            alternative = (f"pretrain.variant: {RANDOM_INIT_VARIANT}" if RANDOM_INIT_VARIANT != "paper"
+                           else "pretrain.variant: simsiam with pretrain.anti_collapse: vicreg (the best measured)")
+            return (f"From random weights the paper's recipe tends to collapse: set {alternative} to keep the "
+                    f"embeddings spread (docs/baselines.md: what each gains), or start from pretrained weights "
+                    f"(model.pretrained or *_weights).")
         return (f"Variant {self.pair.variant} collapsed: try another pretrain.variant or add "
                 f"pretrain.anti_collapse: vicreg (docs/baselines.md).")
 
