@@ -203,7 +203,8 @@ def main() -> None:
     ap.add_argument("--table", type=Path, help="write the markdown table of mean ± sd here")
     ap.add_argument("--from-csv", type=Path, nargs="+",
                     help="only redraw the plot (and table) from CSVs written by --csv (e.g. one per dataset, run side "
-                    "by side on two cores)")
+                    "by side on two cores); the CSVs hold results only, so pass the run's settings (--image-size, "
+                    "--images-per-class, --pretrain-epochs, --cnn, --vit) for the plot's title")
     args = ap.parse_args()
     setup_logging()
     apply_threads(args.threads)
