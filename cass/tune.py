@@ -50,7 +50,7 @@ from cass.config import (
     TuneConfig,
     params_from_mapping,
 )
-from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError
+from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError, exception_chain
 from cass.finetune import finetune
 from cass.io import atomic_write_text
 from cass.layout import best_params_path, optuna_storage_file
@@ -243,7 +243,9 @@ def _write_best_doc(doc: dict[str, Any], network: str, out_dir: Path, origin: st
 
 
 def _database_failure(exc: BaseException) -> BaseException | None:
-    """The database error behind ``exc`` (itself, or in its chain of causes), or None.
+    """The database error behind ``exc`` (itself, or in its chain of causes), or None. An error raised
+    ``from None`` over a database error (cass's TrackingError over MLflow's own SQLite store being locked)
+    is not a failure of the study's database.
 
     When the database goes away mid-trial, Optuna raises ``StorageInternalError`` ("invalid data in the
     commit") and then, failing to read the trial back, an ``UnboundLocalError``: both are a lost database."""
@@ -251,15 +253,12 @@ def _database_failure(exc: BaseException) -> BaseException | None:
     from sqlalchemy.exc import DBAPIError, DisconnectionError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    seen: set[int] = set()
-    failure, current = None, exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    failure = None
+    for current in exception_chain(exc):
         if isinstance(current, DBAPIError | DisconnectionError | PoolTimeout):
             return current  # the driver's own error: the most telling
         if isinstance(current, StorageInternalError) and failure is None:
             failure = current
-        current = current.__cause__ or current.__context__
     return failure
 
 
@@ -286,7 +285,7 @@ def _study_database(url: str, during: str) -> Iterator[None]:
     """Turn a refused or lost database connection into one :class:`StudyDatabaseError` naming the storage."""
     try:
         yield
-    except StudyDatabaseError:
+    except CassError:  # cass's own errors (a StudyDatabaseError, a TrackingError) say what failed already
         raise
     except Exception as exc:
         failure = _database_failure(exc)
