@@ -575,3 +575,30 @@ def test_the_recorded_digest_is_found_for_every_kind_of_models_uri(tmp_path, mon
         with pytest.raises(DataError, match=f"could not look up model {re.escape(missing)}: .*models:/<name>/latest"):
             recorded_digest(missing)
     mlflow.set_tracking_uri(None)
+
+
+def test_epoch_metrics_the_store_refuses_are_dropped_and_the_later_epochs_logged(tmp_path, monkeypatch,
+                                                                                 caplog) -> None:
+    import mlflow
+
+    from cass.config import MlflowConfig
+    from cass.tracking import reset_client
+    from cass.tracking.client import configure
+    from cass.tracking.runs import RunLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "mlruns"),
+                       experiment="epochs")
+    try:
+        run = RunLogger.create(cfg, configure(cfg), "epochs", {})
+        with caplog.at_level("WARNING", logger="cass.tracking.runs"):
+            run.epoch(1, {"val_loss": 1.0, "x" * 300: 0.5})  # a key longer than MLflow takes: refused
+            run.epoch(2, {"val_loss": 0.5})
+            run.epoch(3, {"val_loss": 0.25})
+        history = mlflow.MlflowClient().get_metric_history(run.run_id, "val_loss")
+        run.finish()
+    finally:
+        reset_client()
+    assert sorted((m.step, m.value) for m in history) == [(2, 0.5), (3, 0.25)]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and "epoch 1 metrics" in refused[0] and run.run_id in refused[0], caplog.text
