@@ -453,7 +453,10 @@ def end_run(cfg: MlflowConfig, run_id: str, status: str, active: bool = False) -
     """Set the final status of ``run_id`` (``active``: it is this thread's active run, which is left too).
 
     When the store does not answer, the run is recorded to be ended at the next start and
-    :class:`TrackingError` raised; a dead server is found with one short request, not MLflow's retries.
+    :class:`TrackingError` raised. For a run that is not active, a dead server is found with one short
+    request, not MLflow's retries; an active run is left through ``mlflow.end_run`` (MLflow keeps the active
+    run to itself, and only that call leaves it), which tells the store within the retries the
+    ``mlflow.http_*`` settings bound.
     """
     import mlflow
 
