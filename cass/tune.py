@@ -721,8 +721,40 @@ def _worker_process(args: tuple, level: int, threads: int, errors: Any) -> None:
     try:
         run_worker(*args)
     except CassError as exc:
-        errors.put((exc.exit_code, str(exc)))
+        errors.put(_WorkerError.of(exc))
         sys.exit(exc.exit_code)
+
+
+@dataclass(frozen=True)
+class _WorkerError:
+    """A worker's CassError as it crosses to the parent: its class by name, its exit code and message."""
+
+    module: str
+    qualname: str
+    exit_code: int
+    message: str
+
+    @classmethod
+    def of(cls, exc: CassError) -> _WorkerError:
+        return cls(type(exc).__module__, type(exc).__qualname__, exc.exit_code, str(exc))
+
+    def error(self) -> CassError:
+        """The worker's error, of its own class (or its nearest base made from a message alone, with the same
+        exit code); a plain CassError with the worker's exit code if the class cannot be found here."""
+        import importlib
+
+        kind: Any = None
+        with contextlib.suppress(Exception):  # the plain CassError below says the same to the user
+            kind = importlib.import_module(self.module)
+            for part in self.qualname.split("."):
+                kind = getattr(kind, part)
+        for cls in kind.__mro__ if isinstance(kind, type) and issubclass(kind, CassError) else ():
+            if issubclass(cls, CassError) and cls.exit_code == self.exit_code:
+                with contextlib.suppress(Exception):
+                    return cls(self.message)
+        exc = CassError(self.message)
+        exc.exit_code = self.exit_code
+        return exc
 
 
 def _exit_reason(exitcode: int | None) -> str:
@@ -733,7 +765,7 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 def _after_workers(params: Params, network: str, url: str, failed: Sequence[str],
-                   errors: Sequence[tuple[int, str]], workers: int) -> None:
+                   errors: Sequence[_WorkerError], workers: int) -> None:
     """Judge local workers of which some failed by the study they leave: finished -> a warning (the
     others ran the dead worker's trials); unfinished -> one error (a database failure first)."""
     import optuna
@@ -749,9 +781,8 @@ def _after_workers(params: Params, network: str, url: str, failed: Sequence[str]
         log.warning("%d of %d tuning workers stopped (%s); the others finished the study's %d trials",
                     len(failed), workers, "; ".join(failed), cfg.n_trials)
         return
-    kinds = {kind.exit_code: kind for kind in CassError.__subclasses__()}
-    for code, message in sorted(errors, key=lambda e: e[0] != StudyDatabaseError.exit_code):
-        raise kinds.get(code, CassError)(message)  # the workers' own error, with its exit code
+    for error in sorted(errors, key=lambda e: e.exit_code != StudyDatabaseError.exit_code):
+        raise error.error()  # the workers' own error, with its exit code
     raise TrainingError(
         f"{len(failed)} of {workers} tuning workers failed ({'; '.join(failed)}) and the study has "
         f"{finished} of its {cfg.n_trials} trials; see their log, then rerun the same command to resume it"
