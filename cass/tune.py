@@ -713,6 +713,9 @@ def _worker_process(args: tuple, level: int, threads: int, errors: Any) -> None:
     """A local worker. Its CassError goes to the parent (``errors``), which reports once for all workers."""
     import torch
 
+    from cass.redaction import install_log_redaction
+
+    install_log_redaction()  # a new process: its log lines lose credentials as the parent's do
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -402,3 +402,24 @@ def test_a_workers_error_reaches_the_parent_with_its_own_class_and_exit_code(tmp
             _after_workers(params, "cnn", url, ["tune-cnn-0: exit code"], [_WorkerError.of(exc)], 2)
         assert type(caught.value) is kind
         assert str(caught.value) == str(exc) and caught.value.exit_code == exc.exit_code
+
+
+def test_a_tuning_worker_process_redacts_credentials_in_its_log(tmp_path: Path, demo_root: Path, caplog) -> None:
+    """A worker process starts with Python's own log records; it installs the redaction as the CLI does."""
+    import logging
+
+    from cass.tune import _worker_process
+
+    mapping = tiny_mapping(demo_root)
+    mapping["tune"] = {"space": SPACE, "pin": list(SPACE)}  # nothing to search: the worker returns at once
+    params = params_from_mapping(mapping)
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)  # as in a new process
+    try:
+        args = (params, demo_root, "cnn", tmp_path, None, f"sqlite:///{tmp_path / 'optuna.db'}")
+        _worker_process(args, logging.INFO, 1, multiprocessing.get_context("spawn").SimpleQueue())
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("cass.tune").info("storage %s", "postgresql://optuna:s3cret-pw@db:5432/optuna")
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert "postgresql://optuna:***@db:5432/optuna" in caplog.text and "s3cret-pw" not in caplog.text
