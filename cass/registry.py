@@ -2,16 +2,20 @@
 
 A version becomes champion only when the model quality gate passes and it beats the current champion
 on the SAME test set (same test-split hash) by ``mlflow.promotion_margin`` in ``mlflow.promotion_metric``.
-Every decision is written as tags on the version (``promoted_at``, ``previous_champion``,
-``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``), since aliases keep no history.
-``rollback`` moves the alias back to the version recorded as ``previous_champion``.
+Aliases keep no history, so every decision (promoted, refused, restored by a rollback) is recorded on its
+version as one JSON tag ``promotion.<n>``, ``n`` numbering the decisions of the registered model in order,
+written BEFORE the alias moves; :func:`history` reads them back. Summary tags follow (``promoted_at``,
+``previous_champion``, ``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``).
+``rollback`` moves the alias back to the champion the current one replaced.
 
 Two promotions of one model never interleave: each holds a lock while it reads the champion, decides
 and moves the alias. The lock is a registered model named ``<name>.promotion-lock``, created and
 deleted around the decision: creating a registered model is atomic in every MLflow backend (a unique
 name in the database behind the server), so exactly one promoter holds it; the others wait and then
-compare against the new champion. A lock left by a killed process is broken after
-``mlflow.lock_stale_s``.
+compare against the new champion. A waiter breaks a lock at once when its holder ran on the same host
+and that process is gone, else when it is older than ``mlflow.lock_stale_s``. Exactly one waiter breaks
+a given lock: it first creates the marker ``<name>.promotion-lock.broken-<owner>`` (atomic like the lock),
+and the next waiter that breaks a lock deletes the markers older than ``mlflow.lock_stale_s`` (and a minute).
 """
 
 from __future__ import annotations

@@ -145,7 +145,9 @@ class TunedSettings:
 
     params: Params
     tuned: dict[str, Any]  # finetune key -> the tuned value now in params
-    pinned: dict[str, Any]  # finetune key the file also holds -> the value kept (tune.pin)
+    # finetune key not tuned -> the value now in params: kept by tune.pin here, or the study's pin (the file's
+    # ``pinned:``) carried over the settings
+    pinned: dict[str, Any]
     source: str  # "<file> (trial <n> of study <name>)"
 
     def tags(self) -> dict[str, str | None]:
@@ -160,7 +162,8 @@ class TunedSettings:
 
 def tuned_settings(params: Params, path: Path, network: str | None = None) -> TunedSettings:
     """``params`` with the finetune settings of a ``best_<network>.yaml`` file, validated; keys pinned in
-    ``tune.pin`` keep the value of ``params``. Logs which values come from the file and which are pinned."""
+    ``tune.pin`` keep the value of ``params``, and the study's own pins (the file's ``pinned:``) that are not
+    pinned here apply as the file holds them. Logs which values come from the file and which are pinned."""
     doc = read_best_params(path)
     if network is not None and doc.get("network") not in (None, network):
         raise ConfigError(f"{path}: holds the best settings of the {doc['network']}, not of the {network}")
@@ -178,7 +181,8 @@ def tuned_settings(params: Params, path: Path, network: str | None = None) -> Tu
         log.info("%stuned settings from %s: %s", who, source, ", ".join(
             f"finetune.{k}={v!r} (was {getattr(params.finetune, k)!r})" for k, v in sorted(tuned.items())))
     else:
-        log.info("%s%s holds no tuned setting; every value comes from the settings", who, path)
+        log.info("%s%s holds no tuned setting; %s", who, path,
+                 "only the study's pinned values below apply" if carried else "every value comes from the settings")
     if kept:
         log.info("%spinned by tune.pin, not tuned: %s", who,
                  ", ".join(f"finetune.{k}={v!r}" for k, v in sorted(kept.items())))
@@ -899,7 +903,8 @@ def tune(
 
 
 def _nothing_to_search(params: Params, network: str, out_dir: Path) -> Path:
-    """Every key of tune.space is pinned: no study; the best-parameters file says so and changes nothing."""
+    """Every key of tune.space is pinned: no study; the best-parameters file says so and holds no tuned value,
+    only the pinned ones (``pinned:``), which a fine-tune with other settings takes (:func:`tuned_settings`)."""
     pinned = _pinned_values(params)
     log.warning("tuning %s: every key of tune.space is pinned (%s); no trial runs, and fine-tuning uses the "
                 "settings as they are", network, ", ".join(f"{k}={v!r}" for k, v in pinned.items()))
