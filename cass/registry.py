@@ -600,77 +600,80 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
             raise
         raise RegistryError(f"{name} has no version {version}; `cass promote --help` shows how to pick one") from None
     candidate_metrics = version_metrics(client, name, version)
-    with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:  # the gate's report, until attached
         verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
-        gate_report = _attach_report(client, candidate.tags.get("evaluation_run_id") or candidate.run_id,
-                                     verdict.report)
-
-    with promotion_lock(client, name, cfg):
-        previous = _champion(client, name)
-        _, records = history(name, client)
-        _complete_flat_tags(client, name, previous, records)
-        if previous == version:
-            return PromotionResult(name, version, False, previous, previous, "already the champion")
-        metric = cfg.promotion_metric
-        compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
-                                    "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
-                                    "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
-        refusal, why = None, "first champion"
-        if previous is not None:
-            champion = client.get_model_version(name, previous)
-            compared["champion_version"] = previous
-            same_test_set = candidate.tags.get("test_set") and candidate.tags.get("test_set") == champion.tags.get(
-                "test_set"
-            )
-            if not same_test_set:
-                refusal = (
-                    f"not comparable: v{version} was tested on test set {candidate.tags.get('test_set', '?')[:12]}, "
-                    f"champion v{previous} on {champion.tags.get('test_set', '?')[:12]}; evaluate both on one test "
-                    "split, or use --force --reason"
+        with promotion_lock(client, name, cfg):
+            previous = _champion(client, name)
+            _, records = history(name, client)
+            _complete_flat_tags(client, name, previous, records)
+            if previous == version:
+                return PromotionResult(name, version, False, previous, previous, "already the champion")
+            # Attached once a decision is taken: not for a version that is champion already, nor without the lock.
+            gate_report = _attach_report(client, candidate.tags.get("evaluation_run_id") or candidate.run_id,
+                                         verdict.report)
+            metric = cfg.promotion_metric
+            compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
+                                        "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
+                                        "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
+            refusal, why = None, "first champion"
+            if previous is not None:
+                champion = client.get_model_version(name, previous)
+                compared["champion_version"] = previous
+                same_test_set = candidate.tags.get("test_set") and candidate.tags.get("test_set") == champion.tags.get(
+                    "test_set"
                 )
-            else:
-                champion_value = version_metrics(client, name, previous).get(metric)
-                compared["champion"] = champion_value
-                value = candidate_metrics.get(metric)
-                if not (finite(value) and finite(champion_value)):
-                    refusal = f"{metric} is missing (candidate {value}, champion {champion_value})"
-                elif value - champion_value < cfg.promotion_margin:
+                if not same_test_set:
                     refusal = (
-                        f"{metric} {value:.4f} does not beat champion v{previous} ({champion_value:.4f}) by the "
-                        f"margin {cfg.promotion_margin:g}"
+                        f"not comparable: v{version} was tested on test set "
+                        f"{candidate.tags.get('test_set', '?')[:12]}, champion v{previous} on "
+                        f"{champion.tags.get('test_set', '?')[:12]}; evaluate both on one test split, or use "
+                        "--force --reason"
                     )
                 else:
-                    why = (f"{metric} {value:.4f} beats champion v{previous} ({champion_value:.4f}) by >= "
-                           f"{cfg.promotion_margin:g}")
-        if not verdict.passed:
-            refusal = f"model gate {verdict.text()}"
-        seq = max((d.seq for d in records), default=0) + 1
+                    champion_value = version_metrics(client, name, previous).get(metric)
+                    compared["champion"] = champion_value
+                    value = candidate_metrics.get(metric)
+                    if not (finite(value) and finite(champion_value)):
+                        refusal = f"{metric} is missing (candidate {value}, champion {champion_value})"
+                    elif value - champion_value < cfg.promotion_margin:
+                        refusal = (
+                            f"{metric} {value:.4f} does not beat champion v{previous} ({champion_value:.4f}) by the "
+                            f"margin {cfg.promotion_margin:g}"
+                        )
+                    else:
+                        why = (f"{metric} {value:.4f} beats champion v{previous} ({champion_value:.4f}) by >= "
+                               f"{cfg.promotion_margin:g}")
+            if not verdict.passed:
+                refusal = f"model gate {verdict.text()}"
+            seq = max((d.seq for d in records), default=0) + 1
 
-        if refusal is not None and not force:
-            decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
-                                gate_report)
-            _write_record(client, name, version, decision)
-            _set_tags(client, name, version, {
-                "promotion_refused_at": decision.at,
-                "promotion_refused_reason": refusal,
-                "compared_metrics": json.dumps(compared),
-            })
-            log.info("%s v%s not promoted: %s", name, version, refusal)
-            return PromotionResult(name, version, False, previous, previous, refusal, compared=compared,
-                                   gate_report=gate_report)
+            if refusal is not None and not force:
+                decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
+                                    gate_report)
+                _write_record(client, name, version, decision)
+                _set_tags(client, name, version, {
+                    "promotion_refused_at": decision.at,
+                    "promotion_refused_reason": refusal,
+                    "compared_metrics": json.dumps(compared),
+                })
+                log.info("%s v%s not promoted: %s", name, version, refusal)
+                return PromotionResult(name, version, False, previous, previous, refusal, compared=compared,
+                                       gate_report=gate_report)
 
-        if force:
-            final_reason = f"forced: {reason.strip()}" + (f" (would have been refused: {refusal})" if refusal else "")
-        else:
-            final_reason = f"{why}; model gate {verdict.text()}"
-        decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
-                            compared, gate_report)
-        _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
-        client.set_registered_model_alias(name, CHAMPION, version)
-        _set_tags(client, name, version, _promotion_tags(decision))
-        now = _champion(client, name)
-        if now != version:  # the lock makes this impossible unless someone moved the alias by hand
-            raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; check who moved it")
+            if force:
+                final_reason = (f"forced: {reason.strip()}"
+                                + (f" (would have been refused: {refusal})" if refusal else ""))
+            else:
+                final_reason = f"{why}; model gate {verdict.text()}"
+            decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
+                                compared, gate_report)
+            _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
+            client.set_registered_model_alias(name, CHAMPION, version)
+            _set_tags(client, name, version, _promotion_tags(decision))
+            now = _champion(client, name)
+            if now != version:  # the lock makes this impossible unless someone moved the alias by hand
+                raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; "
+                                    "check who moved it")
     result = PromotionResult(name, version, True, version, previous, final_reason, force, compared, gate_report)
     log.info("%s (%s)", result.change(), final_reason)
     return result

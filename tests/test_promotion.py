@@ -389,3 +389,51 @@ def test_registry_command_explains_each_champion_with_its_full_history(setup, ca
     assert f"v{v3} promoted (replacing v{v1}) by {user}: {reason}" in history[2]  # the whole reason
     assert f"v{v1} restored by rollback (replacing v{v3})" in history[3] and "drift on site B" in history[3]
     assert _cli(s, "registry", "no-such-model") == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate report
+
+
+def test_the_gate_report_is_attached_only_to_a_decision_taken_under_the_lock(tmp_path: Path, demo_root: Path,
+                                                                             monkeypatch) -> None:
+    """A promotion of the champion itself decides nothing, and one that waits out another's lock decides
+    nothing either: neither adds a ``promotion_gate/`` folder to the version's evaluation run."""
+    import mlflow
+
+    from cass import registry
+    from cass.errors import CassError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    mapping = tiny_mapping(demo_root)
+    mapping["mlflow"] = {"tracking_uri": uri, "lock_timeout_s": 0.5}
+    s = SimpleNamespace(client=client, params=params_from_mapping(mapping),
+                        experiment=client.create_experiment("gate-reports", (tmp_path / "mlruns").as_uri()))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "result.json").write_text("{}")
+    passing = lambda metrics: registry.GateVerdict(True, report=report)  # noqa: E731
+
+    def attached(version: str) -> int:
+        run_id = client.get_model_version(name, version).tags["evaluation_run_id"]
+        return len(client.list_artifacts(run_id, registry.GATE_REPORTS))
+
+    name = "gate-reports"
+    v1, v2 = _version(s, name, 0.60), _version(s, name, 0.80)
+    try:
+        assert registry.promote(name, v1, s.params, gate=passing, client=client).promoted
+        assert attached(v1) == 1
+        result = registry.promote(name, v1, s.params, gate=passing, client=client)
+        assert not result.promoted and result.reason == "already the champion"
+        assert attached(v1) == 1
+        # Another promoter holds the lock (alive, on another host): this one times out and decides nothing.
+        client.create_registered_model(f"{name}{registry.LOCK_SUFFIX}", tags={
+            "owner": "other", "acquired_at": f"{time.time():.3f}", "host": "elsewhere", "pid": "1"})
+        with pytest.raises(CassError, match="another promotion"):
+            registry.promote(name, v2, s.params, gate=passing, client=client)
+        assert attached(v2) == 0 and _champion(s, name) == v1
+    finally:
+        mlflow.set_tracking_uri(None)
