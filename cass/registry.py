@@ -12,8 +12,9 @@ Two promotions of one model never interleave: each holds a lock while it reads t
 and moves the alias. The lock is a registered model named ``<name>.promotion-lock``, created and
 deleted around the decision: creating a registered model is atomic in every MLflow backend (a unique
 name in the database behind the server), so exactly one promoter holds it; the others wait and then
-compare against the new champion. A waiter breaks a lock at once when its holder ran on the same host
-and that process is gone, else when it is older than ``mlflow.lock_stale_s``. Exactly one waiter breaks
+compare against the new champion. A waiter breaks a lock at once when its holder ran on the same host, in
+the same PID namespace since the same boot (containers sharing a host name do not share pids), and that
+process is gone; else when it is older than ``mlflow.lock_stale_s``. Exactly one waiter breaks
 a given lock: it first creates the marker ``<name>.promotion-lock.broken-<owner>`` (atomic like the lock),
 and the next waiter that breaks a lock deletes the markers older than ``mlflow.lock_stale_s`` (and a minute).
 """
@@ -295,10 +296,32 @@ def promotion_lock(client, name: str, cfg: MlflowConfig) -> Iterator[None]:
 
 
 def _holder() -> dict[str, str]:
-    """Who holds a lock: host and pid, and the process's start time so that a reused pid is not mistaken for it."""
+    """Who holds a lock: host and pid, the process's start time so that a reused pid is not mistaken for it,
+    and the PID namespace and boot the pid belongs to (:func:`_pid_space`)."""
     pid = os.getpid()
     return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
-            "started": _process_start(pid) or ""}
+            "started": _process_start(pid) or "", **_pid_space()}
+
+
+def _pid_space() -> dict[str, str]:
+    """Where this process's pid is meaningful: the inode of its PID namespace and the kernel's boot id ("" when
+    unreadable). Containers that share a host name (host networking) have their own PID namespaces."""
+    space = {"pid_ns": "", "boot_id": ""}
+    with contextlib.suppress(OSError):
+        space["pid_ns"] = str(os.stat("/proc/self/ns/pid").st_ino)
+    with contextlib.suppress(OSError):
+        space["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return space
+
+
+def _same_pid_space(tags: Mapping[str, str]) -> bool:
+    """Whether the pid in a lock's ``tags`` can be looked up here: same PID namespace and same boot, both known.
+    A lock written without them (by an earlier version) is not judged by its pid. Without /proc (no PID
+    namespaces: macOS), the host name is enough."""
+    if not Path("/proc/self/stat").exists():
+        return True
+    here = _pid_space()
+    return all(here.values()) and all(tags.get(key) == value for key, value in here.items())
 
 
 def _process_start(pid: int) -> str | None:
@@ -323,15 +346,18 @@ def _process_start(pid: int) -> str | None:
 
 
 def _holder_gone(tags: Mapping[str, str]) -> bool:
-    """True when the lock's holder ran on this host and that process no longer exists (killed, crashed)."""
+    """True when the lock's holder ran on this host, in this PID namespace since this boot, and that process no
+    longer exists (killed, crashed)."""
     if tags.get("host") != socket.gethostname() or not str(tags.get("pid", "")).isdigit():
+        return False
+    if not _same_pid_space(tags):
         return False
     started = _process_start(int(tags["pid"]))
     return started is None or bool(started and tags.get("started") and started != tags["started"])
 
 
 def _break_if_stale(client, lock: str, cfg: MlflowConfig) -> None:
-    """Delete a lock whose holder is gone (same host) or that is older than ``lock_stale_s``.
+    """Delete a lock whose holder is gone (same host, PID namespace and boot) or that is older than ``lock_stale_s``.
 
     Exactly one waiter breaks a given lock: it must first create ``<lock>.broken-<owner>`` (atomic, like the lock
     itself), so a second waiter that saw the same dead lock cannot delete the fresh lock of a third promoter."""

@@ -437,3 +437,33 @@ def test_the_gate_report_is_attached_only_to_a_decision_taken_under_the_lock(tmp
         assert attached(v2) == 0 and _champion(s, name) == v1
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_dead_holders_lock_is_broken_at_once_only_in_the_same_pid_namespace_and_boot(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Containers that share a host name (host networking) do not share pids: a lock whose holder's pid is
+    missing here is broken at once only when it was taken in this PID namespace since this boot; otherwise,
+    and for a lock without these tags, only its age counts."""
+    import mlflow
+
+    from cass import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    cfg = params_from_mapping({"mlflow": {"tracking_uri": uri, "lock_stale_s": 900}}).mlflow
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    holder = {**registry._holder(), "pid": str(dead.pid), "owner": "o", "acquired_at": f"{time.time():.3f}"}
+    assert holder["pid_ns"] and holder["boot_id"]
+
+    def broken_at_once(tags: dict[str, str]) -> bool:
+        lock = f"m-{len(client.search_registered_models())}{registry.LOCK_SUFFIX}"
+        client.create_registered_model(lock, tags=tags)
+        registry._break_if_stale(client, lock, cfg)
+        return not client.search_registered_models(f"name = '{lock}'")
+
+    assert broken_at_once(holder)
+    assert not broken_at_once({**holder, "pid_ns": "4026531836" if holder["pid_ns"] != "4026531836" else "1"})
+    assert not broken_at_once({**holder, "boot_id": "00000000-0000-0000-0000-000000000000"})
+    assert not broken_at_once({k: v for k, v in holder.items() if k not in ("pid_ns", "boot_id")})  # an older lock
+    assert broken_at_once({**holder, "pid_ns": "1", "acquired_at": f"{time.time() - 1000:.3f}"})  # too old
