@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,6 +15,18 @@ def did_you_mean(name: object, known: Iterable[str]) -> str:
     "unknown ..." message (settings keys, layouts, checks, metrics, tunable settings) suggests the same way."""
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors behind it, as a traceback shows them: its ``__cause__``, else its
+    ``__context__`` unless it was raised ``from None`` (``__suppress_context__``): an error raised so has
+    taken the place of the one it was handling, which is no longer its reason."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
 
 
 class CassError(Exception):

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from cass.errors import DiskFullError
+from cass.errors import DiskFullError, exception_chain
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # How writers that do not raise OSError report a full disk: safetensors (Rust I/O errors) and torch.save
@@ -64,17 +64,9 @@ def free_bytes(folder: Path) -> int:
         return -1
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-
-
 def is_disk_full(exc: BaseException, folder: Path) -> bool:
     """Whether ``exc``, raised while writing into ``folder``, means that its filesystem is full."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             return True
         text = str(e).lower()

@@ -2,16 +2,21 @@
 
 A version becomes champion only when the model quality gate passes and it beats the current champion
 on the SAME test set (same test-split hash) by ``mlflow.promotion_margin`` in ``mlflow.promotion_metric``.
-Every decision is written as tags on the version (``promoted_at``, ``previous_champion``,
-``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``), since aliases keep no history.
-``rollback`` moves the alias back to the version recorded as ``previous_champion``.
+Aliases keep no history, so every decision (promoted, refused, restored by a rollback) is recorded on its
+version as one JSON tag ``promotion.<n>``, ``n`` numbering the decisions of the registered model in order,
+written BEFORE the alias moves; :func:`history` reads them back. Summary tags follow (``promoted_at``,
+``previous_champion``, ``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``).
+``rollback`` moves the alias back to the champion the current one replaced.
 
 Two promotions of one model never interleave: each holds a lock while it reads the champion, decides
 and moves the alias. The lock is a registered model named ``<name>.promotion-lock``, created and
 deleted around the decision: creating a registered model is atomic in every MLflow backend (a unique
 name in the database behind the server), so exactly one promoter holds it; the others wait and then
-compare against the new champion. A lock left by a killed process is broken after
-``mlflow.lock_stale_s``.
+compare against the new champion. A waiter breaks a lock at once when its holder ran on the same host, in
+the same PID namespace since the same boot (containers sharing a host name do not share pids), and that
+process is gone; else when it is older than ``mlflow.lock_stale_s``. Exactly one waiter breaks
+a given lock: it first creates the marker ``<name>.promotion-lock.broken-<owner>`` (atomic like the lock),
+and the next waiter that breaks a lock deletes the markers older than ``mlflow.lock_stale_s`` (and a minute).
 """
 
 from __future__ import annotations
@@ -291,10 +296,32 @@ def promotion_lock(client, name: str, cfg: MlflowConfig) -> Iterator[None]:
 
 
 def _holder() -> dict[str, str]:
-    """Who holds a lock: host and pid, and the process's start time so that a reused pid is not mistaken for it."""
+    """Who holds a lock: host and pid, the process's start time so that a reused pid is not mistaken for it,
+    and the PID namespace and boot the pid belongs to (:func:`_pid_space`)."""
     pid = os.getpid()
     return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
-            "started": _process_start(pid) or ""}
+            "started": _process_start(pid) or "", **_pid_space()}
+
+
+def _pid_space() -> dict[str, str]:
+    """Where this process's pid is meaningful: the inode of its PID namespace and the kernel's boot id ("" when
+    unreadable). Containers that share a host name (host networking) have their own PID namespaces."""
+    space = {"pid_ns": "", "boot_id": ""}
+    with contextlib.suppress(OSError):
+        space["pid_ns"] = str(os.stat("/proc/self/ns/pid").st_ino)
+    with contextlib.suppress(OSError):
+        space["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return space
+
+
+def _same_pid_space(tags: Mapping[str, str]) -> bool:
+    """Whether the pid in a lock's ``tags`` can be looked up here: same PID namespace and same boot, both known.
+    A lock written without them (by an earlier version) is not judged by its pid. Without /proc (no PID
+    namespaces: macOS), the host name is enough."""
+    if not Path("/proc/self/stat").exists():
+        return True
+    here = _pid_space()
+    return all(here.values()) and all(tags.get(key) == value for key, value in here.items())
 
 
 def _process_start(pid: int) -> str | None:
@@ -319,15 +346,18 @@ def _process_start(pid: int) -> str | None:
 
 
 def _holder_gone(tags: Mapping[str, str]) -> bool:
-    """True when the lock's holder ran on this host and that process no longer exists (killed, crashed)."""
+    """True when the lock's holder ran on this host, in this PID namespace since this boot, and that process no
+    longer exists (killed, crashed)."""
     if tags.get("host") != socket.gethostname() or not str(tags.get("pid", "")).isdigit():
+        return False
+    if not _same_pid_space(tags):
         return False
     started = _process_start(int(tags["pid"]))
     return started is None or bool(started and tags.get("started") and started != tags["started"])
 
 
 def _break_if_stale(client, lock: str, cfg: MlflowConfig) -> None:
-    """Delete a lock whose holder is gone (same host) or that is older than ``lock_stale_s``.
+    """Delete a lock whose holder is gone (same host, PID namespace and boot) or that is older than ``lock_stale_s``.
 
     Exactly one waiter breaks a given lock: it must first create ``<lock>.broken-<owner>`` (atomic, like the lock
     itself), so a second waiter that saw the same dead lock cannot delete the fresh lock of a third promoter."""
@@ -596,77 +626,80 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
             raise
         raise RegistryError(f"{name} has no version {version}; `cass promote --help` shows how to pick one") from None
     candidate_metrics = version_metrics(client, name, version)
-    with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:  # the gate's report, until attached
         verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
-        gate_report = _attach_report(client, candidate.tags.get("evaluation_run_id") or candidate.run_id,
-                                     verdict.report)
-
-    with promotion_lock(client, name, cfg):
-        previous = _champion(client, name)
-        _, records = history(name, client)
-        _complete_flat_tags(client, name, previous, records)
-        if previous == version:
-            return PromotionResult(name, version, False, previous, previous, "already the champion")
-        metric = cfg.promotion_metric
-        compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
-                                    "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
-                                    "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
-        refusal, why = None, "first champion"
-        if previous is not None:
-            champion = client.get_model_version(name, previous)
-            compared["champion_version"] = previous
-            same_test_set = candidate.tags.get("test_set") and candidate.tags.get("test_set") == champion.tags.get(
-                "test_set"
-            )
-            if not same_test_set:
-                refusal = (
-                    f"not comparable: v{version} was tested on test set {candidate.tags.get('test_set', '?')[:12]}, "
-                    f"champion v{previous} on {champion.tags.get('test_set', '?')[:12]}; evaluate both on one test "
-                    "split, or use --force --reason"
+        with promotion_lock(client, name, cfg):
+            previous = _champion(client, name)
+            _, records = history(name, client)
+            _complete_flat_tags(client, name, previous, records)
+            if previous == version:
+                return PromotionResult(name, version, False, previous, previous, "already the champion")
+            # Attached once a decision is taken: not for a version that is champion already, nor without the lock.
+            gate_report = _attach_report(client, candidate.tags.get("evaluation_run_id") or candidate.run_id,
+                                         verdict.report)
+            metric = cfg.promotion_metric
+            compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
+                                        "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
+                                        "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
+            refusal, why = None, "first champion"
+            if previous is not None:
+                champion = client.get_model_version(name, previous)
+                compared["champion_version"] = previous
+                same_test_set = candidate.tags.get("test_set") and candidate.tags.get("test_set") == champion.tags.get(
+                    "test_set"
                 )
-            else:
-                champion_value = version_metrics(client, name, previous).get(metric)
-                compared["champion"] = champion_value
-                value = candidate_metrics.get(metric)
-                if not (finite(value) and finite(champion_value)):
-                    refusal = f"{metric} is missing (candidate {value}, champion {champion_value})"
-                elif value - champion_value < cfg.promotion_margin:
+                if not same_test_set:
                     refusal = (
-                        f"{metric} {value:.4f} does not beat champion v{previous} ({champion_value:.4f}) by the "
-                        f"margin {cfg.promotion_margin:g}"
+                        f"not comparable: v{version} was tested on test set "
+                        f"{candidate.tags.get('test_set', '?')[:12]}, champion v{previous} on "
+                        f"{champion.tags.get('test_set', '?')[:12]}; evaluate both on one test split, or use "
+                        "--force --reason"
                     )
                 else:
-                    why = (f"{metric} {value:.4f} beats champion v{previous} ({champion_value:.4f}) by >= "
-                           f"{cfg.promotion_margin:g}")
-        if not verdict.passed:
-            refusal = f"model gate {verdict.text()}"
-        seq = max((d.seq for d in records), default=0) + 1
+                    champion_value = version_metrics(client, name, previous).get(metric)
+                    compared["champion"] = champion_value
+                    value = candidate_metrics.get(metric)
+                    if not (finite(value) and finite(champion_value)):
+                        refusal = f"{metric} is missing (candidate {value}, champion {champion_value})"
+                    elif value - champion_value < cfg.promotion_margin:
+                        refusal = (
+                            f"{metric} {value:.4f} does not beat champion v{previous} ({champion_value:.4f}) by the "
+                            f"margin {cfg.promotion_margin:g}"
+                        )
+                    else:
+                        why = (f"{metric} {value:.4f} beats champion v{previous} ({champion_value:.4f}) by >= "
+                               f"{cfg.promotion_margin:g}")
+            if not verdict.passed:
+                refusal = f"model gate {verdict.text()}"
+            seq = max((d.seq for d in records), default=0) + 1
 
-        if refusal is not None and not force:
-            decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
-                                gate_report)
-            _write_record(client, name, version, decision)
-            _set_tags(client, name, version, {
-                "promotion_refused_at": decision.at,
-                "promotion_refused_reason": refusal,
-                "compared_metrics": json.dumps(compared),
-            })
-            log.info("%s v%s not promoted: %s", name, version, refusal)
-            return PromotionResult(name, version, False, previous, previous, refusal, compared=compared,
-                                   gate_report=gate_report)
+            if refusal is not None and not force:
+                decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
+                                    gate_report)
+                _write_record(client, name, version, decision)
+                _set_tags(client, name, version, {
+                    "promotion_refused_at": decision.at,
+                    "promotion_refused_reason": refusal,
+                    "compared_metrics": json.dumps(compared),
+                })
+                log.info("%s v%s not promoted: %s", name, version, refusal)
+                return PromotionResult(name, version, False, previous, previous, refusal, compared=compared,
+                                       gate_report=gate_report)
 
-        if force:
-            final_reason = f"forced: {reason.strip()}" + (f" (would have been refused: {refusal})" if refusal else "")
-        else:
-            final_reason = f"{why}; model gate {verdict.text()}"
-        decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
-                            compared, gate_report)
-        _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
-        client.set_registered_model_alias(name, CHAMPION, version)
-        _set_tags(client, name, version, _promotion_tags(decision))
-        now = _champion(client, name)
-        if now != version:  # the lock makes this impossible unless someone moved the alias by hand
-            raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; check who moved it")
+            if force:
+                final_reason = (f"forced: {reason.strip()}"
+                                + (f" (would have been refused: {refusal})" if refusal else ""))
+            else:
+                final_reason = f"{why}; model gate {verdict.text()}"
+            decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
+                                compared, gate_report)
+            _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
+            client.set_registered_model_alias(name, CHAMPION, version)
+            _set_tags(client, name, version, _promotion_tags(decision))
+            now = _champion(client, name)
+            if now != version:  # the lock makes this impossible unless someone moved the alias by hand
+                raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; "
+                                    "check who moved it")
     result = PromotionResult(name, version, True, version, previous, final_reason, force, compared, gate_report)
     log.info("%s (%s)", result.change(), final_reason)
     return result

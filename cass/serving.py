@@ -298,25 +298,28 @@ def logged_model_id(version: Any) -> str | None:
 
 
 def recorded_digest(model_uri: str) -> str | None:
-    """The digest the tracking server recorded for a ``models:/`` URI's logged model (None otherwise)."""
+    """The digest the tracking server recorded for a ``models:/`` URI's logged model (None otherwise).
+
+    The URI resolves as MLflow resolves it when loading: ``models:/<name>/<version>``, ``/latest``, a stage
+    (``/Production``), an alias (``@champion``), or ``models:/<model id>``."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
     if not model_uri.startswith("models:/"):
         return None
     client = mlflow.MlflowClient()
-    ref = model_uri[len("models:/"):].strip("/")
     try:
-        if ref.startswith("m-") and "/" not in ref and "@" not in ref:
-            model_id = ref
-        elif "@" in ref:
-            name, alias = ref.rsplit("@", 1)
-            model_id = logged_model_id(client.get_model_version_by_alias(name, alias))
-        else:
-            name, version = ref.rsplit("/", 1)
-            model_id = logged_model_id(client.get_model_version(name, version))
+        resolved = get_model_name_and_version(client, model_uri)
+        # (id,) for models:/<model id>, else (name, version)
+        model_id = resolved[0] if len(resolved) == 1 else logged_model_id(client.get_model_version(*resolved))
         if not model_id:
             return None
         return client.get_logged_model(model_id).tags.get(INTEGRITY_TAG)
     except mlflow.exceptions.MlflowException as exc:
-        raise DataError(f"could not look up model {model_uri}: {exc.message}") from None
+        raise DataError(
+            f"could not look up model {model_uri}: {exc.message}. Name a registered version as "
+            "models:/<name>/<version>, models:/<name>/latest, models:/<name>/<stage> or models:/<name>@<alias> "
+            "(a bare models:/<id> names a logged model by its id), or pass a model folder"
+        ) from None
 
 
 def calibration_metadata(spec) -> dict[str, Any]:

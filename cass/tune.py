@@ -50,7 +50,7 @@ from cass.config import (
     TuneConfig,
     params_from_mapping,
 )
-from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError
+from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError, exception_chain
 from cass.finetune import finetune
 from cass.io import atomic_write_text
 from cass.layout import best_params_path, optuna_storage_file
@@ -145,7 +145,9 @@ class TunedSettings:
 
     params: Params
     tuned: dict[str, Any]  # finetune key -> the tuned value now in params
-    pinned: dict[str, Any]  # finetune key the file also holds -> the value kept (tune.pin)
+    # finetune key not tuned -> the value now in params: kept by tune.pin here, or the study's pin (the file's
+    # ``pinned:``) carried over the settings
+    pinned: dict[str, Any]
     source: str  # "<file> (trial <n> of study <name>)"
 
     def tags(self) -> dict[str, str | None]:
@@ -160,7 +162,8 @@ class TunedSettings:
 
 def tuned_settings(params: Params, path: Path, network: str | None = None) -> TunedSettings:
     """``params`` with the finetune settings of a ``best_<network>.yaml`` file, validated; keys pinned in
-    ``tune.pin`` keep the value of ``params``. Logs which values come from the file and which are pinned."""
+    ``tune.pin`` keep the value of ``params``, and the study's own pins (the file's ``pinned:``) that are not
+    pinned here apply as the file holds them. Logs which values come from the file and which are pinned."""
     doc = read_best_params(path)
     if network is not None and doc.get("network") not in (None, network):
         raise ConfigError(f"{path}: holds the best settings of the {doc['network']}, not of the {network}")
@@ -178,7 +181,8 @@ def tuned_settings(params: Params, path: Path, network: str | None = None) -> Tu
         log.info("%stuned settings from %s: %s", who, source, ", ".join(
             f"finetune.{k}={v!r} (was {getattr(params.finetune, k)!r})" for k, v in sorted(tuned.items())))
     else:
-        log.info("%s%s holds no tuned setting; every value comes from the settings", who, path)
+        log.info("%s%s holds no tuned setting; %s", who, path,
+                 "only the study's pinned values below apply" if carried else "every value comes from the settings")
     if kept:
         log.info("%spinned by tune.pin, not tuned: %s", who,
                  ", ".join(f"finetune.{k}={v!r}" for k, v in sorted(kept.items())))
@@ -243,7 +247,9 @@ def _write_best_doc(doc: dict[str, Any], network: str, out_dir: Path, origin: st
 
 
 def _database_failure(exc: BaseException) -> BaseException | None:
-    """The database error behind ``exc`` (itself, or in its chain of causes), or None.
+    """The database error behind ``exc`` (itself, or in its chain of causes), or None. An error raised
+    ``from None`` over a database error (cass's TrackingError over MLflow's own SQLite store being locked)
+    is not a failure of the study's database.
 
     When the database goes away mid-trial, Optuna raises ``StorageInternalError`` ("invalid data in the
     commit") and then, failing to read the trial back, an ``UnboundLocalError``: both are a lost database."""
@@ -251,15 +257,12 @@ def _database_failure(exc: BaseException) -> BaseException | None:
     from sqlalchemy.exc import DBAPIError, DisconnectionError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    seen: set[int] = set()
-    failure, current = None, exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    failure = None
+    for current in exception_chain(exc):
         if isinstance(current, DBAPIError | DisconnectionError | PoolTimeout):
             return current  # the driver's own error: the most telling
         if isinstance(current, StorageInternalError) and failure is None:
             failure = current
-        current = current.__cause__ or current.__context__
     return failure
 
 
@@ -286,7 +289,7 @@ def _study_database(url: str, during: str) -> Iterator[None]:
     """Turn a refused or lost database connection into one :class:`StudyDatabaseError` naming the storage."""
     try:
         yield
-    except StudyDatabaseError:
+    except CassError:  # cass's own errors (a StudyDatabaseError, a TrackingError) say what failed already
         raise
     except Exception as exc:
         failure = _database_failure(exc)
@@ -714,6 +717,9 @@ def _worker_process(args: tuple, level: int, threads: int, errors: Any) -> None:
     """A local worker. Its CassError goes to the parent (``errors``), which reports once for all workers."""
     import torch
 
+    from cass.redaction import install_log_redaction
+
+    install_log_redaction()  # a new process: its log lines lose credentials as the parent's do
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -722,8 +728,40 @@ def _worker_process(args: tuple, level: int, threads: int, errors: Any) -> None:
     try:
         run_worker(*args)
     except CassError as exc:
-        errors.put((exc.exit_code, str(exc)))
+        errors.put(_WorkerError.of(exc))
         sys.exit(exc.exit_code)
+
+
+@dataclass(frozen=True)
+class _WorkerError:
+    """A worker's CassError as it crosses to the parent: its class by name, its exit code and message."""
+
+    module: str
+    qualname: str
+    exit_code: int
+    message: str
+
+    @classmethod
+    def of(cls, exc: CassError) -> _WorkerError:
+        return cls(type(exc).__module__, type(exc).__qualname__, exc.exit_code, str(exc))
+
+    def error(self) -> CassError:
+        """The worker's error, of its own class (or its nearest base made from a message alone, with the same
+        exit code); a plain CassError with the worker's exit code if the class cannot be found here."""
+        import importlib
+
+        kind: Any = None
+        with contextlib.suppress(Exception):  # the plain CassError below says the same to the user
+            kind = importlib.import_module(self.module)
+            for part in self.qualname.split("."):
+                kind = getattr(kind, part)
+        for cls in kind.__mro__ if isinstance(kind, type) and issubclass(kind, CassError) else ():
+            if issubclass(cls, CassError) and cls.exit_code == self.exit_code:
+                with contextlib.suppress(Exception):
+                    return cls(self.message)
+        exc = CassError(self.message)
+        exc.exit_code = self.exit_code
+        return exc
 
 
 def _exit_reason(exitcode: int | None) -> str:
@@ -734,7 +772,7 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 def _after_workers(params: Params, network: str, url: str, failed: Sequence[str],
-                   errors: Sequence[tuple[int, str]], workers: int) -> None:
+                   errors: Sequence[_WorkerError], workers: int) -> None:
     """Judge local workers of which some failed by the study they leave: finished -> a warning (the
     others ran the dead worker's trials); unfinished -> one error (a database failure first)."""
     import optuna
@@ -750,9 +788,8 @@ def _after_workers(params: Params, network: str, url: str, failed: Sequence[str]
         log.warning("%d of %d tuning workers stopped (%s); the others finished the study's %d trials",
                     len(failed), workers, "; ".join(failed), cfg.n_trials)
         return
-    kinds = {kind.exit_code: kind for kind in CassError.__subclasses__()}
-    for code, message in sorted(errors, key=lambda e: e[0] != StudyDatabaseError.exit_code):
-        raise kinds.get(code, CassError)(message)  # the workers' own error, with its exit code
+    for error in sorted(errors, key=lambda e: e.exit_code != StudyDatabaseError.exit_code):
+        raise error.error()  # the workers' own error, with its exit code
     raise TrainingError(
         f"{len(failed)} of {workers} tuning workers failed ({'; '.join(failed)}) and the study has "
         f"{finished} of its {cfg.n_trials} trials; see their log, then rerun the same command to resume it"
@@ -866,7 +903,8 @@ def tune(
 
 
 def _nothing_to_search(params: Params, network: str, out_dir: Path) -> Path:
-    """Every key of tune.space is pinned: no study; the best-parameters file says so and changes nothing."""
+    """Every key of tune.space is pinned: no study; the best-parameters file says so and holds no tuned value,
+    only the pinned ones (``pinned:``), which a fine-tune with other settings takes (:func:`tuned_settings`)."""
     pinned = _pinned_values(params)
     log.warning("tuning %s: every key of tune.space is pinned (%s); no trial runs, and fine-tuning uses the "
                 "settings as they are", network, ", ".join(f"{k}={v!r}" for k, v in pinned.items()))

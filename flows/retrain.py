@@ -8,7 +8,9 @@ only says how a stage runs as a task: I/O stages (MLflow, S3, ``dvc pull``) are 
 of the ``retrain:`` settings, training stages never; the fine-tunings run side by side on a GPU; one
 retraining at a time holds the global concurrency limit. It also publishes what the run tells its users
 as Prefect artifacts (:mod:`flows.report`): the summary, and a table of the failed checks when a gate
-stops the run (then nothing is registered or promoted).
+fails. A failed data gate stops the run before training. A failed model gate, with the default
+``quality.model_gate_policy: per_network``, skips the networks that failed, registers and promotes those
+that passed, then fails the run; with ``all``, or when no network passed, nothing is registered or promoted.
 
 A run whose data and result-changing settings equal those of a completed run trains nothing
 (:mod:`cass.retraining`); a run that changes only fine-tuning settings reuses the pretraining.

@@ -538,3 +538,67 @@ def test_predict_names_the_file_that_is_not_an_image(local, tmp_path, capsys) ->
     assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", str(good), str(bad)) == 3
     err = capsys.readouterr().err
     assert f"{bad}: not an image file" in err and "input row" not in err
+
+
+def test_the_recorded_digest_is_found_for_every_kind_of_models_uri(tmp_path, monkeypatch) -> None:
+    """``latest``, a stage, an alias, a version and a logged model's id resolve as MLflow resolves them when
+    loading; a URI that names nothing is one DataError that says what to write."""
+    import warnings
+
+    import mlflow
+
+    from cass.serving import INTEGRITY_TAG, recorded_digest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("digests", artifact_location=(tmp_path / "mlruns").as_uri())
+    name = "cass-digests-cnn"
+    client.create_registered_model(name)
+    models = []
+    for digest in ("d1", "d2"):
+        model = client.create_logged_model(experiment, name="model", tags={INTEGRITY_TAG: digest})
+        client.create_model_version(name, f"models:/{model.model_id}", model_id=model.model_id)
+        models.append(model)
+    client.set_registered_model_alias(name, "champion", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stages are deprecated, not gone
+        client.transition_model_version_stage(name, "1", "Production")
+
+    assert recorded_digest(f"models:/{name}/2") == "d2"
+    assert recorded_digest(f"models:/{name}/latest") == "d2"
+    assert recorded_digest(f"models:/{name}/Production") == "d1"
+    assert recorded_digest(f"models:/{name}@champion") == "d1"
+    assert recorded_digest(f"models:/{models[0].model_id}") == "d1"
+    for missing in (f"models:/{name}/Staging", f"models:/{name}@nobody", f"models:/{name}"):
+        with pytest.raises(DataError, match=f"could not look up model {re.escape(missing)}: .*models:/<name>/latest"):
+            recorded_digest(missing)
+    mlflow.set_tracking_uri(None)
+
+
+def test_epoch_metrics_the_store_refuses_are_dropped_and_the_later_epochs_logged(tmp_path, monkeypatch,
+                                                                                 caplog) -> None:
+    import mlflow
+
+    from cass.config import MlflowConfig
+    from cass.tracking import reset_client
+    from cass.tracking.client import configure
+    from cass.tracking.runs import RunLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "mlruns"),
+                       experiment="epochs")
+    try:
+        run = RunLogger.create(cfg, configure(cfg), "epochs", {})
+        with caplog.at_level("WARNING", logger="cass.tracking.runs"):
+            run.epoch(1, {"val_loss": 1.0, "x" * 300: 0.5})  # a key longer than MLflow takes: refused
+            run.epoch(2, {"val_loss": 0.5})
+            run.epoch(3, {"val_loss": 0.25})
+        history = mlflow.MlflowClient().get_metric_history(run.run_id, "val_loss")
+        run.finish()
+    finally:
+        reset_client()
+    assert sorted((m.step, m.value) for m in history) == [(2, 0.5), (3, 0.25)]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and "epoch 1 metrics" in refused[0] and run.run_id in refused[0], caplog.text

@@ -389,3 +389,81 @@ def test_registry_command_explains_each_champion_with_its_full_history(setup, ca
     assert f"v{v3} promoted (replacing v{v1}) by {user}: {reason}" in history[2]  # the whole reason
     assert f"v{v1} restored by rollback (replacing v{v3})" in history[3] and "drift on site B" in history[3]
     assert _cli(s, "registry", "no-such-model") == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate report
+
+
+def test_the_gate_report_is_attached_only_to_a_decision_taken_under_the_lock(tmp_path: Path, demo_root: Path,
+                                                                             monkeypatch) -> None:
+    """A promotion of the champion itself decides nothing, and one that waits out another's lock decides
+    nothing either: neither adds a ``promotion_gate/`` folder to the version's evaluation run."""
+    import mlflow
+
+    from cass import registry
+    from cass.errors import CassError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    mapping = tiny_mapping(demo_root)
+    mapping["mlflow"] = {"tracking_uri": uri, "lock_timeout_s": 0.5}
+    s = SimpleNamespace(client=client, params=params_from_mapping(mapping),
+                        experiment=client.create_experiment("gate-reports", (tmp_path / "mlruns").as_uri()))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "result.json").write_text("{}")
+    passing = lambda metrics: registry.GateVerdict(True, report=report)  # noqa: E731
+
+    def attached(version: str) -> int:
+        run_id = client.get_model_version(name, version).tags["evaluation_run_id"]
+        return len(client.list_artifacts(run_id, registry.GATE_REPORTS))
+
+    name = "gate-reports"
+    v1, v2 = _version(s, name, 0.60), _version(s, name, 0.80)
+    try:
+        assert registry.promote(name, v1, s.params, gate=passing, client=client).promoted
+        assert attached(v1) == 1
+        result = registry.promote(name, v1, s.params, gate=passing, client=client)
+        assert not result.promoted and result.reason == "already the champion"
+        assert attached(v1) == 1
+        # Another promoter holds the lock (alive, on another host): this one times out and decides nothing.
+        client.create_registered_model(f"{name}{registry.LOCK_SUFFIX}", tags={
+            "owner": "other", "acquired_at": f"{time.time():.3f}", "host": "elsewhere", "pid": "1"})
+        with pytest.raises(CassError, match="another promotion"):
+            registry.promote(name, v2, s.params, gate=passing, client=client)
+        assert attached(v2) == 0 and _champion(s, name) == v1
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_dead_holders_lock_is_broken_at_once_only_in_the_same_pid_namespace_and_boot(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Containers that share a host name (host networking) do not share pids: a lock whose holder's pid is
+    missing here is broken at once only when it was taken in this PID namespace since this boot; otherwise,
+    and for a lock without these tags, only its age counts."""
+    import mlflow
+
+    from cass import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    cfg = params_from_mapping({"mlflow": {"tracking_uri": uri, "lock_stale_s": 900}}).mlflow
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    holder = {**registry._holder(), "pid": str(dead.pid), "owner": "o", "acquired_at": f"{time.time():.3f}"}
+    assert holder["pid_ns"] and holder["boot_id"]
+
+    def broken_at_once(tags: dict[str, str]) -> bool:
+        lock = f"m-{len(client.search_registered_models())}{registry.LOCK_SUFFIX}"
+        client.create_registered_model(lock, tags=tags)
+        registry._break_if_stale(client, lock, cfg)
+        return not client.search_registered_models(f"name = '{lock}'")
+
+    assert broken_at_once(holder)
+    assert not broken_at_once({**holder, "pid_ns": "4026531836" if holder["pid_ns"] != "4026531836" else "1"})
+    assert not broken_at_once({**holder, "boot_id": "00000000-0000-0000-0000-000000000000"})
+    assert not broken_at_once({k: v for k, v in holder.items() if k not in ("pid_ns", "boot_id")})  # an older lock
+    assert broken_at_once({**holder, "pid_ns": "1", "acquired_at": f"{time.time() - 1000:.3f}"})  # too old

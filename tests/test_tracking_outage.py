@@ -181,3 +181,70 @@ def test_mlflow_http_client_is_bounded_by_the_settings_unless_its_variables_are_
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own choice wins
     apply_http_settings(params_from_mapping({"mlflow": {"http_retries": 5}}).mlflow)
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
+
+
+def _record_open_runs(cfg, prefix: str, threads: int, each: int) -> None:
+    """``threads`` threads that record ``each`` runs apiece into the open-runs file, all at once."""
+    import threading
+
+    from cass.tracking.client import record_open_run
+
+    start = threading.Barrier(threads)
+
+    def record(t: int) -> None:
+        start.wait()
+        for i in range(each):
+            record_open_run(cfg, f"{prefix}-{t}-{i}", "FAILED")
+
+    workers = [threading.Thread(target=record, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def test_runs_recorded_open_at_once_by_threads_and_processes_are_all_kept(tmp_path: Path, monkeypatch) -> None:
+    """Parallel fine-tunes (threads) and tuning workers (processes) that lose the server together each
+    record their runs; none may drop another's entry."""
+    import json
+    import multiprocessing
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:1")
+    cfg = params_from_mapping({"mlflow": {"open_runs_file": str(tmp_path / "open-runs.json"),
+                                          "artifact_location": str(tmp_path / "mlruns")}}).mlflow
+    logging.getLogger("cass.tracking.client").setLevel(logging.ERROR)  # one warning per run recorded
+    try:
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_record_open_runs, args=(cfg, f"p{p}", 6, 8)) for p in range(3)]
+        for p in procs:
+            p.start()
+        _record_open_runs(cfg, "main", 6, 8)
+        for p in procs:
+            p.join(60)
+    finally:
+        logging.getLogger("cass.tracking.client").setLevel(logging.NOTSET)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    runs = json.loads((tmp_path / "open-runs.json").read_text())["runs"]
+    expected = {f"{prefix}-{t}-{i}" for prefix in ("main", "p0", "p1", "p2") for t in range(6) for i in range(8)}
+    assert sorted(r["run_id"] for r in runs) == sorted(expected)
+    assert {r["tracking_uri"] for r in runs} == {"http://alice:***@127.0.0.1:1"}
+
+    # Closing the runs of one store leaves the entries of another store, recorded by others, in the file.
+    import mlflow
+
+    from cass.tracking import reset_client
+    from cass.tracking.client import close_open_runs, configure, record_open_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = configure(cfg)
+        client = mlflow.MlflowClient()
+        ids = [client.create_run(experiment).info.run_id for _ in range(2)]
+        for run_id in ids:
+            record_open_run(cfg, run_id, "FAILED")
+        close_open_runs(cfg)
+        assert [client.get_run(run_id).info.status for run_id in ids] == ["FAILED", "FAILED"]
+    finally:
+        reset_client()
+    runs = json.loads((tmp_path / "open-runs.json").read_text())["runs"]
+    assert sorted(r["run_id"] for r in runs) == sorted(expected)

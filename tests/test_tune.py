@@ -377,3 +377,49 @@ def test_tracked_fine_tune_run_tags_the_tuned_and_pinned_keys(
     assert logged.tags["pinned_keys"] == "finetune.lr"
     assert logged.tags["tuned_from"] == f"{best} (trial 1 of study s-cnn)"
     assert (logged.params["finetune.lr"], logged.params["finetune.batch_size"]) == ("0.002", "4")
+
+
+def test_a_workers_error_reaches_the_parent_with_its_own_class_and_exit_code(tmp_path: Path, demo_root: Path) -> None:
+    """A worker's error is rebuilt by its class, not by its exit code: ExplainError shares TrainingError's
+    code 4, and an error class the parent cannot find keeps its worker's exit code."""
+    import cass.explain  # noqa: F401 - defines ExplainError, exit code 4 as well
+    from cass.data.images import ImageError
+    from cass.errors import CassError, DataError, TrainingError
+    from cass.tracking.client import TrackingError
+    from cass.tune import _after_workers, _WorkerError
+
+    class ElsewhereError(CassError):  # a class the parent cannot import by name
+        exit_code = 42
+
+    mapping = tiny_mapping(demo_root)
+    mapping["tune"] = {"space": SPACE, "n_trials": 2}
+    params = params_from_mapping(mapping)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"  # no study in it: the study is unfinished
+    image = ImageError("scan.png", "truncated", "corrupt")  # made from more than a message
+    for exc, kind in ((TrainingError("loss diverged"), TrainingError), (TrackingError("server gone"), TrackingError),
+                      (image, DataError), (ElsewhereError("from elsewhere"), CassError)):
+        with pytest.raises(CassError) as caught:
+            _after_workers(params, "cnn", url, ["tune-cnn-0: exit code"], [_WorkerError.of(exc)], 2)
+        assert type(caught.value) is kind
+        assert str(caught.value) == str(exc) and caught.value.exit_code == exc.exit_code
+
+
+def test_a_tuning_worker_process_redacts_credentials_in_its_log(tmp_path: Path, demo_root: Path, caplog) -> None:
+    """A worker process starts with Python's own log records; it installs the redaction as the CLI does."""
+    import logging
+
+    from cass.tune import _worker_process
+
+    mapping = tiny_mapping(demo_root)
+    mapping["tune"] = {"space": SPACE, "pin": list(SPACE)}  # nothing to search: the worker returns at once
+    params = params_from_mapping(mapping)
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)  # as in a new process
+    try:
+        args = (params, demo_root, "cnn", tmp_path, None, f"sqlite:///{tmp_path / 'optuna.db'}")
+        _worker_process(args, logging.INFO, 1, multiprocessing.get_context("spawn").SimpleQueue())
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("cass.tune").info("storage %s", "postgresql://optuna:s3cret-pw@db:5432/optuna")
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert "postgresql://optuna:***@db:5432/optuna" in caplog.text and "s3cret-pw" not in caplog.text

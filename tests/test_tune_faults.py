@@ -231,3 +231,61 @@ def test_database_refusing_at_start_exits_11_before_any_trial(
     assert "error: the tuning database postgresql://optuna:***@127.0.0.1" in err and "Connection refused" in err
     assert "s3cret-pw" not in err and "Traceback" not in err
     assert not (out / "tune").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tracking failure is not a database failure
+
+
+def _mlflow_store_locked(tmp_path: Path) -> None:
+    """What a trial meets when MLflow's own SQLite store is locked: cass's TrackingError, raised ``from None``
+    over MLflow's error over SQLAlchemy's."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    from cass.config import MlflowConfig
+    from cass.tracking.client import reaching
+
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with reaching(cfg, "logging metrics"):
+        try:
+            raise OperationalError("INSERT INTO metrics", {}, sqlite3.OperationalError("database is locked"))
+        except OperationalError as exc:
+            raise MlflowException(f"(sqlite3.OperationalError) {exc.orig}") from exc
+
+
+def test_a_tracking_failure_during_the_study_stays_a_tracking_error_not_exit_11(tmp_path: Path) -> None:
+    import threading
+
+    from cass.tracking.client import TrackingError
+    from cass.tune import _database_failure, _quiet_heartbeat_failures, _study_database
+
+    with pytest.raises(TrackingError) as caught, _study_database("sqlite:///optuna.db", "study 'cass-finetune-cnn'"):
+        _mlflow_store_locked(tmp_path)
+    assert caught.value.exit_code == 6 and "database is locked" in str(caught.value)
+    assert _database_failure(caught.value) is None
+
+    # A driver error that is the real cause (not hidden by `from None`) is still found.
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        try:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("Connection refused"))
+        except OperationalError:
+            raise RuntimeError("could not read the trial back")  # noqa: B904
+    except RuntimeError as exc:
+        assert isinstance(_database_failure(exc), OperationalError)
+
+    # The heartbeat thread's hook lets a tracking failure through to the usual report.
+    seen: list[BaseException] = []
+    previous, threading.excepthook = threading.excepthook, lambda args: seen.append(args.exc_value)
+    try:
+        with _quiet_heartbeat_failures():
+            thread = threading.Thread(target=_mlflow_store_locked, args=(tmp_path,))
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    assert len(seen) == 1 and isinstance(seen[0], TrackingError)

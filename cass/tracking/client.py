@@ -17,6 +17,7 @@ password included (cass prints its own links, redacted).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -181,15 +182,29 @@ def _write_open_runs(path: Path, runs: list[dict]) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _open_runs_locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside the open-runs file for one read-modify-write: writers
+    in other threads and processes (parallel fine-tunes, tuning workers) would otherwise drop each other's
+    entries. The file itself is still rewritten atomically, so readers need no lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def record_open_run(cfg: MlflowConfig, run_id: str, status: str) -> None:
     """Remember that ``run_id`` should end ``status`` but the server could not be told (the URI is stored
     redacted: the file holds no password)."""
     path = Path(cfg.open_runs_file)
-    runs = [r for r in _read_open_runs(path) if r.get("run_id") != run_id]
-    runs.append({"tracking_uri": redact(tracking_uri(cfg)), "run_id": run_id, "status": status,
-                 "since": datetime.now(UTC).isoformat(timespec="seconds")})
+    entry = {"tracking_uri": redact(tracking_uri(cfg)), "run_id": run_id, "status": status,
+             "since": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
-        _write_open_runs(path, runs)
+        with _open_runs_locked(path):
+            _write_open_runs(path, [*(r for r in _read_open_runs(path) if r.get("run_id") != run_id), entry])
     except OSError as exc:  # the error that stopped the run matters more
         log.warning("MLflow run %s stays RUNNING: it could not be marked %s, nor recorded in %s (%s)",
                     run_id, status, path, exc)
@@ -208,13 +223,12 @@ def close_open_runs(cfg: MlflowConfig) -> None:
     from mlflow.exceptions import MlflowException
 
     path = Path(cfg.open_runs_file)
-    runs = _read_open_runs(path)
     uri = redact(tracking_uri(cfg))
-    mine = [r for r in runs if r.get("tracking_uri") == uri]
+    mine = [r for r in _read_open_runs(path) if r.get("tracking_uri") == uri]
     if not mine:
         return
-    client, left = mlflow.MlflowClient(), [r for r in runs if r.get("tracking_uri") != uri]
-    for i, entry in enumerate(mine):
+    client, done = mlflow.MlflowClient(), []
+    for entry in mine:
         try:
             run = client.get_run(entry["run_id"])
             if run.info.status == "RUNNING":
@@ -225,14 +239,15 @@ def close_open_runs(cfg: MlflowConfig) -> None:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 log.warning("could not end the MLflow runs left open (%s); trying again at the next start",
                             redact(str(exc))[:300])
-                left += mine[i:]
                 break
         except Exception as exc:  # the server went away again: keep the list
             log.warning("could not end the MLflow runs left open (%s); trying again at the next start",
                         redact(str(exc))[:300])
-            left += mine[i:]
             break
-    _write_open_runs(path, left)
+        done.append(entry)
+    if done:  # the entries recorded meanwhile (the calls above take time) stay
+        with _open_runs_locked(path):
+            _write_open_runs(path, [r for r in _read_open_runs(path) if r not in done])
 
 
 def _artifact_location(cfg: MlflowConfig, uri: str) -> str | None:

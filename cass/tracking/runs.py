@@ -287,23 +287,30 @@ class RunLogger:
 
         A failed call does not end the training: the epoch's metrics are in ``history.csv``, and they are
         logged with the next epoch if the server answers again (one short health request per epoch until
-        then, so a dead server costs no more time). The uploads at the end of the stage fail the run if
-        the server is still gone.
+        then, so a dead server costs no more time). Metrics that a server which answers refuses are left
+        out, with one warning. The uploads at the end of the stage fail the run if the server is still gone.
         """
         values = {metric_key(k): float(v) for k, v in record.items() if k not in skip and finite(v)}
         self._missed.append((epoch, values))
         if len(self._missed) > 1 and not server_answers(self.cfg):
             return  # said at the first missed epoch
-        try:
-            while self._missed:
-                step, missed = self._missed[0]
+        while self._missed:
+            step, missed = self._missed[0]
+            try:
                 if missed:
                     self.mlflow.log_metrics(missed, run_id=self.run_id, step=step)
-                self._missed.pop(0)
-        except Exception as exc:  # keep training; see above
-            cause = redact(str(exc))[:300] if server_answers(self.cfg) else "the tracking server does not answer"
-            log.warning("could not log epoch %d metrics to MLflow (%s); training goes on, the metrics are in "
-                        "history.csv and are logged if the server answers again", epoch, cause)
+            except Exception as exc:  # keep training; see above
+                if not server_answers(self.cfg):
+                    log.warning("could not log epoch %d metrics to MLflow (the tracking server does not answer); "
+                                "training goes on, the metrics are in history.csv and are logged if the server "
+                                "answers again", epoch)
+                    return
+                # The server answers and refused these metrics: it would refuse them again, and keeping them
+                # first in the queue would hold back every later epoch.
+                log.warning("MLflow refused the epoch %d metrics of run %s (%s); they are left out of the run "
+                            "(history.csv has them) and training goes on", step, self.run_id,
+                            redact(str(exc))[:300])
+            self._missed.pop(0)
 
     def dataset(self, data_dir: Path, name: str, digest: str, context: str) -> None:
         """The prepared dataset as the run's MLflow dataset input (the runs table's Dataset column):
@@ -446,7 +453,10 @@ def end_run(cfg: MlflowConfig, run_id: str, status: str, active: bool = False) -
     """Set the final status of ``run_id`` (``active``: it is this thread's active run, which is left too).
 
     When the store does not answer, the run is recorded to be ended at the next start and
-    :class:`TrackingError` raised; a dead server is found with one short request, not MLflow's retries.
+    :class:`TrackingError` raised. For a run that is not active, a dead server is found with one short
+    request, not MLflow's retries; an active run is left through ``mlflow.end_run`` (MLflow keeps the active
+    run to itself, and only that call leaves it), which tells the store within the retries the
+    ``mlflow.http_*`` settings bound.
     """
     import mlflow
 

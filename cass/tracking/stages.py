@@ -268,8 +268,7 @@ def open_run(params: Params, model: ModelOnDisk, name: str, *, network: str | No
 
 
 def register_outputs(
-    params: Params, layout: Layout, networks: Sequence[Network], params_file: Path | None = None,
-    gate: registry.ModelGate | None = None,
+    params: Params, layout: Layout, networks: Sequence[Network], gate: registry.ModelGate | None = None,
 ) -> dict:
     """Log fine-tuned models already on disk (``cass finetune`` + ``cass evaluate``) and register them.
 

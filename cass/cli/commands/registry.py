@@ -4,7 +4,6 @@ cass.registry, cass.serving)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cass.cli.settings import networks, outputs, settings
@@ -18,7 +17,7 @@ def register(args: argparse.Namespace) -> int:
     from cass.tracking import register_outputs
 
     params = settings(args)
-    versions = register_outputs(params, outputs(args), networks(args, params), Path(args.params))
+    versions = register_outputs(params, outputs(args), networks(args, params))
     for mv in versions.values():
         print(f"registered {mv.name} version {mv.version}")
     return 0
