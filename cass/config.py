@@ -386,6 +386,10 @@ class MlflowConfig(_Section):
     lock_stale_s: float = Field(
         default=900.0, gt=0.0, description="a promotion lock older than this was left by a dead process; broken"
     )
+    system_metrics_interval_s: float = Field(
+        default=2.0, ge=0.0, description="training runs sample CPU, memory (and GPU) every this many seconds into "
+        "system/* metrics; 0 = off. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins when set"
+    )
 
 
 Severity = Literal["warn", "fail"]
@@ -736,6 +740,31 @@ class TuneConfig(_Section):
         return {name: spec for name, spec in self.space.items() if name not in self.pinned}
 
 
+class NotifyConfig(_Section):
+    """Who hears about a retraining run that failed or whose challenger was refused (flows/notify.py).
+
+    The message goes to a Prefect notification block: a saved one (``block``: Slack, Teams, e-mail, any
+    ``<type>/<name>`` from ``prefect block ls``) or, by default, a webhook whose URL (a secret: Slack's
+    carries its token) comes from the environment, never from this file."""
+
+    events: list[Literal["failed", "refused"]] = Field(
+        default=["failed", "refused"], description="what notifies: a failed or crashed run, a refused challenger"
+    )
+    block: str | None = Field(
+        default=None, description="a saved Prefect notification block, '<block-type-slug>/<name>'; "
+        "null = the webhook of webhook_url_env"
+    )
+    webhook_url_env: str = Field(
+        default="CASS_NOTIFY_WEBHOOK_URL",
+        description="environment variable holding the webhook URL; unset = no notification",
+    )
+    webhook_token_env: str = Field(
+        default="CASS_NOTIFY_WEBHOOK_TOKEN",
+        description="environment variable holding a bearer token sent to the webhook, if the receiver wants one",
+    )
+    timeout_s: float = Field(default=10.0, gt=0.0, description="seconds the webhook may take to answer")
+
+
 class RetrainConfig(_Section):
     """The Prefect retraining flow (``flows/retrain.py``): retries of its I/O tasks and its concurrency slot.
 
@@ -752,6 +781,7 @@ class RetrainConfig(_Section):
     parallel_finetune: Literal["auto", "always", "never"] = Field(
         default="auto", description="fine-tune the networks at the same time; auto = when finetune.device is CUDA"
     )
+    notify: NotifyConfig = NotifyConfig()
 
 
 DEFAULT_INTENDED_USE = (

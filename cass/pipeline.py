@@ -113,6 +113,7 @@ class PipelineRun:
     promote: bool = True
     tuning: bool = False
     force: bool = False  # train even when a completed run had the same data and settings
+    reuse_pretraining: bool = True  # False (--force): pretrain again even when a finished one has these settings
     data_version: str | None = None  # a git revision whose data.dvc names the data to pull first
     params_file: Path | None = None
     run_tags: Mapping[str, str] = field(default_factory=dict)  # extra tags on the MLflow parent run
@@ -201,7 +202,8 @@ def _data_gate(run: PipelineRun, _: None) -> None:
 def _pretrain(run: PipelineRun, _: None) -> StageRun | None:
     """CASS pretraining; a tracked run reuses a finished pretraining with the same settings and data."""
     if run.tracked:
-        return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress)
+        return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress,
+                                         reuse=run.reuse_pretraining)
     from cass.pretrain import pretrain
 
     pretrain(run.params, run.layout.data, run.layout.pretrain, progress=run.progress)
@@ -511,6 +513,7 @@ def tracked_pipeline(
     promote: bool = True,
     progress: bool = True,
     on_stage: Callable[[str], None] = lambda line: None,
+    force: bool = False,
 ) -> TrackedPipeline:
     """The stages logged to MLflow in this process, then registration and promotion of each network that
     passed the model gate (``failure`` reports the others; the caller decides how to end).
@@ -518,10 +521,11 @@ def tracked_pipeline(
     The Prefect flow's code path without Prefect (and without tuning): the tracking store is checked
     before anything is prepared, ``params.yaml`` uploaded before anything is trained, and any failure (an
     upload that failed every retry, a gate) ends the runs FAILED before registration, so the champion is
-    untouched. Unlike the flow it always trains: it does not look for an unchanged completed run.
+    untouched. Unlike the flow it always trains: it does not look for an unchanged completed run; it reuses
+    a finished pretraining with the same settings and data unless ``force``.
     """
     run = PipelineRun(params, layout, tracked=True, register=register, promote=promote, force=True,
-                      params_file=params_file, progress=progress)
+                      reuse_pretraining=not force, params_file=params_file, progress=progress)
     done = run_stages(run, on_stage=on_stage)
     return TrackedPipeline(done.run_id, done.metrics, dict(done.versions), dict(done.promotions), done.pretraining,
                            gate_failure(done))

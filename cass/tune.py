@@ -54,7 +54,19 @@ from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingErro
 from cass.finetune import finetune
 from cass.io import atomic_write_text
 from cass.layout import best_params_path, optuna_storage_file
-from cass.tracking import Lineage, RunLogger, configure, redact, run_tags
+from cass.tracking import (
+    Lineage,
+    RunLogger,
+    changed_settings,
+    configure,
+    data_digest,
+    label_of,
+    redact,
+    run_label,
+    run_name,
+    run_tags,
+)
+from cass.tracking.system import system_metrics
 from cass.training import EpochCallback
 
 if TYPE_CHECKING:
@@ -371,30 +383,41 @@ class _SurplusTrial(Exception):
 
 @dataclass(frozen=True)
 class _Runs:
-    """Where a study's runs go and the lineage tags they carry, looked up once per worker."""
+    """Where a study's runs go, the lineage tags they carry and the data they train on, looked up once per
+    worker. Runs are named like the pipeline's (:func:`cass.tracking.label_of`): ``tune-<network> <label>``
+    (a pipeline's label when the study runs in one), and each trial after the values it tries."""
 
     cfg: MlflowConfig
     experiment_id: str
     lineage: Lineage
+    data_dir: Path
+    label: str
 
     @classmethod
-    def open(cls, params: Params) -> _Runs:
+    def open(cls, params: Params, data_dir: Path, parent_run_id: str | None = None) -> _Runs:
         from cass.lineage import data_version, git_commit
 
         experiment_id = configure(params.mlflow)  # checks a server answers before any trial
         data = params.data
-        return cls(params.mlflow, experiment_id,
-                   Lineage(data.name, params.finetune.label_fraction, git_commit(), data_version(data.root)))
+        lineage = Lineage(data.name, params.finetune.label_fraction, git_commit(), data_version(data.root))
+        label = label_of(params, data_dir, lineage.data_version, parent_run_id=parent_run_id)
+        return cls(params.mlflow, experiment_id, lineage, Path(data_dir), label)
+
+    def _dataset(self, run: RunLogger, params: Params) -> None:
+        digest = data_digest(self.data_dir, self.lineage.data_version)
+        run.dataset(self.data_dir, params.data.name, digest, "training")
 
     def study(self, params: Params, network: str, name: str, url: str) -> RunLogger:
         tags = run_tags(self.lineage.tags(network, stage="tune", study=name, storage=redact(url)))
-        run = RunLogger.create(self.cfg, self.experiment_id, f"tune-{name}", tags)
+        run = RunLogger.create(self.cfg, self.experiment_id, run_name(f"tune-{network}", self.label), tags)
         run.params(params)
+        self._dataset(run, params)
         return run
 
     def trial(
-        self, parent: str, trial: optuna.Trial, network: str, settings: Params, retry_of: int | None
+        self, parent: str, trial: optuna.Trial, network: str, settings: Params, retry_of: int | None, base: Params
     ) -> RunLogger:
+        """A trial's run, nested under the study's, named after the values it tries (``settings`` vs ``base``)."""
         tags = self.lineage.tags(
             network,
             stage="tune-trial",
@@ -403,8 +426,12 @@ class _Runs:
             worker=f"{socket.gethostname()}:{os.getpid()}",
             retry_of=None if retry_of is None else str(retry_of),
         )
-        run = RunLogger.create(self.cfg, self.experiment_id, f"{network}-trial-{trial.number}", tags, parent)
+        label = run_label(settings, data_digest(self.data_dir, self.lineage.data_version),
+                          changed_settings(settings, base))  # the values this trial tries
+        run = RunLogger.create(self.cfg, self.experiment_id, run_name(f"{network}-trial-{trial.number}", label),
+                               tags, parent)
         run.params(settings)
+        self._dataset(run, settings)
         return run
 
 
@@ -495,9 +522,10 @@ class _OpenStudy:
     url: str
 
 
-def _open_study(params: Params, network: str, url: str, worker_index: int) -> _OpenStudy:
+def _open_study(params: Params, network: str, url: str, worker_index: int, data_dir: Path,
+                parent_run_id: str | None = None) -> _OpenStudy:
     """Create or join the network's study; refuse one whose trials were run with other settings."""
-    runs = _Runs.open(params)
+    runs = _Runs.open(params, data_dir, parent_run_id)
     with _study_database(url, f"opening study '{study_name(params.tune, network)}'"):
         return _join_study(params, network, url, worker_index, runs)
 
@@ -604,7 +632,7 @@ class _Objective:
         values = {name: _suggest(trial, name, spec) for name, spec in cfg.searched.items()}
         fixed = {} if cfg.epochs is None else {"epochs": cfg.epochs}
         settings = trial_params(self.params, {**values, **fixed}, f"tune trial {trial.number}")
-        run = self.opened.runs.trial(self.opened.parent_run_id, trial, self.network, settings, retry_of)
+        run = self.opened.runs.trial(self.opened.parent_run_id, trial, self.network, settings, retry_of, self.params)
         trial.set_user_attr(RUN_ATTR, run.run_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
@@ -618,7 +646,8 @@ class _Objective:
         state, value = "failed", None
         try:
             self.trials_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=self.trials_dir) as tmp:
+            with (tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=self.trials_dir) as tmp,
+                  system_metrics(self.opened.runs.cfg, run.run_id)):
                 out = finetune(
                     settings,
                     self.data_dir,
@@ -692,7 +721,7 @@ def run_worker(
     if not params.tune.searched:
         log.info("every key of tune.space is pinned: %s has nothing to search", study_name(params.tune, network))
         return 0
-    opened = _open_study(params, network, storage, worker_index)
+    opened = _open_study(params, network, storage, worker_index, Path(data_dir))
     objective = _Objective(params, Path(data_dir), network, Path(out_dir), pretrain_dir, opened, callbacks)
     ran = _work(opened, objective, params.tune)
     log.info("worker %d ran %d trial(s) of %s", worker_index, ran, opened.study.study_name)
@@ -869,7 +898,7 @@ def tune(
     if not params.tune.searched:
         return _nothing_to_search(params, network, Path(out_dir))
     url = resolve_storage(params, out_dir, network, storage)
-    opened = _open_study(params, network, url, worker_index=0)
+    opened = _open_study(params, network, url, 0, Path(data_dir), parent_run_id)
     if parent_run_id:
         RunLogger(params.mlflow, opened.parent_run_id).tags({"mlflow.parentRunId": parent_run_id})
     pinned = _pinned_values(params)

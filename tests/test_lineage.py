@@ -5,6 +5,7 @@ runs before anything enters the registry. Real commands on a real local MLflow s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import yaml
 from cass.cli import main
 from cass.errors import GateFailed, TrainingError
 from cass.layout import EvaluateOutputs, FinetuneOutputs, Layout
+from cass.tracking import data_digest
 from tests.conftest import LENIENT_MODEL_GATE, tiny_mapping
 
 pytestmark = pytest.mark.slow
@@ -92,8 +94,17 @@ def test_registration_logs_the_settings_commit_curves_and_pretraining_the_model_
     curve = built.client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in curve] == list(range(1, epochs + 1))  # the per-epoch curve, from history.csv
 
+    # Named and given its dataset input as a pipeline's runs are (today's settings differ in lr and epochs).
+    digest = data_digest(built.layout.data)
+    label = rf"demo@{digest[:8]} lf=1 finetune\.epochs=2 finetune\.lr={TUNED_LR} \d\d-\d\d \d\d:\d\d"
+    assert re.fullmatch(f"register-cnn {label}", run.info.run_name), run.info.run_name
     pretraining = built.client.get_run(mv.tags["pretraining_run_id"])
-    assert pretraining.info.run_name == "pretrain" and pretraining.info.status == "FINISHED"
+    assert re.fullmatch(f"pretrain {label}", pretraining.info.run_name), pretraining.info.run_name
+    assert pretraining.info.status == "FINISHED"
+    for logged in (run, pretraining):
+        inputs = logged.inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("demo", digest)]
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
     assert [m.step for m in built.client.get_metric_history(pretraining.info.run_id, "loss")] == [1]
     assert pretraining.data.tags["pretrain_cnn_sha256"] == record["pretraining"]["weights_sha256"]
 

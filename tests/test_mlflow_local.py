@@ -55,6 +55,7 @@ def local(tmp_path_factory: pytest.TempPathFactory):
         "experiment": "cass-test",
         "model_prefix": PREFIX,
         "artifact_retry_delay_s": 0,
+        "system_metrics_interval_s": 0.2,  # the tiny trainings last about a second
     }
     mapping["quality"] = LENIENT_MODEL_GATE
     params_file = root / "params.yaml"
@@ -157,6 +158,16 @@ def test_runs_are_named_apart_with_their_dataset_input_and_test_metrics(local) -
     # MLflow 3's UI opens the experiment on its training runs, not on the GenAI traces view.
     tags = local.client.get_experiment_by_name("cass-test").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_training_runs_log_system_metrics(local) -> None:
+    # Guards: a run's CPU and memory use were not recorded, so a slow or swapping training could not be told apart.
+    runs = _runs(local)
+    for stage in ("pretrain", "finetune-cnn", "finetune-vit"):
+        metrics = runs[stage].data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), stage
+        assert metrics["system/system_memory_usage_megabytes"] > 0
+    assert not [k for k in runs["evaluate-cnn"].data.metrics if k.startswith("system/")]  # training runs only
 
 
 def test_an_experiment_made_before_gets_its_kind_and_one_set_by_hand_stays(tmp_path, tiny_params) -> None:

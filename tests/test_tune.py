@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 from cass.cli import main
 from cass.config import load_params, params_from_mapping
 from cass.errors import ConfigError
+from cass.tracking import data_digest
 from cass.tune import (
     PARENT_RUN_ATTR,
     RUN_ATTR,
@@ -147,12 +149,19 @@ def test_study_prunes_logs_trials_and_its_best_params_reproduce_in_finetune(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 8
+    # Named as the pipeline's runs are, each trial after the values it tries, with the dataset input.
+    digest = data_digest(out / "data")
+    assert re.fullmatch(rf"tune-cnn demo@{digest[:8]} lf=1 \d\d-\d\d \d\d:\d\d", parent.info.run_name)
     for trial in study.get_trials():
         run = client.get_run(trial.user_attrs[RUN_ATTR])
         assert run.data.tags["trial_state"] == trial.state.name.lower()
         assert run.data.params["finetune.lr"] == str(trial.params["lr"])
+        assert run.info.run_name.startswith(f"cnn-trial-{trial.number} demo@{digest[:8]} lf=1 "), run.info.run_name
+        assert f" finetune.lr={trial.params['lr']}" in run.info.run_name, run.info.run_name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
         assert steps == sorted(trial.intermediate_values)  # one point per reported epoch
+    for run in (parent, *children):
+        assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("demo", digest)]
 
     # The best-parameters file holds the best trial, and fine-tuning with it reproduces that trial.
     best_file = best_params_path(out / "tune", "cnn")

@@ -302,7 +302,8 @@ def _demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="tune each network with N Optuna trials of tune.epochs epochs before fine-tuning; the demo "
                    "skips tuning (default: %(default)s): on its tiny ViT a few short trials cannot tell settings apart")
-    p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the last run")
+    p.add_argument("--force", action="store_true",
+                   help="retrain everything, pretraining included, even when nothing changed since the last run")
     p.add_argument("--no-flow", action="store_true",
                    help="run the tracked pipeline in this process, without Prefect and without tuning")
     p.add_argument("--no-mlflow", action="store_true", help="run the stages without Prefect, tracking or registry")

@@ -41,8 +41,36 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-"""The experiment's kind: MLflow 3's UI opens an experiment without one in its GenAI (traces) view; this
-one holds training runs, so it opens on the runs table."""
+"""The experiment's kind (training runs, not GenAI traces), as MLflow's experiment header shows and sets it.
+It does not choose the page the UI opens on: see :data:`UI_WORKFLOW`."""
+
+UI_WORKFLOW = "workflowType=machine_learning"
+"""The query that opens an experiment on its runs table in MLflow 3's UI. Since 3.x the UI takes the view
+of an experiment (GenAI overview and traces, or runs and models) from a "workflow type", not from the
+experiment's ``mlflow.experimentKind`` tag: the ``workflowType`` query parameter of the page, else the
+choice remembered by the browser (the GenAI / Model training switch, localStorage
+``mlflow.workflowType_v1``), else ``genai``. A fresh browser therefore lands on the GenAI overview unless
+the link carries this query; every link cass prints does (tests/test_reports_offline.py opens one)."""
+
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``mlflow ui`` serves a local store by default."""
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment (its runs table) or of one run, for the tracking URI ``uri`` (a local
+    store: as ``mlflow ui`` serves it); no password in it."""
+    base = redact(uri).rstrip("/") if is_server(uri) else LOCAL_UI
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_WORKFLOW}"
+
+
+def where_to_browse(uri: str, experiment_id: str | None, mlflow_command: str = "mlflow") -> str:
+    """How to look at an experiment: its page on a server; for a local store, the command that serves it and
+    then the page."""
+    page = ui_url(uri, experiment_id) if experiment_id else (redact(uri) if is_server(uri) else LOCAL_UI)
+    if is_server(uri):
+        return page
+    return f"`{mlflow_command} ui --backend-store-uri {redact(uri)}`, then {page}"
 
 
 class TrackingError(CassError):

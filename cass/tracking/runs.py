@@ -62,7 +62,8 @@ MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 RUN_LABEL_TAG = "run_label"
 """The tag of a pipeline's parent run that holds its label; its stage runs are named after it."""
 SHOWN_CHANGES = 3  # changed settings named in a run's label; more are counted ("+2 more")
-_NAMED_ELSEWHERE = ("data.", "finetune.label_fraction", "split.label_fractions")  # in the label already
+# In the label already; tune.pin lists the keys a --set gave, which the label names with their values.
+_NAMED_ELSEWHERE = ("data.", "finetune.label_fraction", "split.label_fractions", "tune.pin")
 
 
 def numeric_items(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -151,6 +152,25 @@ def run_label(
         parts.append(f"+{len(items) - SHOWN_CHANGES} more")
     parts.append((when or datetime.now()).strftime("%m-%d %H:%M"))
     return " ".join(parts)
+
+
+def label_of(params: Params, data_dir: Path, data_version: str = "", *, base: Params | None = None,
+             parent_run_id: str | None = None) -> str:
+    """The :func:`run_label` a run is named after, wherever it runs: its pipeline's (the parent run's tag)
+    for a stage of one, else the dataset on disk at ``data_version`` and the settings that differ from
+    ``base`` (``cass register``, ``cass tune``, the runs of ``dvc repro``'s outputs)."""
+    if parent_run_id:
+        import mlflow
+
+        label = mlflow.MlflowClient().get_run(parent_run_id).data.tags.get(RUN_LABEL_TAG, "")
+        if label:
+            return label
+    return run_label(params, data_digest(data_dir, data_version), changed_settings(params, base))
+
+
+def run_name(stage: str, label: str) -> str:
+    """``<stage> <label>``: the stage first, so a search or the compare view tells the runs of one label apart."""
+    return " ".join(filter(None, (stage, label)))
 
 
 def test_set_hash(data_dir: Path) -> str:
@@ -555,12 +575,10 @@ def stage_run(
 ) -> Iterator[RunLogger]:
     """A child run of ``parent_run_id`` for one stage, with the lineage tags, the flat params and the
     dataset input (``context``); named ``<stage>[-<network>] <the parent's label>``."""
-    import mlflow
-
     configure(params.mlflow)
     lineage = pipeline_lineage(params, data_dir)
-    label = mlflow.MlflowClient().get_run(parent_run_id).data.tags.get(RUN_LABEL_TAG, "")
-    name = " ".join(filter(None, (f"{stage}-{network}" if network else stage, label)))
+    label = label_of(params, data_dir, lineage.data_version, parent_run_id=parent_run_id)
+    name = run_name(f"{stage}-{network}" if network else stage, label)
     with child_run(params.mlflow, name, lineage.tags(network or networks_tag(params), stage=stage, **tags),
                    parent_run_id) as run_id:
         run = RunLogger(params.mlflow, run_id)

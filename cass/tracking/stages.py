@@ -33,11 +33,15 @@ from cass.tracking.redact import redact_mapping
 from cass.tracking.runs import (
     Lineage,
     RunLogger,
+    data_digest,
+    label_of,
     model_lineage,
     numeric_items,
+    run_name,
     run_tags,
     stage_run,
 )
+from cass.tracking.system import system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +90,18 @@ def reusable_pretraining(params: Params, layout: Layout) -> str | None:
     return latest_run_id(params.mlflow, pretraining_filter(pretrain_fingerprint(params, layout.data)))
 
 
-def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, progress: bool = True) -> StageRun:
+def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, progress: bool = True,
+                     reuse: bool = True) -> StageRun:
     """Pretrain in a child run, or reuse the finished pretraining on disk when it has the current settings.
 
     Reuse needs a finished checkpoint with the current fingerprint (settings and data, see
-    :mod:`cass.retraining`) and a finished run that recorded it; that run's id is returned.
+    :mod:`cass.retraining`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
+    (``--force``) trains from scratch, neither reusing nor resuming what is on disk.
     """
     from cass.pretrain import pretrain
 
     configure(params.mlflow)
-    earlier = reusable_pretraining(params, layout)
+    earlier = reusable_pretraining(params, layout) if reuse else None
     if earlier is not None:
         log.info("pretraining reused (run %s): %s holds a finished pretraining with these settings and data",
                  earlier, layout.pretrain)
@@ -103,7 +109,9 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
         return StageRun(earlier, reused=True)
     fingerprint = pretrain_fingerprint(params, layout.data)
     with stage_run(params, layout.data, parent_run_id, "pretrain", **{PRETRAIN_FINGERPRINT_TAG: fingerprint}) as run:
-        out = pretrain(params, layout.data, layout.pretrain, callbacks=[run.epoch], progress=progress)
+        with system_metrics(params.mlflow, run.run_id):
+            out = pretrain(params, layout.data, layout.pretrain, resume=reuse, callbacks=[run.epoch],
+                           progress=progress)
         run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
         run.artifact(out.networks)
     return StageRun(run.run_id)
@@ -122,8 +130,9 @@ def tracked_finetune(
     pre_dir = layout.pretrain if params.finetune.init == "cass" else None
     tags = {**(tags or {}), "pretraining_run_id": pretraining_run_id}
     with stage_run(params, layout.data, parent_run_id, "finetune", network, **tags) as run:
-        ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir,
-                      callbacks=[run.epoch], progress=progress, tuning=tuning, pretraining_run_id=pretraining_run_id)
+        with system_metrics(params.mlflow, run.run_id):
+            ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir, callbacks=[run.epoch],
+                          progress=progress, tuning=tuning, pretraining_run_id=pretraining_run_id)
         run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
         example = first_test_image(layout.data)
         model = with_retries(
@@ -246,7 +255,8 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
                       str(recorded.get("git_commit") or model.lineage.git_commit),
                       str(recorded.get("data_version") or model.lineage.data_version), model.lineage.test_set)
     digests = {f"pretrain_{n}_sha256": file_digest(out.weights(n)) for n in ("cnn", "vit") if out.weights(n).is_file()}
-    with open_run(params, model, "pretrain", network="cnn+vit", lineage=lineage, stage="pretrain", **digests) as run:
+    with open_run(params, layout, model, "pretrain", network="cnn+vit", lineage=lineage, stage="pretrain",
+                  **digests) as run:
         if out.history.is_file():
             run.history(out.history)
         run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
@@ -255,15 +265,20 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
 
 
 @contextlib.contextmanager
-def open_run(params: Params, model: ModelOnDisk, name: str, *, network: str | None = None,
+def open_run(params: Params, layout: Layout, model: ModelOnDisk, what: str, *, network: str | None = None,
              lineage: Lineage | None = None, **tags: str | None) -> Iterator[RunLogger]:
-    """A run for a model on disk: its lineage tags (or ``lineage``'s) and the settings it was trained with."""
+    """A run for a model on disk, read like a pipeline's stage run: named ``<what> <label>`` (the data it
+    was trained on and the settings in which it differs from ``params``, :func:`~cass.tracking.runs.label_of`),
+    its lineage tags (or ``lineage``'s), the settings it was trained with and the dataset input."""
     import mlflow
 
-    all_tags = run_tags((lineage or model.lineage).tags(network or model.network, **tags))
-    with mlflow.start_run(run_name=name, tags=all_tags) as active:
+    lineage = lineage or model.lineage
+    label = label_of(model.settings, layout.data, lineage.data_version, base=params)
+    all_tags = run_tags(lineage.tags(network or model.network, **tags))
+    with mlflow.start_run(run_name=run_name(what, label), tags=all_tags) as active:
         run = RunLogger(params.mlflow, active.info.run_id)
         run.params(model.settings)
+        run.dataset(layout.data, model.settings.data.name, data_digest(layout.data, lineage.data_version), "training")
         yield run
 
 
@@ -299,7 +314,7 @@ def register_outputs(
         model = models[network]
         ft = FinetuneOutputs(layout.finetune(network))
         pretraining_run_id = logged_pretraining(params, layout, model)
-        with open_run(params, model, f"register-{network}", stage="register",
+        with open_run(params, layout, model, f"register-{network}", stage="register",
                       pretraining_run_id=pretraining_run_id) as run:
             run.text(yaml.safe_dump(redact_mapping(model.settings.model_dump(mode="json")), sort_keys=False),
                      "params.resolved.yaml")

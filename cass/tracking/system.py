@@ -1,0 +1,60 @@
+"""System metrics of a training run: CPU, memory, disk and network (and each GPU's use and memory where
+NVML finds one), sampled while the run trains and logged as ``system/*`` metrics beside its curves.
+
+MLflow's monitor samples every 10 s by default and logs only after a whole interval, so a fine-tuning of
+a few seconds (the demo's, a tuning trial) logged nothing: cass samples every
+``mlflow.system_metrics_interval_s`` (2 s), which ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides as
+MLflow documents. The monitor is a thread that logs into the run by id, so it works in Prefect's task
+threads and in tuning workers alike. GPU metrics need ``nvidia-ml-py`` (installed with cass) and a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from cass.config import MlflowConfig
+
+log = logging.getLogger(__name__)
+
+PREFIX = "system/"
+"""What MLflow puts before every system metric (``system/cpu_utilization_percentage``)."""
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: MlflowConfig, run_id: str) -> Iterator[None]:
+    """Sample the machine into ``run_id`` for the block (nothing when ``system_metrics_interval_s`` is 0).
+
+    A monitor that cannot start (no psutil, a store that refuses) is a warning, never a failed training.
+    """
+    if cfg.system_metrics_interval_s <= 0:
+        yield
+        return
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with _quiet("mlflow.system_metrics"):  # MLflow says "started/stopped monitoring" at INFO every run
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s)
+            monitor.start()
+    except Exception as exc:  # the training matters more than its CPU curve
+        log.warning("system metrics of run %s are not logged: %s", run_id, exc)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            with _quiet("mlflow.system_metrics"), contextlib.suppress(Exception):
+                monitor.finish()
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
