@@ -98,7 +98,7 @@ def run_demo(params: Params, layout: Layout, *, params_file: str, overrides: Seq
 
     Raises CassError when the temporary Prefect server does not come up, and the flow's own error when a
     stage fails."""
-    from cass.tracking import configure, is_server, redact, tracking_uri
+    from cass.tracking import configure, experiment_id, tracking_uri, where_to_browse
 
     configure(params.mlflow)  # a tracking server that does not answer fails here, before Prefect starts
     prefect_environment(quiet)
@@ -116,8 +116,7 @@ def run_demo(params: Params, layout: Layout, *, params_file: str, overrides: Seq
     result = state.result()  # raises the error that failed the run
     flow_run_id = state.state_details.flow_run_id
 
-    uri = redact(tracking_uri(params.mlflow))
-    browse = uri if is_server(uri) else f"{_beside_python('mlflow')} ui --backend-store-uri {uri}"
+    browse = where_to_browse(tracking_uri(params.mlflow), experiment_id(params.mlflow), _beside_python("mlflow"))
     mlflow = f"\nMLflow: pipeline run {result['run_id']} in experiment '{params.mlflow.experiment}'; UI: {browse}"
     api = os.environ.get("PREFECT_API_URL")
     if api:

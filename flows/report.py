@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cass.quality import GateResult
-from cass.tracking import is_server, redact
+from cass.tracking import is_server, redact, ui_url, where_to_browse
 
 METRICS = (("macro_f1", "macro F1"), ("balanced_accuracy", "balanced acc."), ("accuracy", "accuracy"),
            ("macro_auroc", "macro AUROC"))
@@ -26,16 +26,15 @@ class MlflowLinks:
 
     def run(self, run_id: str) -> str:
         if is_server(self.tracking_uri):
-            base = redact(self.tracking_uri).rstrip("/")
-            return f"[{run_id}]({base}/#/experiments/{self.experiment_id}/runs/{run_id})"
+            return f"[{run_id}]({ui_url(self.tracking_uri, self.experiment_id, run_id)})"
         return f"`{run_id}`"
 
     def where(self) -> str:
         uri = redact(self.tracking_uri)
+        browse = where_to_browse(self.tracking_uri, self.experiment_id)
         if is_server(self.tracking_uri):
-            return f"MLflow at {uri}, experiment {self.experiment_id}"
-        browse = f"mlflow ui --backend-store-uri {uri}"
-        return f"local MLflow store `{uri}`, experiment {self.experiment_id} (browse: `{browse}`)"
+            return f"MLflow at {uri}, experiment [{self.experiment_id}]({browse})"
+        return f"local MLflow store `{uri}`, experiment {self.experiment_id} (browse: {browse})"
 
 
 @dataclass(frozen=True)

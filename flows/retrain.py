@@ -48,6 +48,7 @@ from cass.layout import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.redaction import install_log_redaction
 from cass.retraining import data_hash
+from flows.notify import notify_failed, notify_refused
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
 LIBRARY_LOGGER = "cass"
@@ -312,7 +313,7 @@ def ensure_concurrency_limit(name: str) -> None:
                 get_run_logger().info("created the global concurrency limit %r with 1 slot", name)
 
 
-@flow(name=FLOW_NAME, flow_run_name=run_name,
+@flow(name=FLOW_NAME, flow_run_name=run_name, on_failure=[notify_failed], on_crashed=[notify_failed],
       description="Retrain CASS: data gate, pretraining, tuning, fine-tuning of the CNN and the ViT, "
       "evaluation, model gate, registration and promotion in MLflow.")
 def retrain(
@@ -338,7 +339,7 @@ def retrain(
         data_version: a git revision whose data.dvc names the data; pulled with DVC first (default: the
             data in the working tree).
         outputs: root of the stage outputs.
-        force: retrain even when nothing changed since the last completed run.
+        force: retrain everything, pretraining included, even when nothing changed since the last completed run.
     """
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import flow_run
@@ -348,6 +349,7 @@ def retrain(
     params = flow_params(params_file, overrides or [], dataset=dataset, label_fraction=label_fraction,
                          pretrain_epochs=pretrain_epochs, tune_trials=tune_trials)
     run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tune_trials != 0, force=force,
+                      reuse_pretraining=not force,
                       data_version=data_version, params_file=Path(params_file),
                       run_tags={"prefect_flow_run_id": str(flow_run.id or "")})
     limit = params.retrain.concurrency_limit
@@ -362,6 +364,7 @@ def retrain(
     if done.earlier_run_id is not None:
         return _unchanged(done, io_options(params.retrain))
     result = _completed(done)
+    notify_refused(params.retrain.notify, done.promotions)
     failure = gate_failure(done)
     if failure is not None:  # the networks that passed are registered (and promoted); the run still fails
         _publish_gate(failure)

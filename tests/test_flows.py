@@ -66,6 +66,41 @@ def _outage_after_model_gate(server: MlflowServer, trigger: Path, done: threadin
     seen["restarted"] = True
 
 
+class Receiver:
+    """A webhook receiver: a real HTTP server on a loopback port that keeps every request it gets."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(SimpleNamespace(path=self.path, headers=dict(self.headers), json=json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
 @pytest.fixture(scope="module")
 def retraining(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One flow run on the tiny demo against a real MLflow server that crashes before registration."""
@@ -221,6 +256,29 @@ def test_rerun_with_nothing_changed_trains_nothing(retraining) -> None:
     assert not [n for n in names if n.startswith(("pretrain", "fine-tune", "evaluate", "register", "promote"))]
     summary = _artifacts(_flow_run_id(state))["retrain-summary"].data
     assert "Nothing changed, nothing trained" in summary and first["run_id"] in summary
+
+
+def test_a_forced_rerun_pretrains_again_and_its_refused_challenger_notifies(
+        retraining, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Guards: `cass demo --force` logged "pretraining reused"; a refused challenger told no one.
+    first = retraining.state.result()
+    pretrainings = [r.data.tags.get("stage") for r in _runs(retraining)].count("pretrain")
+    monkeypatch.setenv("CASS_NOTIFY_WEBHOOK_URL", f"{receiver.url}/refused")
+    before = len(receiver.received)
+    # Nothing changed (the margin is where promotion looks, not a result setting): only --force trains.
+    state = retraining.retrain(params_file=str(retraining.params_file), overrides=["mlflow.promotion_margin=1.0"],
+                               outputs=str(retraining.outputs), tune_trials=0, force=True, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["outcome"] == "completed" and result["run_key"] == first["run_key"]
+    assert not result["pretraining"]["reused"] and result["pretraining"]["run_id"] != first["pretraining"]["run_id"]
+    assert [r.data.tags.get("stage") for r in _runs(retraining)].count("pretrain") == pretrainings + 1
+    assert not any(p["promoted"] for p in result["promotions"].values())
+    got = [m.json for m in receiver.received[before:] if m.path == "/refused"]
+    assert len(got) == 1, got
+    assert got[0]["subject"].startswith("cass retraining: challenger refused (cnn, vit): retrain demo@"), got[0]
+    for network in ("cnn", "vit"):
+        assert f"{PREFIX}-{network} v{result['versions'][network]}: not promoted" in got[0]["text"], got[0]
 
 
 def test_planted_bad_data_stops_the_flow_at_the_gate_before_training(retraining, tmp_path: Path) -> None:
@@ -396,3 +454,46 @@ def test_concurrent_fine_tunings_split_the_loader_cores(demo_root: Path, monkeyp
     assert _share_loader_cores(params, 1).finetune.num_workers == 8  # the cap
     mapping["finetune"]["num_workers"] = 3  # a number is the user's choice: kept
     assert _share_loader_cores(params_from_mapping(mapping), 2).finetune.num_workers == 3
+
+
+def test_a_failed_run_notifies_the_webhook_of_the_environment_or_a_saved_block(
+        prefect_api: str, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Guards: a scheduled retraining that failed told no one; its engineer found out days later.
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.retrain import retrain
+
+    mapping = tiny_mapping(tmp_path / "scans")  # no such folder: the run fails at prepare, before any training
+    mapping["data"]["name"] = "scans"
+    mapping["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                         "artifact_location": str(tmp_path / "mlruns"), "experiment": "cass-notify"}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(mapping))
+    for name in ("MLFLOW_TRACKING_URI", "CASS_NOTIFY_WEBHOOK_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CASS_NOTIFY_WEBHOOK_URL", f"{receiver.url}/hooks/T0/secret")
+    monkeypatch.setenv("CASS_NOTIFY_WEBHOOK_TOKEN", "tok-5e1")
+    before = len(receiver.received)
+    state = retrain(params_file=str(params_file), outputs=str(tmp_path / "outputs"), tune_trials=0, return_state=True)
+    assert state.is_failed()
+    got = receiver.received[before:]
+    assert len(got) == 1, got
+    message = got[0]
+    assert message.path == "/hooks/T0/secret" and message.headers["Authorization"] == "Bearer tok-5e1"
+    assert message.json["source"] == "cass-retrain"
+    assert message.json["subject"].startswith("cass retraining failed: retrain scans@"), message.json
+    assert "data folder not found" in message.json["text"] and str(_flow_run_id(state)) in message.json["text"]
+
+    # A block saved on the Prefect server (Slack, Teams, e-mail, ...) is used instead when named; settings that
+    # do not load (the override) fall back to the file's, so the failure is still told.
+    CustomWebhookNotificationBlock(name="ops", url=f"{receiver.url}/ops", json_data={"msg": "{{subject}}"}).save(
+        "cass-test-ops", overwrite=True)
+    mapping["retrain"] = {"notify": {"block": "custom-webhook/cass-test-ops"}}
+    params_file.write_text(yaml.safe_dump(mapping))
+    monkeypatch.delenv("CASS_NOTIFY_WEBHOOK_URL")
+    before = len(receiver.received)
+    state = retrain(params_file=str(params_file), overrides=["finetune.epochs=-1"], outputs=str(tmp_path / "outputs"),
+                    tune_trials=0, return_state=True)
+    assert state.is_failed() and "finetune.epochs" in state.message
+    got = receiver.received[before:]
+    assert [(m.path, m.json["msg"].split(":")[0]) for m in got] == [("/ops", "cass retraining failed")], got

@@ -59,13 +59,19 @@ class OfflineBrowser:
         self.opened: list = []
 
     def open(self, path: Path) -> Opened:
+        return self.open_url(path.resolve().as_uri())
+
+    def open_url(self, url: str, local_server: str | None = None) -> Opened:
+        """``url`` in a fresh browser (no cookies, no local storage); ``local_server``: an origin on this
+        machine (a loopback port) that may be asked too."""
         context = self.browser.new_context(service_workers="block")
         self.opened.append(context)
         page = context.new_page()
         opened = Opened(page)
+        allowed = ("file:", "data:", *((f"{local_server}/",) if local_server else ()))
 
         def route(r) -> None:
-            if r.request.url.startswith(("file:", "data:")):
+            if r.request.url.startswith(allowed):
                 r.continue_()
             else:
                 opened.remote_requests.append(r.request.url)
@@ -73,7 +79,7 @@ class OfflineBrowser:
 
         context.route("**/*", route)
         page.on("pageerror", lambda e: opened.errors.append(str(e)))
-        page.goto(path.resolve().as_uri(), wait_until="load")
+        page.goto(url, wait_until="load")
         return opened
 
     def wait_for(self, opened: Opened, selector: str, count: int, timeout_s: float = 30) -> int:
@@ -103,7 +109,7 @@ def browser() -> Iterator[OfflineBrowser]:
         chromium = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND",
+                  "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                   "--proxy-server=127.0.0.1:9"],
         )
         offline = OfflineBrowser(chromium)
@@ -244,3 +250,40 @@ def test_model_card_renders_offline(browser: OfflineBrowser, tmp_path: Path) -> 
     assert page.count("table tbody tr") == 2
     assert len(page.loaded_images()) == 1
     assert page.remote_requests == [] and page.errors == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The MLflow UI
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(browser: OfflineBrowser, tmp_path: Path,
+                                                                 tiny_params: Params) -> None:
+    # Guards: with MLflow 3.17 a fresh browser opened the experiment on the GenAI overview, the experiment's
+    # mlflow.experimentKind tag notwithstanding: the UI reads its "workflow type" instead (cass.tracking.client).
+    from cass.tracking import RunLogger, configure, experiment_id, reset_client, ui_url
+    from tests.conftest import MlflowServer
+
+    server = MlflowServer(tmp_path, env={"MLFLOW_DISABLE_TELEMETRY": "true"})
+    server.start()
+    try:
+        cfg = tiny_params.mlflow.model_copy(update={"tracking_uri": server.url, "experiment": "cass-ui"})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            configure(cfg)  # creates the experiment as every cass command does
+            experiment = experiment_id(cfg)
+            run = RunLogger.create(cfg, experiment, "demo@0123abcd lf=0.1 11-30 16:40", {"stage": "pipeline"})
+            run.finish()
+            reset_client()
+        link = ui_url(server.url, experiment)
+        page = browser.open_url(link, local_server=server.url)
+        page.page.get_by_text("demo@0123abcd lf=0.1 11-30 16:40").wait_for(timeout=90_000)  # the runs table
+        assert page.page.get_by_role("heading", name="Runs").count() == 1
+        assert page.page.get_by_role("heading", name="Overview").count() == 0  # not the GenAI overview
+        # The same fresh browser on the bare experiment page shows what the query changes.
+        bare = browser.open_url(f"{server.url}/#/experiments/{experiment}", local_server=server.url)
+        bare.page.get_by_role("heading", name="Overview").wait_for(timeout=90_000)
+        assert bare.page.get_by_text("demo@0123abcd lf=0.1 11-30 16:40").count() == 0
+        assert not page.remote_requests, page.remote_requests  # the UI is served whole by the server
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 
 from cass.config import MlflowConfig
@@ -45,8 +46,23 @@ def system_metrics(cfg: MlflowConfig, run_id: str) -> Iterator[None]:
         yield
     finally:
         if monitor is not None:
-            with _quiet("mlflow.system_metrics"), contextlib.suppress(Exception):
-                monitor.finish()
+            _finish(monitor, cfg.system_metrics_interval_s)
+
+
+def _finish(monitor: object, interval_s: float) -> None:
+    """Stop the monitor and send its last samples, waiting a few intervals at most: its thread asks the store
+    for the run's status, and a tracking server that stopped answering must not hold the training's end (the
+    stage's own uploads report the outage)."""
+    def finish() -> None:
+        with contextlib.suppress(Exception):
+            monitor.finish()
+
+    with _quiet("mlflow.system_metrics"):
+        thread = threading.Thread(target=finish, name="cass-system-metrics-finish", daemon=True)
+        thread.start()
+        thread.join(timeout=max(5.0, 3 * interval_s))
+    if thread.is_alive():
+        log.debug("the system metrics monitor did not stop in time; its last samples may be missing")
 
 
 @contextlib.contextmanager

@@ -57,15 +57,14 @@ def _flow(args: argparse.Namespace, params: Params, layout: Layout) -> int:
 def _tracked(args: argparse.Namespace, params: Params, layout: Layout) -> int:
     """--no-flow: the stages logged to MLflow and registered (promoted unless --no-promote), without Prefect."""
     from cass.pipeline import tracked_pipeline
-    from cass.tracking import is_server, redact, tracking_uri
+    from cass.tracking import experiment_id, tracking_uri, where_to_browse
 
     tracked = tracked_pipeline(params, layout, params_file=Path(args.params), promote=not args.no_promote,
-                               progress=not args.quiet, on_stage=_log_stage)
+                               progress=not args.quiet, on_stage=_log_stage, force=args.force)
     print_metrics(tracked.results)
     print_where_outputs_are(layout)
     _print_pretraining(layout)
-    uri = redact(tracking_uri(params.mlflow))
-    browse = uri if is_server(uri) else f"`mlflow ui --backend-store-uri {uri}`"
+    browse = where_to_browse(tracking_uri(params.mlflow), experiment_id(params.mlflow))
     print(f"MLflow run {tracked.run_id} in experiment '{params.mlflow.experiment}'; browse: {browse}")
     for result in tracked.promotions.values():
         print(result.summary())
