@@ -290,6 +290,8 @@ def test_prepare_on_grown_data_keeps_the_splits_and_a_new_seed_reshuffles_saying
                                   "reshuffled": False, "changed_settings": {}, "kept": 64, "moved": 0,
                                   "added": 32, "removed": 0}
     assert "splits kept: all 64 earlier images kept their split; 32 new images assigned" in caplog.text
+    fresh, _ = read_manifest(_prepare(root, tmp_path / "fresh-worker"))  # no earlier outputs: the same splits
+    assert fresh["split"].tolist() == after["split"].tolist()
 
     caplog.clear()
     raw = tiny_mapping(root)
