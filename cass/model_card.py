@@ -5,8 +5,8 @@ Everything in the card comes from the records of the version it describes, not f
 files on the machine that registers it: the version's lineage tags, its evaluation run (metrics, the
 ``evaluation/`` files: class counts, reliability table and diagram, explanation panel, subgroup table, and
 the flat settings it ran with), its fine-tuning and pretraining runs (labelled images, the collapse
-indicator) and the model gate's report of its pipeline run (or, for a version registered outside a
-pipeline, the gate run on its metrics now). Only the intended use and the limitations are the user's text
+indicator) and the version's one gate verdict as registration recorded it (cass.quality.policy: the
+``model_gate`` tag and the card render the same record). Only the intended use and the limitations are the user's text
 (``card:`` in params.yaml, or a markdown file), with placeholders filled in.
 
 The card is written as markdown and as a self-contained HTML page (inline CSS, figures embedded as data
@@ -142,17 +142,24 @@ def _read_csv(path: Path | None, text_columns: tuple[str, ...] = ()) -> pd.DataF
     return raw.apply(column)
 
 
-def _gate(params: Params, tags: Mapping[str, str], network: str, metrics: Mapping[str, Any], tmp: Path) -> dict:
-    """The model gate's result of the pipeline that produced the version; else the gate run on its metrics now."""
+def _gate(params: Params, candidate, tmp: Path) -> dict:
+    """The version's one gate verdict (cass.quality.policy), as registration recorded it: the verdict the
+    candidate carries; for a caller that passed none, the pipeline's gate result, else the gate run now."""
+    from cass.quality.policy import GateVerdict
+
+    if candidate.gate is not None:
+        return candidate.gate.record()
+    tags, network = candidate.tags, candidate.network
     found = _download(tags.get("pipeline_run_id"), f"data_quality/model/{network}/result.json", tmp / "gate")
     if found is not None and found.is_file():
-        return {**json.loads(found.read_text()), "source": f"pipeline run {tags.get('pipeline_run_id')}"}
+        source = f"pipeline run {tags.get('pipeline_run_id')}"
+        return GateVerdict.from_result(json.loads(found.read_text()), params.quality, source).record()
     from cass.quality import validate_model
 
     path = tmp / "gate-metrics.json"
-    path.write_text(json.dumps(dict(metrics)))
+    path.write_text(json.dumps(dict(candidate.metrics)))
     result = validate_model(params, path, tmp / "gate-now", raise_on_failure=False).to_dict()
-    return {**result, "source": "run at registration on the version's test metrics"}
+    return GateVerdict.from_result(result, params.quality, "run at registration on the version's test metrics").record()
 
 
 def _fill(text: str, values: Mapping[str, str]) -> str:
@@ -195,7 +202,7 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
     ft = _run(client, tags.get("finetune_run_id"))
     if ft is not None:
         facts.finetuning = {"run_id": ft.info.run_id, **ft.data.metrics}
-    facts.gate = _gate(params, tags, candidate.network, candidate.metrics, tmp)
+    facts.gate = _gate(params, candidate, tmp)
     classes = list(facts.metrics.get("per_class") or {})
     values = {"dataset": tags.get("dataset", params.data.name), "classes": ", ".join(classes), "model": name,
               "version": str(version), "network": candidate.network, "data_version": tags.get("data_version", "?")}
@@ -222,9 +229,41 @@ def _headline(f: CardFacts) -> str:
              f"ECE {_fmt(m.get('ece'))} (before temperature scaling {_fmt(m.get('ece_before_scaling'))})"]
     if _finite(m.get("subgroup_gap")):
         parts.append(f"worst-subgroup gap {_fmt(m.get('subgroup_gap'))}")
-    gate = f.gate.get("success")
-    parts.append("model gate " + ("passed" if gate else "FAILED" if gate is False else "not recorded"))
+    parts.append(f"model gate {_gate_word(f.gate)}")
     return ", ".join(parts)
+
+
+def _gate_word(gate: Mapping[str, Any]) -> str:
+    if "passed" not in gate:
+        return "not recorded"
+    if not gate["passed"]:
+        return "FAILED"
+    return "passed" if gate.get("promotable", True) else "passed only under lowered thresholds (not promotable)"
+
+
+def _gate_section(gate: Mapping[str, Any]) -> list[str]:
+    """The verdict as recorded on the version, the thresholds it was judged by and, where the run's differed
+    from the committed policy's, both side by side with the policy's verdict."""
+    if "passed" not in gate:
+        return ["No model gate verdict was recorded.", ""]
+    policy = gate.get("policy") or {}
+    out = [f"Verdict: **{gate.get('verdict') or _gate_word(gate)}** ({gate.get('checks', 0)} checks; thresholds "
+           f"from {gate.get('source') or 'unknown'}).", ""]
+    thresholds, committed = gate.get("thresholds") or {}, policy.get("thresholds") or {}
+    if thresholds:
+        keys = sorted(set(thresholds) | set(committed))
+        header = ["setting", "judged by"] + ([f"committed policy ({policy.get('source')})"] if policy else [])
+        rows = [[f"quality.{k}", json.dumps(thresholds.get(k))] + ([json.dumps(committed.get(k))] if policy else [])
+                for k in keys]
+        out += [_table(header, rows), ""]
+    if policy:
+        out += [f"Under the committed policy: {'passed' if policy.get('passed') else 'FAILED'}.", ""]
+    for kind in ("failures", "warnings"):
+        for finding in gate.get(kind, []):
+            out.append(f"- {kind[:-1]}: {finding}")
+    for finding in policy.get("failures", []):
+        out.append(f"- failure under the committed policy: {finding}")
+    return out
 
 
 def _collapse(pre: Mapping[str, Any]) -> str:
@@ -335,13 +374,7 @@ def to_markdown(f: CardFacts) -> str:
     else:
         out += ["No explanation panel was recorded (`evaluate.explain_per_class: 0`).", ""]
 
-    gate = f.gate
-    out += ["## Model gate", "",
-            f"{'Passed' if gate.get('success') else 'Failed'} ({len(gate.get('checks', []))} checks; "
-            f"{gate.get('source', '')}).", ""]
-    for kind in ("failures", "warnings"):
-        for finding in gate.get(kind, []):
-            out.append(f"- {kind[:-1]}: `{finding.get('check')}`: {finding.get('catches')}")
+    out += ["## Model gate", "", *_gate_section(f.gate)]
     out += ["", "## Intended use", "", f.intended_use.strip(), ""]
     if f.limitations:
         out += ["## Limitations", "", f.limitations.strip(), ""]

@@ -308,15 +308,23 @@ def _log_quality(run: PipelineRun, _: None) -> None:
 
 
 def _register(run: PipelineRun, network: Network) -> str:
-    from cass.registry import GateVerdict
+    from cass.layout import RESULT_FILE
+    from cass.quality.policy import RUN_SETTINGS, GateVerdict, committed_policy
 
-    # The model gate stage passed this network (a failed one is skipped): registration need not run it again.
-    candidate = replace(run.evaluations[network].candidate, gate=GateVerdict(True))
-    return tracking.register_candidate(run.params, candidate, run.run_id)
+    # The model gate stage passed this network (a failed one is skipped): registration takes its verdict, with
+    # the thresholds it used, instead of running it again.
+    result = json.loads((run.layout.quality("model") / network / RESULT_FILE).read_text())
+    verdict = GateVerdict.from_result(result, run.params.quality, RUN_SETTINGS)
+    candidate = replace(run.evaluations[network].candidate, gate=verdict)
+    policy = committed_policy(run.params_file, run.params)
+    return tracking.register_candidate(run.params, candidate, run.run_id, policy=policy)
 
 
 def _promote(run: PipelineRun, network: Network) -> PromotionResult:
-    return tracking.promote_candidate(run.params, network, run.versions[network], run.run_id)
+    from cass.quality.policy import committed_policy
+
+    policy = committed_policy(run.params_file, run.params)
+    return tracking.promote_candidate(run.params, network, run.versions[network], run.run_id, policy=policy)
 
 
 def _finish_run(run: PipelineRun, _: None) -> None:

@@ -32,8 +32,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ from typing import Any
 from cass import model_card
 from cass.config import MlflowConfig, Params
 from cass.errors import CassError, ConfigError, GateFailed
-from cass.layout import METRICS_FILE, EvaluateOutputs
+from cass.layout import METRICS_FILE
+from cass.quality.policy import GatePolicy, GateVerdict, ModelGate, default_gate, under_policy
 
 log = logging.getLogger(__name__)
 
@@ -84,47 +85,7 @@ def finite(value: Any) -> bool:
 # The model quality gate
 
 
-@dataclass(frozen=True)
-class GateVerdict:
-    passed: bool
-    reasons: tuple[str, ...] = ()
-    report: Path | None = None  # the gate's report folder (Data Docs and result.json), where it wrote one
-
-    def text(self) -> str:
-        return "passed" if self.passed else "failed: " + "; ".join(self.reasons)
-
-
-ModelGate = Callable[[Mapping[str, Any]], GateVerdict]
-"""Takes a version's test metrics (the evaluate stage's metrics.json) and says whether it may serve."""
-
-
-def default_gate(params: Params, report_dir: Path | None = None) -> ModelGate:
-    """The model suite of :mod:`cass.quality` (floors and severities in the ``quality:`` section). With
-    ``report_dir`` the gate's Data Docs and result.json stay there (a promotion attaches them to the version)."""
-
-    def gate(metrics: Mapping[str, Any]) -> GateVerdict:
-        from cass.quality import validate_model
-
-        with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:
-            path = EvaluateOutputs(Path(tmp)).metrics
-            path.write_text(json.dumps(dict(metrics)))
-            report = report_dir or Path(tmp) / "report"
-            with _quiet("cass.quality.gate"):  # its log line names the local folder; the caller says where it went
-                result = validate_model(params, path, report, raise_on_failure=False)
-        return GateVerdict(result.success, tuple(f.describe() for f in result.failures), report_dir)
-
-    return gate
-
-
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        target.setLevel(level)
+# The gate itself (default_gate), its verdict (GateVerdict) and the committed policy: cass.quality.policy.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +108,8 @@ class Candidate:
 
 
 GATE_TAG = "model_gate"
+GATE_RECORD_TAG = "model_gate_record"
+"""The version's one gate verdict (JSON, :meth:`GateVerdict.record`); ``model_gate`` is its text."""
 
 
 def gate_candidate(params: Params, candidate: Candidate, gate: ModelGate | None = None) -> GateVerdict:
@@ -197,12 +160,15 @@ def describe_model(params: Params, network: str) -> str:
     )
 
 
-def register(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None):
+def register(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None,
+             policy: GatePolicy | None = None):
     """Register ``candidate`` as a new version of ``<prefix>-<network>``; returns the ModelVersion.
 
     Only a model that passes the model gate enters the registry: the verdict is the candidate's own (the
     pipeline's gate stage), else the gate runs here; a failed gate raises :class:`cass.errors.GateFailed`
-    and registers nothing. The verdict is tagged ``model_gate`` on the version.
+    and registers nothing. With ``policy`` (the committed one, cass.quality.policy) the verdict also says
+    whether the policy passes it. The verdict is recorded once, ``model_gate_record``; the ``model_gate``
+    tag, the model card and the log line are rendered from it.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -210,9 +176,12 @@ def register(params: Params, candidate: Candidate, client=None, gate: ModelGate 
     verdict = gate_candidate(params, candidate, gate)
     if not verdict.passed:
         raise GateFailed(refusal(params, candidate.network, verdict))
+    verdict = under_policy(params, verdict, candidate.metrics, policy)
+    candidate = replace(candidate, gate=verdict)
     client = client or _client()
     name = model_name(params.mlflow, candidate.network)
-    tags = {**candidate.tags, GATE_TAG: verdict.text()}
+    tags = {**candidate.tags, GATE_TAG: verdict.text()[:7900],  # MLflow keeps up to 8000 characters
+            GATE_RECORD_TAG: json.dumps(verdict.record(), sort_keys=True)}
     tags.update({f"test_{k}": f"{candidate.metrics[k]:.6g}" for k in SUMMARY_METRICS
                  if finite(candidate.metrics.get(k))})
     try:
@@ -222,11 +191,13 @@ def register(params: Params, candidate: Candidate, client=None, gate: ModelGate 
         model_card.attach(params, candidate, name, mv.version, client, describe_version(params, candidate))
     except MlflowException as exc:
         raise RegistryError(f"registering {candidate.model_uri} as {name} failed: {exc.message}") from None
-    log.info("registered %s version %s", name, mv.version)
+    log.log(logging.WARNING if verdict.lowered else logging.INFO, "registered %s version %s; model gate %s", name,
+            mv.version, verdict.text())
     return mv
 
 
-def register_once(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None):
+def register_once(params: Params, candidate: Candidate, client=None, gate: ModelGate | None = None,
+                  policy: GatePolicy | None = None):
     """:func:`register`, safe to retry: a version already registered from the same evaluation run (the
     answer lost on the way back) is found and completed, not registered twice. Returns the ModelVersion."""
     client = client or _client()
@@ -235,11 +206,14 @@ def register_once(params: Params, candidate: Candidate, client=None, gate: Model
     done = [v for v in client.search_model_versions(f"name = '{name}'")
             if evaluation and v.tags.get("evaluation_run_id") == evaluation]
     if not done:
-        return register(params, candidate, client, gate)
+        return register(params, candidate, client, gate, policy)
     mv = done[0]
     if not mv.description:
         client.update_model_version(name, mv.version, description=describe_version(params, candidate))
     if model_card.CARD_TAG not in mv.tags:  # the card failed after the version was created
+        recorded = mv.tags.get(GATE_RECORD_TAG)
+        if recorded:  # the card says what the version's record says
+            candidate = replace(candidate, gate=GateVerdict.from_record(json.loads(recorded)))
         model_card.attach(params, candidate, name, mv.version, client, describe_version(params, candidate))
     return mv
 
@@ -599,10 +573,14 @@ def promote(
     reason: str | None = None,
     gate: ModelGate | None = None,
     client=None,
+    policy: GatePolicy | None = None,
 ) -> PromotionResult:
     """Move ``champion`` to ``version`` when the gate passes and it beats the champion by the margin.
 
-    ``force`` (with a ``reason``) skips the gate and the comparison; both are still recorded. The decision is
+    The gate is the one of ``params`` and, with ``policy``, the committed policy's too (cass.quality.policy):
+    settings given to a promotion can make the gate stricter, never laxer, and a version that passes only
+    under lowered thresholds is refused. ``force`` (with a ``reason``) skips the gate and the comparison; both
+    are still recorded. The decision is
     recorded on the version (one tag, ``promotion.<n>``) BEFORE the alias moves, so a process killed at any
     point leaves the old champion, or the new one with its complete record; the summary tags written after
     the move are rewritten from the record by the next promotion or rollback if they are missing.
@@ -611,11 +589,12 @@ def promote(
         raise ConfigError("--force needs --reason TEXT: say why the gate or the comparison is overridden")
     client = client or _client()
     with _registry_errors(name, f"promoting v{version}"):
-        return _promote(name, str(version), params, force=force, reason=reason, gate=gate, client=client)
+        return _promote(name, str(version), params, force=force, reason=reason, gate=gate, client=client,
+                        policy=policy)
 
 
 def _promote(name: str, version: str, params: Params, *, force: bool, reason: str | None, gate: ModelGate | None,
-             client) -> PromotionResult:
+             client, policy: GatePolicy | None = None) -> PromotionResult:
     from mlflow.exceptions import MlflowException
 
     cfg = params.mlflow
@@ -628,6 +607,7 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
     candidate_metrics = version_metrics(client, name, version)
     with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:  # the gate's report, until attached
         verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
+        verdict = under_policy(params, verdict, candidate_metrics, policy)
         with promotion_lock(client, name, cfg):
             previous = _champion(client, name)
             _, records = history(name, client)
@@ -640,6 +620,7 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
             metric = cfg.promotion_metric
             compared: dict[str, Any] = {"metric": metric, "margin": cfg.promotion_margin,
                                         "candidate": candidate_metrics.get(metric), "gate": verdict.text(),
+                                        "gate_record": verdict.record(),
                                         "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
             refusal, why = None, "first champion"
             if previous is not None:
@@ -669,8 +650,9 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
                     else:
                         why = (f"{metric} {value:.4f} beats champion v{previous} ({champion_value:.4f}) by >= "
                                f"{cfg.promotion_margin:g}")
-            if not verdict.passed:
-                refusal = f"model gate {verdict.text()}"
+            if not verdict.promotable:
+                refusal = f"model gate {verdict.text()}" + ("; promote it only with --force --reason"
+                                                            if verdict.lowered else "")
             seq = max((d.seq for d in records), default=0) + 1
 
             if refusal is not None and not force:

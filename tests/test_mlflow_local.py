@@ -429,6 +429,61 @@ def test_served_champion_returns_the_evaluated_probabilities(local, monkeypatch)
         assert served[list(info.classes)].to_numpy() == pytest.approx(expected, abs=2e-6)
 
 
+def test_a_version_that_passed_only_under_lowered_thresholds_is_marked_and_promoted_only_by_force(
+        local, tmp_path, caplog) -> None:
+    # Guards: after `dvc exp run -S quality.min_macro_f1=0.5` a version was tagged model_gate=passed while its card
+    # said "model gate FAILED ... 0.6", and promotion judged it by the lowered floor.
+    import mlflow
+
+    name = f"{PREFIX}-cnn"
+    piped = json.loads(local.client.get_model_version(name, local.result.versions["cnn"]).tags["model_gate_record"])
+    assert piped["promotable"] and "as the committed policy" in piped["source"]  # the same thresholds: one verdict
+    macro_f1 = json.loads((local.layout.evaluate("cnn") / "metrics.json").read_text())["macro_f1"]
+    assert macro_f1 < 1.0  # else the committed floor below would not fail it and the test would prove nothing
+    repo = tmp_path / "project"
+    repo.mkdir()
+    committed = yaml.safe_load(local.params_file.read_text())
+    committed["quality"] = {**committed["quality"], "min_macro_f1": 1.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(committed))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "params.yaml"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "policy"], cwd=repo,
+                   check=True)
+    shutil.copy(local.params_file, repo / "params.yaml")  # the experiment's lowered floor (0.0), uncommitted
+
+    def cli(*args: str) -> int:
+        return main([*args, "--params", str(repo / "params.yaml"), "--outputs", str(local.layout.root), "-q"])
+
+    champion = _champion(local, "cnn")
+    with caplog.at_level("INFO", logger="cass.registry"):
+        assert cli("register", "--network", "cnn") == 0
+    version = str(max(int(v.version) for v in local.client.search_model_versions(f"name = '{name}'")))
+    tags = local.client.get_model_version(name, version).tags
+    verdict, record = tags["model_gate"], json.loads(tags["model_gate_record"])
+    assert verdict.startswith("passed only under lowered thresholds (quality.min_macro_f1 0.0 (policy 1.0))")
+    assert record["verdict"] == verdict and record["passed"] and not record["promotable"]
+    assert record["thresholds"]["min_macro_f1"] == 0.0 and record["policy"]["thresholds"]["min_macro_f1"] == 1.0
+    assert record["policy"]["source"].startswith("params.yaml at commit ")
+    assert f"registered {name} version {version}; model gate {verdict}" in caplog.text  # the log says the same
+    mlflow.set_tracking_uri(local.uri)
+    card_dir = mlflow.artifacts.download_artifacts(artifact_uri=tags["model_card"].rsplit("/", 1)[0],
+                                                   dst_path=str(tmp_path / "card"))
+    card = (Path(card_dir) / "model_card.md").read_text()
+    assert f"Verdict: **{verdict}**" in card and "FAILED" not in card.split("## Model gate")[0]  # and the card
+    assert "model gate passed only under lowered thresholds (not promotable)" in card
+
+    assert cli("promote", "--network", "cnn", "--version", version) == 1  # the committed policy decides
+    refused = local.client.get_model_version(name, version).tags["promotion_refused_reason"]
+    assert "passed only under lowered thresholds" in refused and "--force --reason" in refused
+    assert _champion(local, "cnn") == champion
+    assert cli("promote", "--network", "cnn", "--version", version, "--force", "--reason", "pilot study") == 0
+    tags = local.client.get_model_version(name, version).tags
+    assert _champion(local, "cnn") == version and tags["promotion_forced"] == "true"
+    assert "would have been refused: model gate passed only under lowered" in tags["promotion_reason"]
+    assert cli("rollback", "--network", "cnn", "--reason", "back to the policy's champion") == 0
+    assert _champion(local, "cnn") == champion
+
+
 def test_every_registered_version_has_a_model_card_with_its_lineage(local, tmp_path) -> None:
     import mlflow
 

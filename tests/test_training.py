@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from cass.cli.output import pretraining_lines
 from cass.config import params_from_mapping
+from cass.data.manifest import read_manifest
+from cass.data.splits import read_subset
 from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
@@ -239,7 +241,7 @@ def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, d
     epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("finetune cnn epoch")]
     assert epochs == [f"finetune cnn epoch {e}/3" for e in range(1, len(seen) + 1)]  # each line with the total
     summary = json.loads(out.metrics.read_text())
-    assert summary["labelled_images"] == 8  # 25 % of 9 training images per class, stratified: 2 each
+    assert summary["labelled_images"] == len(read_subset(prepared_dir, 0.25))  # the 25 % subset, no more
     assert len(seen) == summary["epochs_run"] and all("val_loss" in m for m in seen)  # validated every epoch
     best = min(seen, key=lambda m: m["val_loss"])
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_loss"] == pytest.approx(best["val_loss"])
@@ -248,7 +250,8 @@ def test_finetune_from_cass_keeps_best_epoch_and_evaluates(prepared_dir: Path, d
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     ev = evaluate(params, prepared_dir, out.out_dir, tmp_path / "ev")
     metrics = json.loads(ev.metrics.read_text())
-    assert 0 <= metrics["macro_f1"] <= 1 and metrics["num_samples"] == 16
+    test_images = (read_manifest(prepared_dir)[0]["split"] == "test").sum()
+    assert 0 <= metrics["macro_f1"] <= 1 and metrics["num_samples"] == test_images
     assert ev.confusion_matrix.stat().st_size > 0 and ev.roc.stat().st_size > 0
 
 

@@ -3,9 +3,10 @@
 A failed ``cass data prepare`` leaves the previous outputs in place, on purpose; so a gate or a training
 stage run next with other settings (``--set data.root=...``) would find a manifest of *another* dataset and
 pass or train on it. ``prepare`` therefore records in ``dataset.json`` the settings that decide its outputs
-(data root, layout and its settings, class list, group column, split settings) with the data version (the
-DVC md5) and their hash; :func:`ensure_prepared` recomputes them from the settings a stage was given and
-refuses on any difference, naming it and the command to run.
+(data root, layout and its settings, class list, group column, split settings and the split rule of
+:mod:`cass.data.splits`) with the data version (the DVC md5) and their hash; :func:`ensure_prepared`
+recomputes them from the settings a stage was given and refuses on any difference, naming it and the
+command to run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cass.data.splits import SPLIT_RULE
 from cass.errors import DataError
 from cass.layout import INFO_FILE
 from cass.lineage import data_version
@@ -38,6 +40,7 @@ PREPARE_SETTINGS = (
     "split.label_fractions",
 )
 DATA_VERSION = "data version"
+SPLIT_RULE_KEY = "split rule"
 
 
 def _plain(value: Any) -> Any:
@@ -53,6 +56,7 @@ def prepared_settings(params: Params, project_dir: Path | None = None) -> dict[s
         section, name = key.split(".")
         values[key] = _plain(getattr(getattr(params, section), name))
     values["data.root"] = os.path.normpath(params.data.root)
+    values[SPLIT_RULE_KEY] = SPLIT_RULE  # splits made by another rule are not these
     values[DATA_VERSION] = data_version(params.data.root, project_dir)
     return values
 

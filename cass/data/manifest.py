@@ -50,6 +50,8 @@ class DatasetInfo:
     # What the outputs were made from (cass.data.fingerprint): the settings and data version, and their hash.
     settings: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    # How the splits compare with the data prepared before (cass.data.prepare.compare_with_previous).
+    split_changes: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -18,9 +19,10 @@ from cass.data import adapters
 from cass.data.fingerprint import fingerprint, prepared_settings
 from cass.data.images import ImageInfo
 from cass.data.layouts import get_layout
-from cass.data.manifest import DatasetInfo, inspect_all, label_lists, write_manifest
+from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manifest, write_manifest
 from cass.data.problems import Problems
-from cass.data.splits import assign_splits, write_subsets
+from cass.data.splits import SPLIT_RULE, assign_splits, changed_split_settings, split_changes, write_subsets
+from cass.errors import DataError
 from cass.io import output_set
 from cass.lineage import data_version, git_commit
 
@@ -72,6 +74,34 @@ def check_predefined_splits(df: pd.DataFrame, problems: Problems) -> None:
             problems.add(CROSS_SPLIT, where, "keep each image in one split folder only (remove the other copies)")
 
 
+def compare_with_previous(out_dir: Path, df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+    """How the splits compare with the prepared data already in ``out_dir`` (when there is one), logged and
+    returned for ``dataset.json``. Only a report: the splits themselves never depend on earlier outputs
+    (cass.data.splits), so a fresh worker without them assigns the same."""
+    record: dict[str, Any] = {"rule": SPLIT_RULE}
+    try:
+        before, info = read_manifest(out_dir)
+    except (DataError, OSError, ValueError, KeyError, TypeError):
+        log.info("splits by rule %s; no earlier prepared data in %s to compare with", SPLIT_RULE, out_dir)
+        return record
+    changed = changed_split_settings(info.settings, settings)
+    counts = split_changes(before, df)
+    record.update(compared_with=info.fingerprint[:12], reshuffled=bool(changed), changed_settings=changed, **counts)
+    existing = counts["kept"] + counts["moved"]
+    if changed:
+        what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        log.warning("split settings changed since the last prepare (%s): splits drawn again, %d of the %d images "
+                    "already there changed split (recorded in dataset.json)", what, counts["moved"], existing)
+    elif counts["moved"]:
+        log.warning("splits kept except %d of %d earlier images, moved by the tiny-class rule (cass.data.splits); "
+                    "%d new images assigned, %d removed", counts["moved"], existing, counts["added"],
+                    counts["removed"])
+    else:
+        log.info("splits kept: all %d earlier images kept their split; %d new images assigned, %d removed",
+                 existing, counts["added"], counts["removed"])
+    return record
+
+
 def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None) -> Path:
     """Build the manifest, assign splits, write label-fraction subsets. Returns ``out_dir``.
 
@@ -105,6 +135,7 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
         problems.raise_if_any(f"{params.data.root}: not prepared, {out_dir} left as it was")
         df = assign_splits(df, params.split.val, params.split.test, params.split.seed)
         settings = prepared_settings(params, project_dir)
+        changes = compare_with_previous(out_dir, df, settings)
         info = DatasetInfo(
             name=params.data.name,
             root=str(result.root),
@@ -117,6 +148,7 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
             split_counts={k: int(v) for k, v in sorted(Counter(df["split"]).items())},
             settings=settings,
             fingerprint=fingerprint(settings),
+            split_changes=changes,
         )
         write_manifest(df, info, staging)
         write_subsets(df, params.split.label_fractions, params.split.seed, staging)

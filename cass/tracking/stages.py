@@ -21,6 +21,7 @@ from cass import registry
 from cass.config import Network, Params
 from cass.errors import TrainingError
 from cass.layout import FinetuneOutputs, Layout
+from cass.quality.policy import GatePolicy
 from cass.retraining import (
     PRETRAIN_FINGERPRINT_TAG,
     completed_run_filter,
@@ -176,19 +177,22 @@ def log_quality(params: Params, layout: Layout, parent_run_id: str) -> None:
         )
 
 
-def register_candidate(params: Params, candidate: registry.Candidate, parent_run_id: str) -> str:
+def register_candidate(params: Params, candidate: registry.Candidate, parent_run_id: str,
+                       policy: GatePolicy | None = None) -> str:
     """Register ``candidate`` (safe to retry, :func:`cass.registry.register_once`); returns the version."""
     configure_client(params.mlflow)
-    mv = registry.register_once(params, candidate)
+    mv = registry.register_once(params, candidate, policy=policy)
     name = registry.model_name(params.mlflow, candidate.network)
     RunLogger(params.mlflow, parent_run_id).tags({f"{candidate.network}_registered_version": f"{name}/{mv.version}"})
     return str(mv.version)
 
 
-def promote_candidate(params: Params, network: Network, version: str, parent_run_id: str) -> registry.PromotionResult:
-    """Promote a registered version behind the gate (:func:`cass.registry.promote`); returns the decision."""
+def promote_candidate(params: Params, network: Network, version: str, parent_run_id: str,
+                      policy: GatePolicy | None = None) -> registry.PromotionResult:
+    """Promote a registered version behind the gate and the committed ``policy`` (:func:`cass.registry.promote`);
+    returns the decision."""
     configure_client(params.mlflow)
-    result = registry.promote(registry.model_name(params.mlflow, network), version, params)
+    result = registry.promote(registry.model_name(params.mlflow, network), version, params, policy=policy)
     RunLogger(params.mlflow, parent_run_id).tags({f"{network}_promotion": result.summary()})
     return result
 
@@ -284,6 +288,7 @@ def open_run(params: Params, layout: Layout, model: ModelOnDisk, what: str, *, n
 
 def register_outputs(
     params: Params, layout: Layout, networks: Sequence[Network], gate: registry.ModelGate | None = None,
+    policy: GatePolicy | None = None,
 ) -> dict:
     """Log fine-tuned models already on disk (``cass finetune`` + ``cass evaluate``) and register them.
 
@@ -331,7 +336,7 @@ def register_outputs(
                                         pretraining_run_id=pretraining_run_id),
                 gate=verdicts[network],
             )
-            versions[network] = registry.register(model.settings, candidate)
+            versions[network] = registry.register(model.settings, candidate, policy=policy)
     if refused:
         raise GateFailed(refused_summary(params, refused, passed, versions))
     return versions

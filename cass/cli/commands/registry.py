@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 
 def register(args: argparse.Namespace) -> int:
     """Log the fine-tuned networks on disk as MLflow models and register them."""
+    from cass.quality.policy import committed_policy
     from cass.tracking import register_outputs
 
     params = settings(args)
-    versions = register_outputs(params, outputs(args), networks(args, params))
+    policy = committed_policy(args.params, params)  # what promotion will ask; recorded on the version
+    versions = register_outputs(params, outputs(args), networks(args, params), policy=policy)
     for mv in versions.values():
         print(f"registered {mv.name} version {mv.version}")
     return 0
@@ -35,10 +37,12 @@ def _champion_of(args: argparse.Namespace) -> tuple[str, Params]:
 
 def promote(args: argparse.Namespace) -> int:
     """Move 'champion' to --version (default: the latest) behind the gate; exit 1 when refused."""
+    from cass.quality.policy import committed_policy
     from cass.registry import latest_version, promote
 
     name, params = _champion_of(args)
-    result = promote(name, args.version or latest_version(name), params, force=args.force, reason=args.reason)
+    result = promote(name, args.version or latest_version(name), params, force=args.force, reason=args.reason,
+                     policy=committed_policy(args.params, params))
     print(result.summary())
     return 0 if result.promoted else 1
 
