@@ -121,6 +121,34 @@ class FinetuneOutputs:
 
 
 @dataclass(frozen=True)
+class PredictionOutputs:
+    """What ``cass predict --output FILE`` writes beside FILE (any folder the user names, not outputs/)."""
+
+    output: Path  # the predictions, .csv or .parquet, written whole once the last image is scored
+
+    @property
+    def parts(self) -> Path:
+        """Chunks written atomically while the run goes on (``part-<n>.csv``, ``skipped-<n>.csv``) and
+        ``job.json`` (which model): a rerun skips the images they hold; removed once ``output`` is written."""
+        return self.output.with_name(self.output.name + ".parts")
+
+    @property
+    def job(self) -> Path:
+        return self.parts / "job.json"
+
+    def part(self, n: int) -> Path:
+        return self.parts / f"part-{n:06d}.csv"
+
+    def skipped_part(self, n: int) -> Path:
+        return self.parts / f"skipped-{n:06d}.csv"
+
+    @property
+    def skipped(self) -> Path:
+        """The images that could not be used (path, problem): listed, never a reason to stop the run."""
+        return self.output.with_name(self.output.stem + ".skipped.csv")
+
+
+@dataclass(frozen=True)
 class EvaluateOutputs:
     """Test-split results of one network."""
 

@@ -240,7 +240,10 @@ def test_predict_command_writes_per_image_probabilities(local, tmp_path) -> None
                 "--output", str(out)) == 0
     table = pd.read_csv(out)
     assert table["path"].tolist() == [str(p) for p in images]
-    assert set(table.columns) == {"path", "prediction", "adipose", "lymphocytes", "stroma", "tumor"}
+    assert list(table.columns) == ["path", "prediction", "adipose", "lymphocytes", "stroma", "tumor", "model_name",
+                                   "model_version", "model_uri", "predicted_at"]
+    version = local.result.versions["vit"]
+    assert (table["model_name"] == f"{PREFIX}-vit").all() and (table["model_version"] == int(version)).all()
 
 
 def test_champion_serves_with_mlflow_models_serve(local, tmp_path) -> None:
