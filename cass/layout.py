@@ -147,6 +147,18 @@ class PredictionOutputs:
         """The images that could not be used (path, problem): listed, never a reason to stop the run."""
         return self.output.with_name(self.output.stem + ".skipped.csv")
 
+    @property
+    def shards(self) -> Path:
+        """A sharded run (flows/predict.py): per shard its inputs (``shard-<i>.inputs.csv``) and its own
+        resumable output (``shard-<i>.csv``), merged into ``output`` at the end; removed after the merge."""
+        return self.output.with_name(self.output.name + ".shards")
+
+    def shard_inputs(self, i: int) -> Path:
+        return self.shards / f"shard-{i:04d}.inputs.csv"
+
+    def shard_output(self, i: int) -> Path:
+        return self.shards / f"shard-{i:04d}.csv"
+
 
 @dataclass(frozen=True)
 class EvaluateOutputs:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import time
@@ -184,13 +185,24 @@ def _write_csv(path: Path, frame) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
+def _write_table(path: Path, table) -> None:
+    """The output file, whole, in the format its suffix names."""
+    from cass.io import atomic_path
+
+    if output_format(path) == ".parquet":
+        with atomic_path(path) as tmp:
+            table.to_parquet(tmp, index=False)
+    else:
+        _write_csv(path, table)
+
+
 def _merge(out: PredictionOutputs, inputs: Sequence[str]) -> tuple[int, int]:
     """Write the output and the skipped list from the parts, in input order, then remove the parts."""
     import shutil
 
     import pandas as pd
 
-    from cass.io import atomic_path, atomic_write_text
+    from cass.io import atomic_write_text
 
     order = {p: i for i, p in enumerate(inputs)}
 
@@ -203,11 +215,7 @@ def _merge(out: PredictionOutputs, inputs: Sequence[str]) -> tuple[int, int]:
 
     predicted = read("part-*.csv", [PATH_COLUMN, "prediction", *META_COLUMNS])
     skipped = read("skipped-*.csv", [PATH_COLUMN, "problem"])
-    if output_format(out.output) == ".parquet":
-        with atomic_path(out.output) as tmp:
-            predicted.to_parquet(tmp, index=False)
-    else:
-        _write_csv(out.output, predicted)
+    _write_table(out.output, predicted)
     if len(skipped):
         atomic_write_text(out.skipped, skipped.to_csv(index=False))
     else:
@@ -270,15 +278,18 @@ def load_for_inference(model: str):
     return wrapper, model_identity(model)
 
 
-def predict_to_file(job: Plan) -> Summary:
-    """Predict ``job.inputs`` into ``job.output``, resuming from the parts an interrupted run left."""
+def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
+    """Predict ``job.inputs`` into ``job.output``, resuming from the parts an interrupted run left.
+
+    ``loaded``: what :func:`load_for_inference` returned for ``job.model``, for a caller that keeps the model
+    loaded between jobs (benchmarks/predict_speed.py times the images apart from the loading)."""
     import pandas as pd
 
     from cass.inference import classify, decided_labels
 
     started = time.monotonic()
     out = PredictionOutputs(job.output)
-    classifier, identity = load_for_inference(job.model)
+    classifier, identity = loaded or load_for_inference(job.model)
     _check_same_model(out, identity)
     out.parts.mkdir(parents=True, exist_ok=True)
     if not out.job.is_file():
@@ -317,3 +328,51 @@ def predict_to_file(job: Plan) -> Summary:
     progress.update(0, force=True)
     predicted, n_skipped = _merge(out, job.inputs)
     return Summary(job.output, predicted, n_skipped, resumed, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards: one job split over several processes or machines (flows/predict.py)
+
+
+def write_shards(job: Plan, shards: int) -> list[Path]:
+    """Split ``job.inputs`` into ``shards`` contiguous lists (their order kept), each written as a CSV of paths
+    for one shard's run; a list already there (a rerun) is kept, so each shard resumes its own parts."""
+    from cass.io import atomic_write_text
+
+    if shards < 1:
+        raise ConfigError(f"shards {shards}: must be >= 1")
+    out = PredictionOutputs(job.output)
+    out.shards.mkdir(parents=True, exist_ok=True)
+    size = -(-len(job.inputs) // shards)
+    lists = []
+    for i in range(shards):
+        path = out.shard_inputs(i)
+        if not path.is_file():
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerows([[PATH_COLUMN], *([p] for p in job.inputs[i * size:(i + 1) * size])])
+            atomic_write_text(path, text.getvalue())
+        lists.append(path)
+    return lists
+
+
+def merge_shards(job: Plan, shards: int) -> Summary:
+    """The shards' outputs and skipped lists as one output (in input order), then the shard folder removed."""
+    import shutil
+
+    import pandas as pd
+
+    out = PredictionOutputs(job.output)
+    outputs = [out.shard_output(i) for i in range(shards)]
+    if missing := [str(p) for p in outputs if not p.is_file()]:
+        raise DataError(f"{out.shards}: shard output(s) {missing} not written; rerun the flow to finish them")
+    read = {"dtype": {PATH_COLUMN: str, "prediction": str, "model_version": str}, "keep_default_na": False}
+    predicted = pd.concat([pd.read_csv(p, **read) for p in outputs], ignore_index=True)
+    skipped_files = [PredictionOutputs(p).skipped for p in outputs if PredictionOutputs(p).skipped.is_file()]
+    skipped = pd.concat([pd.read_csv(p, **read) for p in skipped_files], ignore_index=True) if skipped_files \
+        else pd.DataFrame(columns=[PATH_COLUMN, "problem"])
+    _write_table(job.output, predicted)
+    if len(skipped):
+        _write_csv(out.skipped, skipped)
+    shutil.rmtree(out.shards)
+    return Summary(job.output, len(predicted), len(skipped), 0, 0.0)

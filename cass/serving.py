@@ -108,10 +108,26 @@ def _image_bytes(value: Any, row: int) -> bytes:
     )
 
 
+def _telemetry_off() -> None:
+    """A served model (``mlflow models serve``) runs in a process MLflow started, whose telemetry client was
+    set up when MLflow was imported: with telemetry off by default (:mod:`cass.telemetry`), drop that client so
+    that nothing more is recorded or sent. Set MLFLOW_DISABLE_TELEMETRY=true where the server starts to
+    silence it from the first request (docs/production.md)."""
+    from cass.telemetry import disable_telemetry
+
+    disable_telemetry()
+    try:
+        from mlflow.telemetry.client import set_telemetry_client
+    except ImportError:  # an MLflow without usage telemetry
+        return
+    set_telemetry_client()  # None when telemetry is disabled
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from ``model.json`` + ``model.safetensors`` and classifies raw images."""
 
     def load_context(self, context) -> None:
+        _telemetry_off()
         classifier = Path(context.artifacts[CLASSIFIER_ARTIFACT])
         verify_model_folder(classifier.parents[1], code=False)  # weights and spec as exported (mlflow models serve)
         self.load(classifier)
