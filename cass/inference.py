@@ -29,6 +29,7 @@ from cass.errors import DataError
 DEFAULT_BATCH_SIZE = 64
 
 
+
 @dataclass(frozen=True)
 class Batch:
     """The scored images of one batch (positions in the input) and the inputs that could not be used."""
@@ -41,15 +42,15 @@ class Batch:
 class _Images(torch.utils.data.Dataset):
     """Image files or encoded bytes, decoded and preprocessed on access (in a DataLoader worker)."""
 
-    def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, where: Callable[[int], str],
-                 max_pixels: int) -> None:
-        self.sources, self.transform, self.where, self.max_pixels = sources, transform, where, max_pixels
+    def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, max_pixels: int) -> None:
+        self.sources, self.transform, self.max_pixels = sources, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        source, where = self.sources[i], self.where(i)
+        source = self.sources[i]
+        where = f"input row {i}" if isinstance(source, bytes) else str(source)
         try:
             data = source if isinstance(source, bytes) else read_bytes(Path(source), where)
             return i, self.transform(to_rgb8(decode_image(data, where, self.max_pixels))), None
@@ -65,22 +66,21 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
 
 
 def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Sequence[bytes | str | Path], *,
-             batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0, where: Callable[[int], str] | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
     """Score ``sources`` (paths or encoded bytes) in batches of ``batch_size``, in input order.
 
     ``workers`` DataLoader processes read and decode while the network runs (0: in this process, which
-    suits a small request better than starting processes). ``where(i)`` names input ``i`` in error messages
-    (default: its path, or "input row i" for bytes). ``spec`` is the classifier's
+    suits a small request better than starting processes). An error names the input by its path, or as
+    "input row i" for bytes. ``spec`` is the classifier's
     :class:`~cass.finetune.ClassifierSpec`: its temperature and multi-label flag give the probabilities.
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: give a number of images per forward pass >= 1")
     if workers < 0:
         raise DataError(f"workers {workers}: give a number of decoding processes >= 0")
-    name = where or (lambda i: f"input row {i}" if isinstance(sources[i], bytes) else str(sources[i]))
     loader = torch.utils.data.DataLoader(
-        _Images(sources, transform, name, max_pixels), batch_size=batch_size, shuffle=False, num_workers=workers,
+        _Images(sources, transform, max_pixels), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     model.eval()

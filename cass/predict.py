@@ -24,6 +24,7 @@ import glob
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +42,13 @@ META_COLUMNS = ("model_name", "model_version", "model_uri", "predicted_at")
 _GLOB_CHARS = frozenset("*?[")
 
 
+def default_workers() -> int:
+    """Decoding processes for a large job: all cores but one, which the forward pass keeps, at most 4 (decoding
+    is several times cheaper than a forward pass). Measured on 2 cores: 1 worker 0.85 of the raw forward's
+    speed, 2 workers 0.72, none 0.67 (benchmarks/predict_speed.py, docs/benchmarks.md)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 @dataclass(frozen=True)
 class Plan:
     """A checked prediction job: everything :func:`predict_to_file` needs, light enough to pass to a flow."""
@@ -49,7 +57,7 @@ class Plan:
     inputs: tuple[str, ...]
     output: Path
     batch_size: int = 64
-    workers: int = 2
+    workers: int = 1
     chunk_size: int = 1024
 
 
@@ -133,9 +141,11 @@ def check_model(model: str) -> None:
                       "or runs:/<run>/<path> URI")
 
 
-def plan(model: str, inputs: Sequence[str], output: Path, *, batch_size: int = 64, workers: int = 2,
+def plan(model: str, inputs: Sequence[str], output: Path, *, batch_size: int = 64, workers: int | None = None,
          chunk_size: int = 1024) -> Plan:
-    """Check a job's settings (no torch, no MLflow): wrong values are refused while it is cheap."""
+    """Check a job's settings (no torch, no MLflow): wrong values are refused while it is cheap. ``workers``
+    None: :func:`default_workers`."""
+    workers = default_workers() if workers is None else workers
     check_model(model)
     output_format(output)
     for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0),

@@ -23,6 +23,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from cass.layout import PredictionOutputs
 from cass.predict import Plan, merge_shards, plan, predict_to_file, read_path_list, resolve_inputs, write_shards
 
 SHARD_DEPLOYMENT = "cass-predict-shard/predict-shard"
@@ -38,7 +39,7 @@ def _tracking(model: str, params_file: str) -> None:
 
 
 @flow(name="cass-predict-shard", log_prints=False)
-def predict_shard(model: str, inputs_csv: str, output: str, batch_size: int = 64, workers: int = 2,
+def predict_shard(model: str, inputs_csv: str, output: str, batch_size: int = 64, workers: int | None = None,
                   chunk_size: int = 1024, params_file: str = "params.yaml") -> dict[str, Any]:
     """One shard: the images listed in ``inputs_csv`` into ``output`` (resumable)."""
     job = plan(model, read_path_list(Path(inputs_csv)), Path(output), batch_size=batch_size, workers=workers,
@@ -67,7 +68,7 @@ def _wait(flow_run_ids: list, timeout_s: float) -> list:
 
 @flow(name="cass-predict")
 def predict_sharded(model: str, output: str, inputs: list[str] | None = None, csv: str | None = None,
-                    shards: int = 2, batch_size: int = 64, workers: int = 2, chunk_size: int = 1024,
+                    shards: int = 2, batch_size: int = 64, workers: int | None = None, chunk_size: int = 1024,
                     params_file: str = "params.yaml", deployment: str = SHARD_DEPLOYMENT,
                     timeout_s: float = 24 * 3600) -> dict[str, Any]:
     """Predict files, folders, globs (``inputs``) and a CSV of paths over ``shards`` flow runs of
@@ -75,12 +76,10 @@ def predict_sharded(model: str, output: str, inputs: list[str] | None = None, cs
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    job: Plan = plan(model, (), Path(output), batch_size=batch_size, workers=workers, chunk_size=chunk_size)
-    job = plan(model, resolve_inputs(inputs or [], Path(csv) if csv else None), job.output, batch_size=batch_size,
-               workers=workers, chunk_size=chunk_size)
+    plan(model, (), Path(output), batch_size=batch_size, workers=workers, chunk_size=chunk_size)  # before any listing
+    job: Plan = plan(model, resolve_inputs(inputs or [], Path(csv) if csv else None), Path(output),
+                     batch_size=batch_size, workers=workers, chunk_size=chunk_size)
     lists = write_shards(job, shards)
-    from cass.layout import PredictionOutputs
-
     out = PredictionOutputs(job.output)
     submitted = []
     for i, listed in enumerate(lists):
