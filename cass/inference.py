@@ -39,6 +39,27 @@ class Batch:
     failed: list[tuple[int, str]]  # (position, what was wrong with it)
 
 
+@dataclass(frozen=True)
+class Classifier:
+    """A fine-tuned network with its spec (classes, temperature, thresholds) and its evaluation preprocessing."""
+
+    model: torch.nn.Module
+    spec: Any  # cass.finetune.ClassifierSpec
+    transform: Callable
+
+
+def load_folder(folder: Path) -> Classifier:
+    """A classifier folder (``model.json`` + ``model.safetensors``: a fine-tuning output, or the ``classifier``
+    artifact of a logged model), on the CPU. Reads weights and a spec only: no code from the folder runs, and
+    MLflow is not imported."""
+    from cass.config import AugmentConfig
+    from cass.data.transforms import eval_transform
+    from cass.finetune import load_classifier
+
+    model, spec = load_classifier(Path(folder), "cpu")
+    return Classifier(model, spec, eval_transform(spec.image_size, AugmentConfig(mean=spec.mean, std=spec.std)))
+
+
 class _Images(torch.utils.data.Dataset):
     """Image files or encoded bytes, decoded and preprocessed on access (in a DataLoader worker)."""
 

@@ -265,21 +265,20 @@ class _Progress:
 
 
 def load_for_inference(model: str):
-    """The network, its spec and preprocessing from a fine-tuning folder (weights and spec only: no code
-    runs) or a logged model (``models:/``, ``runs:/``, an MLflow model folder, verified before it loads);
-    and the model's identity for the output rows."""
+    """The network, its spec and preprocessing (anything with ``model``, ``spec`` and ``transform``) from a
+    fine-tuning folder (weights and spec only: no code runs, MLflow is not imported) or a logged model
+    (``models:/``, ``runs:/``, an MLflow model folder, verified before it loads); and the model's identity
+    for the output rows."""
     from cass.layout import FinetuneOutputs
 
     local = Path(model)
     if FinetuneOutputs(local).spec.is_file():
         import hashlib
 
-        from cass.serving import ImageClassifier
+        from cass.inference import load_folder
 
-        classifier = ImageClassifier()
-        classifier.load(local)
         digest = hashlib.sha256(FinetuneOutputs(local).weights.read_bytes()).hexdigest()
-        return classifier, {"model_name": local.name, "model_version": "", "model_uri": model, "digest": digest}
+        return load_folder(local), {"model_name": local.name, "model_version": "", "model_uri": model, "digest": digest}
     from cass.serving import load_verified, model_identity
 
     wrapper = load_verified(model).unwrap_python_model()

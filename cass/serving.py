@@ -135,12 +135,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load(self, classifier: Path) -> None:
         """The network and its preprocessing from a classifier folder (``model.json`` + weights), unchecked:
         :meth:`load_context` verifies the model folder first."""
-        from cass.config import AugmentConfig
-        from cass.data.transforms import eval_transform
-        from cass.finetune import load_classifier
+        from cass.inference import load_folder
 
-        self.model, self.spec = load_classifier(classifier, "cpu")
-        self.transform = eval_transform(self.spec.image_size, AugmentConfig(mean=self.spec.mean, std=self.spec.std))
+        loaded = load_folder(classifier)
+        self.model, self.spec, self.transform = loaded.model, loaded.spec, loaded.transform
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Probabilities of every row, in batches of ``params["batch_size"]`` (decoded by
