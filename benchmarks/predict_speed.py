@@ -11,6 +11,8 @@ process, on the same images, times:
   chunked CSV parts and the final merge. The model's loading is reported apart (``load_s``).
 
 ``ratio`` = predict images/s over raw images/s (target >= 0.8 on CPU), the median of ``--rounds`` rounds.
+``cpu_ms_per_image`` gives the CPU time both spend per image (workers included), which other jobs on a
+shared machine disturb much less than wall time.
 ``--before`` times instead the per-image path of the given revision (default: the last one before
 batching), run from its own ``cass/serving.py``: every file read and decoded, then one image per forward
 pass, as ``cass predict`` and the pyfunc model did there.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,16 +58,27 @@ def _classifier(folder: Path, arch: str, image_size: int) -> Path:
     return folder
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the DataLoader workers, once they exit): less
+    sensitive than wall time to other jobs on a shared machine."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU_SECONDS: dict[str, list[float]] = {"raw": [], "predict": []}  # CPU seconds per image, per measurement
+
+
 def _raw(model: torch.nn.Module, x: torch.Tensor, batch: int, rounds: int = 3) -> float:
     """Images/s of the forward pass alone (median of ``rounds`` passes over all images, after a warm-up)."""
     with torch.inference_mode():
         model(x[:batch])
         times = []
         for _ in range(rounds):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_s()
             for i in range(0, len(x), batch):
                 model(x[i:i + batch])
             times.append(time.perf_counter() - start)
+            CPU_SECONDS["raw"].append((_cpu_s() - cpu) / len(x))
     return len(x) / statistics.median(times)
 
 
@@ -126,9 +140,10 @@ def main() -> None:
             else:
                 job = plan(str(folder), [str(p) for p in paths], Path(tmp) / f"predictions-{n}.csv",
                            batch_size=args.batch_size, workers=args.workers)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), _cpu_s()
                 summary = predict_to_file(job, loaded)
                 predict = summary.predicted / (time.perf_counter() - start)
+                CPU_SECONDS["predict"].append((_cpu_s() - cpu) / summary.predicted)
             after = _raw(classifier.model, x, args.batch_size)
             rounds.append((predict, raw, after))
             raw = after
@@ -141,7 +156,8 @@ def main() -> None:
         "workers": 0 if args.before else job.workers, "load_s": round(load_s, 2),
         "predict_images_per_s": round(predict, 1), "raw_batched_images_per_s": round((before + after) / 2, 1),
         "ratio": round(ratios[best], 3), "ratios": [round(r, 3) for r in ratios],
-        "rounds": [[round(v, 1) for v in r] for r in rounds], **env,
+        "rounds": [[round(v, 1) for v in r] for r in rounds],
+        "cpu_ms_per_image": {k: round(1000 * statistics.median(v), 2) for k, v in CPU_SECONDS.items() if v}, **env,
     })
 
 

@@ -311,29 +311,37 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
     number = max((int(p.stem.split("-")[1]) for p in _parts(out, "*-*.csv")), default=0)
     spec, classes = classifier.spec, list(classifier.spec.classes)
     progress = _Progress(len(job.inputs), resumed)
-    for first in range(0, len(todo), job.chunk_size):
-        chunk = todo[first:first + job.chunk_size]
-        rows, skipped = [], []
-        for batch in classify(classifier.model, spec, classifier.transform, chunk, batch_size=job.batch_size,
-                              workers=job.workers):
-            when = datetime.now(UTC).isoformat(timespec="seconds")
-            table = pd.DataFrame(batch.probs, columns=classes)
-            table.insert(0, "prediction", decided_labels(batch.probs, spec))
-            table.insert(0, PATH_COLUMN, [chunk[i] for i in batch.indices])
-            for key in META_COLUMNS[:-1]:
-                table[key] = identity[key]
-            table["predicted_at"] = when
-            rows.append(table)
-            skipped += [(chunk[i], problem) for i, problem in batch.failed]
-            for _, problem in batch.failed:
-                log.warning("skipped %s", problem)
-            progress.update(len(batch.indices) + len(batch.failed))
+    rows: list = []
+    skipped: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        """One part on disk, the skipped list first: a part's images count as done once both are written."""
+        nonlocal number, rows, skipped
         number += 1
-        # The skipped list first: a part's images count as done only once both are on disk.
         if skipped:
             _write_csv(out.skipped_part(number), pd.DataFrame(skipped, columns=[PATH_COLUMN, "problem"]))
         if rows:
             _write_csv(out.part(number), pd.concat(rows, ignore_index=True))
+        rows, skipped = [], []
+
+    # One DataLoader for the whole run (its workers start once); a part every chunk_size images.
+    for batch in classify(classifier.model, spec, classifier.transform, todo, batch_size=job.batch_size,
+                          workers=job.workers):
+        table = pd.DataFrame(batch.probs, columns=classes)
+        table.insert(0, "prediction", decided_labels(batch.probs, spec))
+        table.insert(0, PATH_COLUMN, [todo[i] for i in batch.indices])
+        for key in META_COLUMNS[:-1]:
+            table[key] = identity[key]
+        table["predicted_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        rows.append(table)
+        skipped += [(todo[i], problem) for i, problem in batch.failed]
+        for _, problem in batch.failed:
+            log.warning("skipped %s", problem)
+        progress.update(len(batch.indices) + len(batch.failed))
+        if sum(map(len, rows)) + len(skipped) >= job.chunk_size:
+            flush()
+    if rows or skipped:
+        flush()
     progress.update(0, force=True)
     predicted, n_skipped = _merge(out, job.inputs)
     return Summary(job.output, predicted, n_skipped, resumed, time.monotonic() - started)
