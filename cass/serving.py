@@ -12,7 +12,9 @@ validation split (``temperature`` in ``model.json``, 1 for models saved before c
 multi-label model adds a column ``labels``: the classes at or above their own threshold (``thresholds``
 in ``model.json``, chosen on validation, see :mod:`cass.calibration`), joined with ``|``. Every image goes
 through the same preprocessing as evaluation (8-bit RGB conversion, resize, normalisation), inside the
-model, so its probabilities equal those of ``cass evaluate``.
+model, so its probabilities equal those of ``cass evaluate``. Images are scored in batches
+(:mod:`cass.inference`; ``params={"batch_size": N, "workers": N}``), which changes probabilities only by
+float32 rounding (tests/test_predict.py bounds it).
 
 The model is saved as *models from code*: MLflow stores a three-line script, the ``cass`` package
 (``code_paths``) and the classifier files (``model.json`` + ``model.safetensors``), and rebuilds the
