@@ -16,9 +16,7 @@ import pytest
 import yaml
 from conftest import LENIENT_MODEL_GATE, tiny_mapping
 
-from cass.telemetry import NO_TELEMETRY
-
-pytestmark = pytest.mark.slow
+from cass.telemetry import NO_TELEMETRY, disable_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +49,7 @@ STRIPPED = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "0.0.0.0", "None", ""}
 
 
+@pytest.mark.slow  # the whole demo flow: about 3 minutes on a busy 2-core machine
 def test_the_demo_flow_connects_to_nothing_beyond_loopback(demo_root: Path, tmp_path: Path) -> None:
     recorder = tmp_path / "recorder"
     recorder.mkdir()
@@ -78,3 +77,26 @@ def test_the_demo_flow_connects_to_nothing_beyond_loopback(demo_root: Path, tmp_
     assert any(e["kind"] == "connect" for e in events), events[:10]
     print(f"\n{len(events)} connections and name lookups in {len({e['pid'] for e in events})} processes, "
           "none beyond loopback")
+
+
+def test_telemetry_is_off_unless_the_user_turned_it_on() -> None:
+    env = {"DO_NOT_TRACK": "false"}
+    disable_telemetry(env)
+    assert env == {**NO_TELEMETRY, "DO_NOT_TRACK": "false"}  # a user's explicit choice wins
+    clean = {k: v for k, v in os.environ.items() if k not in STRIPPED}
+    probe = ("import os, sys\nfrom cass.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(k for k in {sorted(NO_TELEMETRY)!r} if k in os.environ), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe], env={**clean, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == str(sorted(NO_TELEMETRY)), proc.stderr  # set by the CLI itself
+
+
+def test_processes_that_load_the_libraries_before_cass_get_the_variables_from_their_configuration() -> None:
+    """A worker's flow run and the compose services import Prefect or MLflow before any cass code runs."""
+    deployment_env = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["env"]
+    assert {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"} <= set(deployment_env)
+    services = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())["services"]
+    for name, needs in (("mlflow", "MLFLOW_DISABLE_TELEMETRY"), ("prefect-server", "PREFECT_SERVER_ANALYTICS_ENABLED"),
+                        ("prefect-worker", "MLFLOW_DISABLE_TELEMETRY")):
+        environment = services[name]["environment"]
+        assert str(environment[needs]).lower() == NO_TELEMETRY[needs] and environment["DO_NOT_TRACK"] == "true", name
