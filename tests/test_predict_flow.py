@@ -28,7 +28,10 @@ def test_a_job_sharded_over_two_process_workers_merges_into_one_output(prefect_s
     listed = tmp_path / "scans.csv"
     pd.DataFrame({"path": [*images[:11], str(tmp_path / "gone.png"), *images[11:]]}).to_csv(listed, index=False)
     output = tmp_path / "predictions.parquet"
-    env = {**prefect_server.env, "CASS_PROJECT_DIR": str(ROOT), "PYTHONPATH": str(ROOT)}
+    # Workers poll every second: a shard's run (a Python process loading torch) outlasts a poll, so with
+    # `--limit 1` the second shard goes to the idle worker.
+    env = {**prefect_server.env, "CASS_PROJECT_DIR": str(ROOT), "PYTHONPATH": str(ROOT),
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
     with temporary_settings({PREFECT_API_URL: prefect_server.api}):
         with get_client(sync_client=True) as client:
             client.create_work_pool(WorkPoolCreate(name="cass-process", type="process"), overwrite=True)
@@ -62,6 +65,6 @@ def test_a_job_sharded_over_two_process_workers_merges_into_one_output(prefect_s
     assert sorted(r.name for r in shard_runs) == ["predict shard 1/2", "predict shard 2/2"]
     assert all(r.state.is_completed() for r in shard_runs)
     # Each worker (one flow run at a time) ran one shard: the job was spread over the pool.
-    ran = [[str(r.id) for r in shard_runs if str(r.id) in log.read_text()] for log in logs]
+    ran = [[str(r.id) for r in shard_runs if f"submitting flow run '{r.id}'" in log.read_text()] for log in logs]
     assert sorted(len(ids) for ids in ran) == [1, 1] and set(ran[0]) != set(ran[1]), [log.read_text()[-2000:]
                                                                                      for log in logs]
