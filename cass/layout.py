@@ -121,6 +121,46 @@ class FinetuneOutputs:
 
 
 @dataclass(frozen=True)
+class PredictionOutputs:
+    """What ``cass predict --output FILE`` writes beside FILE (any folder the user names, not outputs/)."""
+
+    output: Path  # the predictions, .csv or .parquet, written whole once the last image is scored
+
+    @property
+    def parts(self) -> Path:
+        """Chunks written atomically while the run goes on (``part-<n>.csv``, ``skipped-<n>.csv``) and
+        ``job.json`` (which model): a rerun skips the images they hold; removed once ``output`` is written."""
+        return self.output.with_name(self.output.name + ".parts")
+
+    @property
+    def job(self) -> Path:
+        return self.parts / "job.json"
+
+    def part(self, n: int) -> Path:
+        return self.parts / f"part-{n:06d}.csv"
+
+    def skipped_part(self, n: int) -> Path:
+        return self.parts / f"skipped-{n:06d}.csv"
+
+    @property
+    def skipped(self) -> Path:
+        """The images that could not be used (path, problem): listed, never a reason to stop the run."""
+        return self.output.with_name(self.output.stem + ".skipped.csv")
+
+    @property
+    def shards(self) -> Path:
+        """A sharded run (flows/predict.py): per shard its inputs (``shard-<i>.inputs.csv``) and its own
+        resumable output (``shard-<i>.csv``), merged into ``output`` at the end; removed after the merge."""
+        return self.output.with_name(self.output.name + ".shards")
+
+    def shard_inputs(self, i: int) -> Path:
+        return self.shards / f"shard-{i:04d}.inputs.csv"
+
+    def shard_output(self, i: int) -> Path:
+        return self.shards / f"shard-{i:04d}.csv"
+
+
+@dataclass(frozen=True)
 class EvaluateOutputs:
     """Test-split results of one network."""
 

@@ -12,7 +12,9 @@ validation split (``temperature`` in ``model.json``, 1 for models saved before c
 multi-label model adds a column ``labels``: the classes at or above their own threshold (``thresholds``
 in ``model.json``, chosen on validation, see :mod:`cass.calibration`), joined with ``|``. Every image goes
 through the same preprocessing as evaluation (8-bit RGB conversion, resize, normalisation), inside the
-model, so its probabilities equal those of ``cass evaluate``.
+model, so its probabilities equal those of ``cass evaluate``. Images are scored in batches
+(:mod:`cass.inference`; ``params={"batch_size": N, "workers": N}``), which changes probabilities only by
+float32 rounding (tests/test_predict.py bounds it).
 
 The model is saved as *models from code*: MLflow stores a three-line script, the ``cass`` package
 (``code_paths``) and the classifier files (``model.json`` + ``model.safetensors``), and rebuilds the
@@ -20,7 +22,7 @@ network from them on load. Nothing is unpickled, so it loads with MLFLOW_ALLOW_P
 set to false. Loading still runs the folder's script and may import its copy of ``cass``: the sha256 of
 every code and classifier file is recorded in the MLmodel file's metadata (``cass_integrity``) and, as
 the digest of that list, in a tag of the logged model on the tracking server; :func:`verify_model_folder`
-checks them before :func:`predict_files` loads a model (:class:`~cass.errors.ModelIntegrityError`).
+checks them before :func:`load_verified` loads a model (:class:`~cass.errors.ModelIntegrityError`).
 
 Bad input (no ``image`` column, bytes that are not an image) raises :class:`BadModelInput`, a
 :class:`~cass.errors.DataError` that is also an ``MlflowException``: ``mlflow models serve`` answers it
@@ -43,10 +45,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 
-from cass.calibration import probabilities
-from cass.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb8
 from cass.errors import DataError, ModelIntegrityError
 
 IMAGE_COLUMN = "image"
@@ -111,17 +110,26 @@ def _image_bytes(value: Any, row: int) -> bytes:
     )
 
 
-def _decode(data: bytes, where: str) -> Any:
+def _telemetry_off() -> None:
+    """A served model (``mlflow models serve``) runs in a process MLflow started, whose telemetry client was
+    set up when MLflow was imported: with telemetry off by default (:mod:`cass.telemetry`), drop that client so
+    that nothing more is recorded or sent. Set MLFLOW_DISABLE_TELEMETRY=true where the server starts to
+    silence it from the first request (docs/production.md)."""
+    from cass.telemetry import disable_telemetry
+
+    disable_telemetry()
     try:
-        return decode_image(data, where, DEFAULT_MAX_PIXELS)
-    except DataError as exc:
-        raise BadModelInput(str(exc)) from None
+        from mlflow.telemetry.client import set_telemetry_client
+    except ImportError:  # an MLflow without usage telemetry
+        return
+    set_telemetry_client()  # None when telemetry is disabled
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from ``model.json`` + ``model.safetensors`` and classifies raw images."""
 
     def load_context(self, context) -> None:
+        _telemetry_off()
         classifier = Path(context.artifacts[CLASSIFIER_ARTIFACT])
         verify_model_folder(classifier.parents[1], code=False)  # weights and spec as exported (mlflow models serve)
         self.load(classifier)
@@ -129,40 +137,46 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load(self, classifier: Path) -> None:
         """The network and its preprocessing from a classifier folder (``model.json`` + weights), unchecked:
         :meth:`load_context` verifies the model folder first."""
-        from cass.config import AugmentConfig
-        from cass.data.transforms import eval_transform
-        from cass.finetune import load_classifier
+        from cass.inference import load_folder
 
-        self.model, self.spec = load_classifier(classifier, "cpu")
-        self.transform = eval_transform(self.spec.image_size, AugmentConfig(mean=self.spec.mean, std=self.spec.std))
+        loaded = load_folder(classifier)
+        self.model, self.spec, self.transform = loaded.model, loaded.spec, loaded.transform
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Probabilities of every row, in batches of ``params["batch_size"]`` (decoded by
+        ``params["workers"]`` DataLoader processes, 0 by default: a request is usually small, and starting
+        processes inside a scoring server costs more than it saves); any unusable row refuses the request."""
+        from cass.inference import DEFAULT_BATCH_SIZE, classify, decided_labels
+
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise BadModelInput(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
-        rows = []
-        for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
-            image = self.transform(to_rgb8(_decode(_image_bytes(value, i), f"input row {i}")))
-            # One image per forward pass: batched kernels round differently with the batch's size, and the
-            # temperature (often < 1) magnifies that; an image's probabilities must not depend on its neighbours.
-            with torch.no_grad():
-                logits = self.model(image[None]).float()
-            rows.append(probabilities(logits.numpy(), self.spec.multilabel, self.spec.temperature)[0])
-        probs = np.stack(rows) if rows else np.zeros((0, len(self.spec.classes)))
+        params = params or {}
+        batch_size, workers = int(params.get("batch_size", DEFAULT_BATCH_SIZE)), int(params.get("workers", 0))
+        if batch_size < 1 or workers < 0:
+            raise BadModelInput(f"params: batch_size {batch_size} must be >= 1 and workers {workers} >= 0")
+        images = [_image_bytes(value, i) for i, value in enumerate(model_input[IMAGE_COLUMN].tolist())]
+        probs = np.zeros((len(images), len(self.spec.classes)))
+        for batch in classify(self.model, self.spec, self.transform, images, batch_size=batch_size, workers=workers):
+            if batch.failed:
+                raise BadModelInput(batch.failed[0][1])
+            probs[batch.indices] = batch.probs
         out = pd.DataFrame(probs, columns=list(self.spec.classes), index=model_input.index)
         if self.spec.multilabel:
-            cut = np.asarray(self.spec.thresholds if self.spec.thresholds is not None else self.spec.threshold)
-            out[LABELS_COLUMN] = ["|".join(c for c, hit in zip(self.spec.classes, row, strict=True) if hit)
-                                  for row in probs >= cut]
+            out[LABELS_COLUMN] = decided_labels(probs, self.spec)
         return out
 
 
 def signature(classes: tuple[str, ...] | list[str], multilabel: bool = False):
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from cass.inference import DEFAULT_BATCH_SIZE
 
     outputs = [ColSpec("double", c) for c in classes] + ([ColSpec("string", LABELS_COLUMN)] if multilabel else [])
-    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
+    # Served requests may set the batch size and decoding processes: {"params": {"batch_size": 32}}.
+    settings = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE), ParamSpec("workers", "long", 0)])
+    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs), params=settings)
 
 
 def pip_requirements() -> list[str]:
@@ -228,7 +242,8 @@ def integrity_digest(files: dict[str, str]) -> str:
 
 
 def _is_bytecode_cache(rel: str) -> bool:
-    return "__pycache__" in rel.split("/")
+    """A file Python may import instead of its source: never recorded, so never trusted."""
+    return "__pycache__" in rel.split("/") or rel.endswith((".pyc", ".pyo"))
 
 
 def verify_model_folder(folder: Path, expected_digest: str | None = None, *, code: bool = True) -> None:
@@ -236,7 +251,9 @@ def verify_model_folder(folder: Path, expected_digest: str | None = None, *, cod
 
     Checked: the MLmodel file loads the model from code (no pickle), from ``cass_classifier.py`` and the
     folder's ``code`` (with ``code``), every recorded file is there with its hash, and no other file sits
-    in ``code/``, ``artifacts/`` or beside the script (Python's own ``__pycache__`` excepted). With
+    in ``code/``, ``artifacts/`` or beside the script. A bytecode cache (``__pycache__``, ``*.pyc``) anywhere
+    is refused: Python would run it instead of the checked source whenever its header matches, and no hash
+    of it was recorded (:func:`load_verified` writes none and reads none). With
     ``expected_digest`` (the tracking server's record) the list of hashes itself must be the recorded one;
     without it the check catches accidental or partial changes, not a rewrite of MLmodel too."""
     import yaml
@@ -281,8 +298,15 @@ def verify_model_folder(folder: Path, expected_digest: str | None = None, *, cod
             )
     if code:
         present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
+        if cached := sorted(r for r in present if _is_bytecode_cache(r)):
+            raise ModelIntegrityError(
+                f"{folder / cached[0]}: a Python bytecode cache in the model folder ({len(cached)} such file(s)); "
+                "Python would run it instead of the checked source, and it was not recorded when the model was "
+                "logged. Remove it (`find <folder> -name __pycache__ -prune -exec rm -r {} +`) or load the "
+                "registered version; serve a model folder with PYTHONDONTWRITEBYTECODE=1 so none is written"
+            )
         checked = {r for r in present if r.startswith(("code/", "artifacts/")) or r.endswith(".py")}
-        if extra := sorted(r for r in checked - set(files) if not _is_bytecode_cache(r)):
+        if extra := sorted(checked - set(files)):
             raise ModelIntegrityError(
                 f"{folder / extra[0]}: not recorded when the model was logged ({len(extra)} such file(s)); "
                 "the folder was modified. Remove it or load the registered version"
@@ -331,25 +355,35 @@ def calibration_metadata(spec) -> dict[str, Any]:
     return meta
 
 
-def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
-    """Load ``model_uri`` (e.g. ``models:/cass-demo-cnn@champion``) and score image files.
+def model_identity(model_uri: str) -> dict[str, str]:
+    """What the rows a model predicts say about it: registered name and version (for a ``models:/`` URI; a
+    folder's name otherwise), the URI as given, and the digest of its file hashes (what a resumed run compares)."""
+    import yaml
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    Returns ``path``, ``prediction`` (the most probable class) and one probability column per class.
-    """
-    from cass.data.images import read_bytes
-
-    images = [read_bytes(Path(p)) for p in paths]
-    for path, data in zip(paths, images, strict=True):
-        decode_image(data, str(path), DEFAULT_MAX_PIXELS)  # a file that is no image is named, not "input row i"
-    model = load_verified(model_uri)
-    probs = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
-    out = probs.copy()
-    if LABELS_COLUMN in probs.columns:  # multi-label: the classes over their thresholds
-        out.insert(0, "prediction", out.pop(LABELS_COLUMN))
+    name, version = Path(model_uri.rstrip("/")).name, ""
+    if model_uri.startswith("models:/"):
+        resolved = get_model_name_and_version(mlflow.MlflowClient(), model_uri)
+        name, version = (resolved[0], "") if len(resolved) == 1 else (str(resolved[0]), str(resolved[1]))
+        digest = recorded_digest(model_uri) or ""
+    elif Path(model_uri, "MLmodel").is_file():
+        meta = (yaml.safe_load(Path(model_uri, "MLmodel").read_text()) or {}).get("metadata") or {}
+        digest = str((meta.get(INTEGRITY_KEY) or {}).get("digest", ""))
     else:
-        out.insert(0, "prediction", probs.idxmax(axis=1) if len(probs) else [])
-    out.insert(0, "path", [str(p) for p in paths])
-    return out
+        digest = ""
+    return {"model_name": name, "model_version": version, "model_uri": model_uri, "digest": digest}
+
+
+def _load_without_bytecode(folder: Path):
+    """Load a checked folder so that Python neither writes bytecode into it (the folder stays as checked) nor
+    reads any: ``sys.pycache_prefix`` sends cache lookups to an empty folder of our own for the load."""
+    dont_write, prefix = sys.dont_write_bytecode, sys.pycache_prefix
+    with tempfile.TemporaryDirectory(prefix="cass-pycache-") as empty:
+        sys.dont_write_bytecode, sys.pycache_prefix = True, empty
+        try:
+            return mlflow.pyfunc.load_model(str(folder))
+        finally:
+            sys.dont_write_bytecode, sys.pycache_prefix = dont_write, prefix
 
 
 def load_verified(model_uri: str):
@@ -362,11 +396,6 @@ def load_verified(model_uri: str):
             expected = recorded_digest(model_uri)
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         verify_model_folder(local, expected)
-        dont_write = sys.dont_write_bytecode
-        sys.dont_write_bytecode = True  # leave the model folder as it is
-        try:
-            return mlflow.pyfunc.load_model(str(local))
-        finally:
-            sys.dont_write_bytecode = dont_write
+        return _load_without_bytecode(local)
     except mlflow.exceptions.MlflowException as exc:
         raise DataError(f"could not load model {model_uri}: {exc.message}") from None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cass.errors import CassError
+from cass.telemetry import disable_telemetry
 
 if TYPE_CHECKING:
     from cass.config import Params
@@ -41,7 +42,7 @@ def prefect_environment(quiet: bool, environ: MutableMapping[str, str] = os.envi
     if not environ.get("PREFECT_API_URL"):
         environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
         environ.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_S))
-    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    disable_telemetry(environ)
     environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cass")
     if quiet:
         environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

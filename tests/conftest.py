@@ -24,6 +24,9 @@ import pytest
 from cass.config import Params, params_from_mapping
 from cass.data.demo import generate_demo
 from cass.data.prepare import prepare_data
+from cass.telemetry import disable_telemetry
+
+disable_telemetry()  # every test and the processes it starts: no usage telemetry (before MLflow or Prefect load)
 
 REQUIRE_SERVICES = os.environ.get("CASS_REQUIRE_SERVICES") == "1"
 

@@ -238,8 +238,10 @@ def test_champion_loads_without_pickle_and_returns_class_probabilities(local, mo
     assert list(probs.columns) == ["adipose", "lymphocytes", "stroma", "tumor"]
     assert probs.shape == (3, 4)
     assert probs.sum(axis=1).round(5).eq(1.0).all()
-    as_text = model.predict(pd.DataFrame({"image": [base64.b64encode(images[0]).decode()]}))
-    assert as_text.iloc[0].tolist() == pytest.approx(probs.iloc[0].tolist())
+    # Base64 text decodes to the same bytes: the same batch gives the same probabilities, bit for bit (another
+    # batch size may differ in the last float32 bits: tests/test_predict.py bounds that).
+    as_text = model.predict(pd.DataFrame({"image": [base64.b64encode(image).decode() for image in images]}))
+    assert as_text.equals(probs)
     with pytest.raises(DataError, match="input row 1"):
         model.predict(pd.DataFrame({"image": [images[0], b"not an image"]}))
 
@@ -251,7 +253,10 @@ def test_predict_command_writes_per_image_probabilities(local, tmp_path) -> None
                 "--output", str(out)) == 0
     table = pd.read_csv(out)
     assert table["path"].tolist() == [str(p) for p in images]
-    assert set(table.columns) == {"path", "prediction", "adipose", "lymphocytes", "stroma", "tumor"}
+    assert list(table.columns) == ["path", "prediction", "adipose", "lymphocytes", "stroma", "tumor", "model_name",
+                                   "model_version", "model_uri", "predicted_at"]
+    version = local.result.versions["vit"]
+    assert (table["model_name"] == f"{PREFIX}-vit").all() and (table["model_version"] == int(version)).all()
 
 
 def test_champion_serves_with_mlflow_models_serve(local, tmp_path) -> None:
@@ -594,6 +599,53 @@ def test_a_registered_model_is_checked_against_the_hashes_the_server_recorded(lo
     finally:
         shutil.rmtree(store)
         shutil.copytree(backup, store)
+    assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", image) == 0
+
+
+def _plant_bytecode(folder: Path, marker: Path) -> Path:
+    """A cached serving module that writes ``marker``, compiled so that Python uses it without looking at the
+    source (an unchecked hash-based .pyc): what a tampered folder would carry."""
+    import importlib.util
+    import py_compile
+
+    source = folder / "code" / "cass" / "serving.py"
+    evil = folder.parent / "evil_serving.py"
+    evil.write_text(source.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    planted = Path(importlib.util.cache_from_source(str(source)))
+    py_compile.compile(str(evil), cfile=str(planted), dfile=str(source),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    evil.unlink()
+    return planted
+
+
+def test_a_planted_bytecode_cache_is_refused_in_a_folder_and_in_the_store(local, tmp_path, capsys) -> None:
+    import mlflow
+
+    from cass.serving import logged_model_id
+
+    image = str(next((local.data / "tumor").glob("*.png")))
+    marker = tmp_path / "bytecode-ran"
+    folder = _model_folder(local, tmp_path)
+    planted = _plant_bytecode(folder, marker)
+    assert _cli(local, "predict", "--model", str(folder), image) == 10
+    err = capsys.readouterr().err
+    assert f"{planted}: a Python bytecode cache in the model folder" in err and "Traceback" not in err
+    assert not marker.exists()
+    shutil.rmtree(planted.parent)
+    assert _cli(local, "predict", "--model", str(folder), image) == 0
+    assert not list(folder.rglob("__pycache__"))  # loading wrote no bytecode into the folder either
+
+    mlflow.set_tracking_uri(local.uri)
+    version = local.client.get_model_version_by_alias(f"{PREFIX}-cnn", "champion")
+    store = Path(local.client.get_logged_model(logged_model_id(version)).artifact_location.removeprefix("file://"))
+    planted = _plant_bytecode(store, marker)
+    try:
+        assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", image) == 10
+        err = capsys.readouterr().err
+        assert "code/cass/__pycache__/serving." in err and "a Python bytecode cache" in err, err
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(planted.parent)
     assert _cli(local, "predict", "--model", f"models:/{PREFIX}-cnn@champion", image) == 0
 
 

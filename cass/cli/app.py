@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from cass.cli.parser import build_parser
 from cass.errors import CassError
 from cass.redaction import install_log_redaction, redact
+from cass.telemetry import disable_telemetry
 
 DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
 QUIET_LIBRARIES = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -72,6 +73,7 @@ RESUMING_COMMANDS = {
     "finetune": "rerun the same command to resume after the last finished epoch (checkpoint.pt in the "
                 "fine-tuning folder)",
     "tune": "rerun the same command to continue the study: finished trials are kept in its database",
+    "predict": "rerun the same command: the images already written to <output>.parts/ are skipped (with --output)",
     "demo": "rerun the same command: finished stages are reused and an interrupted training resumes after "
             "its last finished epoch",
 }
@@ -85,6 +87,7 @@ def interrupted_hint(command: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: the exit status of the command (see cass.errors for the codes)."""
+    disable_telemetry()  # before any handler imports MLflow or Prefect
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun runs again in each process
     _setup_logging(args)

@@ -357,14 +357,30 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     settings_options(p)
 
     p = _command(
-        sub, "predict", registry.predict, help="class probabilities of image files from a registered model",
-        description="Load an MLflow model (e.g. models:/cass-demo-cnn@champion) and print, or write as CSV, "
-        "each image's most probable class and per-class probabilities.",
+        sub, "predict", registry.predict, help="class probabilities of images from a registered model, at any volume",
+        description="Load an MLflow model (e.g. models:/cass-demo-cnn@champion) or a fine-tuning folder and write "
+        "each image's predicted label(s), per-class probabilities, the model's name, version and URI, and the time, "
+        "in batches (images decoded by --workers processes beside the forward pass). With --output, parts are "
+        "written every --chunk-size images: rerun the same command after an interruption and it goes on where it "
+        "stopped. An image that cannot be read is listed in <output>.skipped.csv and skipped; the run goes on and "
+        "exits 3 at the end.",
     )
     p.add_argument("--model", required=True, metavar="URI", help="models:/<name>@champion, models:/<name>/<version>, "
-                   "runs:/<run>/model, ...")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
-    p.add_argument("--output", type=Path, metavar="FILE", help="write a CSV here instead of printing")
+                   "runs:/<run>/model, or a folder such as outputs/finetune/cnn")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders (searched recursively) or glob "
+                   "patterns such as 'scans/**/*.png' (quoted)")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also the images in the 'path' column of this CSV "
+                   "(relative paths are relative to its folder)")
+    p.add_argument("--dataset", action="store_true", help="also every image of the dataset of the settings "
+                   "(data.root in its registered data.layout)")
+    p.add_argument("--output", type=Path, metavar="FILE", help="write a .csv or .parquet here (resumable) instead "
+                   "of printing CSV")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes decoding images beside the forward pass; "
+                   "0: in this process (default: the cores but one, at most 4)")
+    p.add_argument("--chunk-size", type=int, default=1024, metavar="N", help="images per part written to disk: "
+                   "what an interruption can cost (default: %(default)s)")
     settings_options(p)
 
     p = _command(

@@ -4,9 +4,11 @@ cass.registry, cass.serving)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cass.cli.settings import networks, outputs, settings
+from cass.errors import DataError
 
 if TYPE_CHECKING:
     from cass.config import Params
@@ -71,18 +73,51 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict(args: argparse.Namespace) -> int:
-    """Class probabilities of image files from a registered model, printed or written as CSV."""
-    from cass.io import atomic_write_text
-    from cass.serving import predict_files
-    from cass.tracking import configure_client
+def _dataset_images(params: Params) -> list[str]:
+    """Every image file of the settings' dataset, as its registered layout lists them."""
+    from cass.data.layouts import get_layout
+    from cass.data.problems import Problems
 
-    configure_client(settings(args).mlflow)
-    table = predict_files(args.model, list(args.images))
-    csv = table.to_csv(index=False, float_format="%.6f")
+    listed = get_layout(params.data.layout).list_files(params.data, Problems())
+    paths = [str(listed.root / p) for p in listed.rows["path"]]
+    if paths and not Path(paths[0]).is_file():
+        raise DataError(f"--dataset: the images of layout '{params.data.layout}' are not files on disk "
+                        f"({paths[0]}); `cass data prepare` and predict the prepared images instead")
+    return paths
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Predictions of any number of images, printed or written as CSV/Parquet; exit 3 when some were skipped.
+
+    Everything that can be wrong with the command (options, inputs, settings) is checked before torch and
+    MLflow load."""
+    import tempfile
+
+    from cass.predict import plan, predict_to_file, resolve_inputs
+
+    output = args.output or Path(tempfile.mkdtemp(prefix="cass-predict-")) / "predictions.csv"
+    plan(args.model, (), output, batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size)
+    params = settings(args)
+    inputs = resolve_inputs(args.images, args.csv, _dataset_images(params) if args.dataset else ())
+    job = plan(args.model, inputs, output, batch_size=args.batch_size, workers=args.workers,
+               chunk_size=args.chunk_size)
+    if not Path(args.model).is_dir():
+        from cass.tracking import configure_client
+
+        configure_client(params.mlflow)
+    summary = predict_to_file(job)
     if args.output:
-        atomic_write_text(args.output, csv)
-        print(f"wrote {len(table)} predictions to {args.output}")
+        print(summary.line())
     else:
-        print(csv, end="")
+        print(output.read_text(), end="")
+    if summary.skipped:
+        from cass.layout import PredictionOutputs
+
+        skipped = PredictionOutputs(output).skipped
+        import csv
+
+        with open(skipped, newline="") as fh:
+            first = next(csv.DictReader(fh))["problem"]
+        raise DataError(f"{summary.skipped} of {len(inputs)} image(s) could not be used and were skipped, "
+                        f"listed in {skipped}; first: {first}")
     return 0
