@@ -227,6 +227,10 @@ class Layout:
         """The test metrics the model gate reads."""
         return EvaluateOutputs(self.evaluate(network)).metrics
 
+    def data_change(self, network: str) -> Path:
+        """The data-change report of ``network`` against its champion's data version (cass.data_change)."""
+        return self.root / "data_change" / network
+
     @property
     def quality_dir(self) -> Path:
         """The gates' report folders, together (what a pipeline run logs as its quality report)."""

@@ -46,10 +46,12 @@ from cass.tracking.runs import (
     test_set_hash,
 )
 from cass.tracking.stages import (
+    DataChange,
     FinetuneRun,
     StageRun,
     champions,
     completed_run,
+    data_change,
     first_test_image,
     log_quality,
     promote_candidate,
@@ -65,6 +67,7 @@ __all__ = [
     "EVALUATION_DIR",
     "METRICS_ARTIFACT",
     "REDACTED",
+    "DataChange",
     "FinetuneRun",
     "Lineage",
     "RunLogger",
@@ -77,6 +80,7 @@ __all__ = [
     "completed_run",
     "configure",
     "configure_client",
+    "data_change",
     "data_digest",
     "end_pipeline_run",
     "experiment_id",
