@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_HTML, DATA_CHANGE_JSON, DATA_CHANGE_MD
+
 if TYPE_CHECKING:
     import pandas as pd
 
-REPORT_DIR = "data_change"  # in the version's evaluation run, beside evaluation/
-REPORT_MD = "data_change.md"
-REPORT_HTML = "data_change.html"
-REPORT_JSON = "data_change.json"
-HISTOGRAM_PNG = "data_change_intensity.png"
+REPORT_DIR, REPORT_MD, REPORT_HTML = DATA_CHANGE_DIR, DATA_CHANGE_MD, DATA_CHANGE_HTML
+REPORT_JSON, HISTOGRAM_PNG = DATA_CHANGE_JSON, DATA_CHANGE_FIGURE
 SAMPLE = 200
 BINS = 16
 SPLITS = ("train", "val", "test")

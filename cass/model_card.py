@@ -207,16 +207,16 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
 
 def _data_change(facts: CardFacts, evaluation: str | None, tmp: Path) -> None:
     """The data-change report the run logged to the evaluation run before registering, when it wrote one."""
-    from cass.data_change import HISTOGRAM_PNG, REPORT_DIR, REPORT_MD
+    from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_MD
 
-    folder = _download(evaluation, REPORT_DIR, tmp / "data_change")
-    if folder is None or not (folder / REPORT_MD).is_file():
+    folder = _download(evaluation, DATA_CHANGE_DIR, tmp / "data_change")
+    if folder is None or not (folder / DATA_CHANGE_MD).is_file():
         return
-    lines = (folder / REPORT_MD).read_text().splitlines()
+    lines = (folder / DATA_CHANGE_MD).read_text().splitlines()
     body = [("#" + line if line.startswith("## ") else line) for line in lines if not line.startswith("# ")]
     facts.data_change = "\n".join(body).strip()
-    if (folder / HISTOGRAM_PNG).is_file():
-        facts.figures[HISTOGRAM_PNG] = folder / HISTOGRAM_PNG
+    if (folder / DATA_CHANGE_FIGURE).is_file():
+        facts.figures[DATA_CHANGE_FIGURE] = folder / DATA_CHANGE_FIGURE
 
 
 # --------------------------------------------------------------------------------------------------
