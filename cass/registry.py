@@ -673,7 +673,7 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
                     if isinstance(shared, str):
                         refusal = shared
                     else:
-                        compared.update(shared.record())
+                        compared.update({"candidate_test_split": compared["candidate"], **shared.record()})
                         refusal, why = shared.verdict(cfg.promotion_margin)
                 else:
                     champion_value = version_metrics(client, name, previous).get(metric)
