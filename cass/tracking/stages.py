@@ -189,20 +189,27 @@ def data_change(params: Params, layout: Layout, network: Network, evaluation_run
     (:mod:`cass.data_change`), written to ``<outputs>/data_change/<network>`` and logged to the evaluation run
     (``data_change/``, where the version's model card finds it). None when there is no champion yet or it was
     trained on this very manifest."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     from cass import comparison
     from cass import data_change as report
     from cass.data.manifest import read_manifest
+    from cass.layout import MANIFEST_FILE
 
     configure_client(params.mlflow)
-    import mlflow
-
     client = mlflow.MlflowClient()
     name = registry.model_name(params.mlflow, network)
-    champions_now = registry.champions(params.mlflow, [network], client)
-    if not champions_now.get(network):
+    try:  # an outage raises (the flow retries the step); only a model not registered yet means "no champion"
+        champion = client.get_registered_model(name).aliases.get(registry.CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        champion = None
+    if champion is None:
         return None
-    champion = champions_now[network].rsplit(" v", 1)[1]
-    digest = comparison.manifest_digest(layout.data / "manifest.csv")
+    champion = str(champion)
+    digest = comparison.manifest_digest(layout.data / MANIFEST_FILE)
     champion_tags = client.get_model_version(name, champion).tags
     if champion_tags.get(comparison.MANIFEST_TAG) == digest:
         return None
