@@ -13,6 +13,8 @@ their paths from here; nothing else builds an output path from a string literal.
       evaluate/<network>/         scores.json, metrics.json, lineage.json, predictions.csv, confusion_matrix.png,
                                   roc_curves.png, reliability.png, reliability.csv, explanations.png, class_counts.csv,
                                   subgroups.csv (with data.group_columns)
+      data_change/<network>/      data_change.md, data_change.html, data_change.json, data_change_intensity.png
+                                  (a run on another data version than the champion's)
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ HISTORY_FILE = "history.csv"
 # Where a model came from (commit, data version, the settings it was trained with, its pretraining and
 # tuning): kept apart from the metrics files, which hold numbers only.
 LINEAGE_FILE = "lineage.json"
+
+# The data-change report against the champion's data (cass.data_change): this folder in the outputs and
+# in the version's evaluation run, where the model card finds it.
+DATA_CHANGE_DIR = "data_change"
+DATA_CHANGE_MD = "data_change.md"
+DATA_CHANGE_HTML = "data_change.html"
+DATA_CHANGE_JSON = "data_change.json"
+DATA_CHANGE_FIGURE = "data_change_intensity.png"
 
 # Gate reports (cass.quality).
 RESULT_FILE = "result.json"
@@ -266,6 +276,10 @@ class Layout:
     def evaluate_metrics(self, network: str) -> Path:
         """The test metrics the model gate reads."""
         return EvaluateOutputs(self.evaluate(network)).metrics
+
+    def data_change(self, network: str) -> Path:
+        """The data-change report of ``network`` against its champion's data version (cass.data_change)."""
+        return self.root / DATA_CHANGE_DIR / network
 
     @property
     def quality_dir(self) -> Path:

@@ -68,6 +68,7 @@ class CardFacts:
     finetuning: Mapping[str, Any] = field(default_factory=dict)
     gate: Mapping[str, Any] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    data_change: str = ""  # the data-change report against the champion's data (cass.data_change), markdown
     intended_use: str = ""
     limitations: str = ""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -195,6 +196,7 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
         facts.subgroups = _read_csv(folder / "subgroups.csv", ("column", "group"))
         facts.reliability = _read_csv(folder / "reliability.csv")
         facts.figures = {f: folder / f for f in FIGURES if (folder / f).is_file()}
+    _data_change(facts, evaluation, tmp)
     pre = _run(client, tags.get("pretraining_run_id"))
     if pre is not None:
         facts.pretraining = {"run_id": pre.info.run_id, "method": pre.data.params.get("pretrain.method", "cass"),
@@ -208,6 +210,20 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
               "version": str(version), "network": candidate.network, "data_version": tags.get("data_version", "?")}
     facts.intended_use, facts.limitations = user_text(params, values)
     return facts
+
+
+def _data_change(facts: CardFacts, evaluation: str | None, tmp: Path) -> None:
+    """The data-change report the run logged to the evaluation run before registering, when it wrote one."""
+    from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_MD
+
+    folder = _download(evaluation, DATA_CHANGE_DIR, tmp / "data_change")
+    if folder is None or not (folder / DATA_CHANGE_MD).is_file():
+        return
+    lines = (folder / DATA_CHANGE_MD).read_text().splitlines()
+    body = [("#" + line if line.startswith("## ") else line) for line in lines if not line.startswith("# ")]
+    facts.data_change = "\n".join(body).strip()
+    if (folder / DATA_CHANGE_FIGURE).is_file():
+        facts.figures[DATA_CHANGE_FIGURE] = folder / DATA_CHANGE_FIGURE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,6 +391,8 @@ def to_markdown(f: CardFacts) -> str:
         out += ["No explanation panel was recorded (`evaluate.explain_per_class: 0`).", ""]
 
     out += ["## Model gate", "", *_gate_section(f.gate)]
+    if f.data_change:
+        out += ["", "## Data change since the champion", "", f.data_change]
     out += ["", "## Intended use", "", f.intended_use.strip(), ""]
     if f.limitations:
         out += ["## Limitations", "", f.limitations.strip(), ""]

@@ -129,6 +129,7 @@ class PipelineRun:
     versions: Mapping[Network, str] = field(default_factory=dict)
     promotions: Mapping[Network, PromotionResult] = field(default_factory=dict)
     gate_failures: Mapping[Network, GateResult] = field(default_factory=dict)  # networks the model gate stopped
+    data_changes: Mapping[Network, Any] = field(default_factory=dict)  # cass.tracking.DataChange or None
 
     @property
     def networks(self) -> tuple[Network, ...]:
@@ -307,6 +308,13 @@ def _log_quality(run: PipelineRun, _: None) -> None:
     tracking.log_quality(run.params, run.layout, run.run_id)
 
 
+def _data_change(run: PipelineRun, network: Network) -> Any:
+    """Why it retrained: the data-change report against the champion's data version, logged to the evaluation
+    run before registration so that the version's model card holds it (None: no champion, or the same data)."""
+    evaluation = run.evaluations[network].candidate.tags["evaluation_run_id"]
+    return tracking.data_change(run.params, run.layout, network, evaluation)
+
+
 def _register(run: PipelineRun, network: Network) -> str:
     from cass.layout import RESULT_FILE
     from cass.quality.policy import RUN_SETTINGS, GateVerdict, committed_policy
@@ -388,6 +396,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", _evaluate, keep="evaluations", per_network=True),
     Stage("model gate", _model_gate, keep="gate_failures"),
     Stage("log quality reports", _log_quality, when=_tracked, io=True, shown=False),
+    Stage("data change", _data_change, keep="data_changes", when=lambda run: run.tracked and run.register,
+          per_network=True, io=True, shown=False, gated=True),
     Stage("register", _register, keep="versions", when=lambda run: run.tracked and run.register,
           per_network=True, io=True, gated=True),
     Stage("promote", _promote, keep="promotions", when=lambda run: run.tracked and run.register and run.promote,

@@ -564,6 +564,22 @@ def _attach_report(client, run_id: str, report: Path | None) -> str:
     return f"runs:/{run_id}/{folder}/{page}"
 
 
+def _same_test_set(client, name: str, champion: str, candidate) -> bool:
+    test_set = candidate.tags.get("test_set")
+    return bool(test_set) and test_set == client.get_model_version(name, champion).tags.get("test_set")
+
+
+def _compare(params: Params, name: str, champion: str, version: str, client, candidate_metrics: Mapping[str, Any]):
+    """:func:`cass.comparison.compare_on_unseen`: the shared evaluation, or why the two are not comparable."""
+    from cass.comparison import ComparisonError, compare_on_unseen
+
+    try:
+        return compare_on_unseen(params, name, champion, version, client, version_metrics(client, name, champion),
+                                 candidate_metrics)
+    except ComparisonError as exc:
+        return f"not compared on shared images: {exc}"
+
+
 def promote(
     name: str,
     version: str,
@@ -605,6 +621,12 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
             raise
         raise RegistryError(f"{name} has no version {version}; `cass promote --help` shows how to pick one") from None
     candidate_metrics = version_metrics(client, name, version)
+    # Scoring two models on shared images takes a while: done before the lock against the champion of now,
+    # and again under the lock only if another promotion moved the champion meanwhile.
+    evaluated = _champion(client, name)
+    early = (_compare(params, name, evaluated, version, client, candidate_metrics)
+             if evaluated not in (None, version) and not _same_test_set(client, name, evaluated, candidate) else None)
+
     with tempfile.TemporaryDirectory(prefix="cass-model-gate-") as tmp:  # the gate's report, until attached
         verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
         verdict = under_policy(params, verdict, candidate_metrics, policy)
@@ -624,18 +646,16 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
                                         "model_card": candidate.tags.get(model_card.CARD_TAG, "")}
             refusal, why = None, "first champion"
             if previous is not None:
-                champion = client.get_model_version(name, previous)
                 compared["champion_version"] = previous
-                same_test_set = candidate.tags.get("test_set") and candidate.tags.get("test_set") == champion.tags.get(
-                    "test_set"
-                )
-                if not same_test_set:
-                    refusal = (
-                        f"not comparable: v{version} was tested on test set "
-                        f"{candidate.tags.get('test_set', '?')[:12]}, champion v{previous} on "
-                        f"{champion.tags.get('test_set', '?')[:12]}; evaluate both on one test split, or use "
-                        "--force --reason"
-                    )
+                same_test_set = _same_test_set(client, name, previous, candidate)
+                if not same_test_set:  # tested on other splits: both scored on the images neither has seen
+                    shared = (early if previous == evaluated and early is not None
+                              else _compare(params, name, previous, version, client, candidate_metrics))
+                    if isinstance(shared, str):
+                        refusal = shared
+                    else:
+                        compared.update({"candidate_test_split": compared["candidate"], **shared.record()})
+                        refusal, why = shared.verdict(cfg.promotion_margin)
                 else:
                     champion_value = version_metrics(client, name, previous).get(metric)
                     compared["champion"] = champion_value

@@ -279,6 +279,11 @@ def _completed(run: PipelineRun) -> dict[str, Any]:
         gate_failures={network: result.summary() for network, result in run.gate_failures.items()},
     )
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="Retraining summary")
+    for network, change in run.data_changes.items():  # why it retrained: what changed since the champion's data
+        if change is not None:
+            create_markdown_artifact(f"{change.markdown}\nThe full report (a page that renders offline, with the "
+                                     f"histograms): `{change.uri}`.\n", key=f"data-change-{network}",
+                                     description=f"Data change since champion v{change.champion} ({network})")
     for result in run.promotions.values():
         get_run_logger().info("%s", result.summary())
     return {

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import LENIENT_MODEL_GATE, MlflowServer, kill_when_logged, tiny_mapping
@@ -497,3 +498,113 @@ def test_a_failed_run_notifies_the_webhook_of_the_environment_or_a_saved_block(
     assert state.is_failed() and "finetune.epochs" in state.message
     got = receiver.received[before:]
     assert [(m.path, m.json["msg"].split(":")[0]) for m in got] == [("/ops", "cass retraining failed")], got
+
+
+# --------------------------------------------------------------------------------------------------
+# When new data arrives: the challenger meets the champion on the images neither has seen
+
+
+GOOD = ["finetune.epochs=5", "finetune.lr=0.001"]
+GROWN = ["finetune.init=random", "finetune.networks=[cnn]", "evaluate.explain_per_class=0"]
+
+
+@pytest.fixture(scope="module")
+def new_data(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Three flow runs on one growing dataset (CNN only, random init): a weak champion on 16 images per class;
+    the data grows to 32 per class and a good challenger is trained; it grows to 40 and a weak one is trained."""
+    import mlflow
+
+    from cass.data.demo import generate_demo
+    from cass.tracking import reset_client
+    from flows.retrain import retrain
+
+    root = tmp_path_factory.mktemp("new-data")
+    (root / "mlflow").mkdir()
+    server = MlflowServer(root / "mlflow")
+    server.start()
+    data = root / "demo"
+    shutil.copytree(demo_root, data)
+    params_file = _write_params(root / "params.yaml", data, server)
+    states = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "CASS_TUNE_STORAGE"):
+            mp.delenv(name, raising=False)
+        try:
+            for per_class, settings in ((16, WORSE), (32, GOOD), (40, WORSE)):
+                generate_demo(data, images_per_class=per_class, size=32)  # the old files stay byte-identical
+                states.append(retrain(params_file=str(params_file), outputs=str(root / "outputs"), tune_trials=0,
+                                      overrides=[*GROWN, *settings, f"data.demo_images_per_class={per_class}"],
+                                      return_state=True))
+            yield SimpleNamespace(root=root, data=data, states=states, client=mlflow.MlflowClient(server.url),
+                                  server=server)
+        finally:
+            reset_client()
+            server.stop()
+
+
+def _decision(client, version: str) -> dict:
+    tags = client.get_model_version(f"{PREFIX}-cnn", version).tags
+    (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("promotion.")]
+    return record
+
+
+def test_new_data_challenger_is_promoted_on_the_images_neither_model_has_seen(new_data) -> None:
+    # Guards: on new data the promotion refused "not comparable: v2 was tested on test set ..., champion v1 on
+    # ...", so a scheduled retraining never promoted on its own.
+    from cass.comparison import SEEN_SPLITS, version_manifest
+
+    first, grown, _ = new_data.states
+    assert first.is_completed() and grown.is_completed(), grown.message
+    assert first.result()["promotions"]["cnn"]["promoted"]  # the first champion
+    result = grown.result()
+    assert result["promotions"]["cnn"]["promoted"], result["promotions"]["cnn"]["reason"]
+    record = _decision(new_data.client, "2")
+    compared = record["compared"]
+    assert record["decision"] == "promoted" and compared["compared_on"] == "shared unseen images"
+    assert compared["candidate"] - compared["champion"] >= compared["margin"]
+    assert compared["difference_interval"][0] > 0  # the rule: the paired bootstrap separates the two
+    run = new_data.client.get_run(compared["shared_evaluation_run_id"])
+    assert run.data.metrics["champion_macro_f1"] == pytest.approx(compared["champion"])
+    assert run.data.metrics["challenger_macro_f1"] == pytest.approx(compared["candidate"])
+    assert run.data.tags["shared_images_hash"] == compared["shared_images_hash"]
+
+    # The champion was scored on no image either model trained or validated on, matched by content and path.
+    mlflow_set = new_data.client.download_artifacts(run.info.run_id, "shared_images.csv", str(new_data.root))
+    shared = pd.read_csv(mlflow_set, dtype=str)
+    assert len(shared) == compared["shared_images"] > 0
+    for version in ("1", "2"):
+        manifest = version_manifest(new_data.client, f"{PREFIX}-cnn", version)
+        seen = manifest[manifest["split"].isin(SEEN_SPLITS)]
+        assert not set(shared["sha256"]) & set(seen["sha256"]) and not set(shared["path"]) & set(seen["path"])
+    assert set(shared["champion_p_adipose"].astype(float)) and "challenger_p_adipose" in shared
+
+
+def test_new_data_weak_challenger_is_refused_with_both_numbers(new_data) -> None:
+    state = new_data.states[2]
+    assert state.is_completed(), state.message
+    promotion = state.result()["promotions"]["cnn"]
+    assert not promotion["promoted"] and promotion["champion"] == "2"
+    compared = _decision(new_data.client, "3")["compared"]
+    reason = promotion["reason"]
+    assert f"{compared['candidate']:.4f} vs champion v2 {compared['champion']:.4f}" in reason, reason
+    assert "shared unseen images" in reason and compared["shared_evaluation_run_id"]
+
+
+def test_new_data_run_says_why_it_retrained(new_data) -> None:
+    first, grown, _ = new_data.states
+    assert "data-change-cnn" not in _artifacts(_flow_run_id(first))  # nothing to compare with yet
+    report = _artifacts(_flow_run_id(grown))["data-change-cnn"].data
+    assert "# Data change since champion v1" in report
+    assert "64 -> 128 images; **64 added, 0 removed, 0 relabelled**" in report
+    assert "| adipose | 16 | 25.0% | 32 | 25.0% |" in report  # class balance before and after
+    assert "Decay of the champion" in report and "mean intensity" in report
+    version = new_data.client.get_model_version(f"{PREFIX}-cnn", "2")
+    html = new_data.client.download_artifacts(version.tags["evaluation_run_id"], "data_change/data_change.html",
+                                              str(new_data.root / "v2"))
+    assert "data:image/png;base64," in Path(html).read_text()  # the histograms travel inside the page
+    card = version.tags["model_card"].replace("model_card.html", "model_card.md")
+    import mlflow
+
+    text = Path(mlflow.artifacts.download_artifacts(artifact_uri=card, tracking_uri=new_data.server.url,
+                                                    dst_path=str(new_data.root / "card"))).read_text()
+    assert "## Data change since the champion" in text and "### Decay of the champion" in text

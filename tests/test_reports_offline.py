@@ -287,3 +287,33 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(browser: OfflineBr
         assert not page.remote_requests, page.remote_requests  # the UI is served whole by the server
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-change report
+
+
+def test_data_change_report_renders_offline(browser: OfflineBrowser, tmp_path: Path, demo_root: Path,
+                                           prepared_dir: Path) -> None:
+    # Guards: "why it retrained" is read where the models run, often with no network: the page carries its
+    # histogram and styles itself.
+    from cass import data_change
+    from cass.comparison import unseen_rows
+    from cass.data.manifest import read_manifest
+
+    before = read_manifest(prepared_dir)[0].astype(str)
+    after = before.copy()
+    after.loc[after.index[:4], "split"] = "test"  # some images changed split
+    after = after.drop(index=after.index[-3:])  # and some were removed
+    report = data_change.build("cass-demo-cnn", "1", before, after, demo_root, 7,
+                               {"macro_f1": 0.9, "accuracy": 0.91}, {"macro_f1": 0.8, "accuracy": 0.82},
+                               unseen_rows(before, after), ("a" * 64, "b" * 64))
+    folder = data_change.write(report, tmp_path / "report")
+    (folder / data_change.HISTOGRAM_PNG).unlink()  # the page must not need the file beside it
+    page = browser.open(folder / data_change.REPORT_HTML)
+    assert page.page.locator("h1").inner_text().startswith("Data change since champion v1")
+    assert page.count("table") == 4  # per class and split, balance, image statistics, decay
+    assert "3 removed" in page.page.inner_text("body")
+    assert len(page.loaded_images()) == 1  # the grey-level histograms, embedded
+    assert page.remote_requests == [] and page.errors == []
+    assert json.loads((folder / data_change.REPORT_JSON).read_text())["change"]["removed"] == 3

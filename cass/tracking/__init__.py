@@ -50,10 +50,12 @@ from cass.tracking.runs import (
     test_set_hash,
 )
 from cass.tracking.stages import (
+    DataChange,
     FinetuneRun,
     StageRun,
     champions,
     completed_run,
+    data_change,
     first_test_image,
     log_quality,
     promote_candidate,
@@ -69,6 +71,7 @@ __all__ = [
     "EVALUATION_DIR",
     "METRICS_ARTIFACT",
     "REDACTED",
+    "DataChange",
     "FinetuneRun",
     "Lineage",
     "RunLogger",
@@ -81,6 +84,7 @@ __all__ = [
     "completed_run",
     "configure",
     "configure_client",
+    "data_change",
     "data_digest",
     "end_pipeline_run",
     "experiment_id",

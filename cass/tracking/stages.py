@@ -155,6 +155,7 @@ def tracked_evaluate(
     with stage_run(params, layout.data, parent_run_id, "evaluate", network, context="test", **tags) as run:
         evaluate(params, layout.data, layout.finetune(network), layout.evaluate(network))
         metrics = run.evaluation(layout.evaluate(network), finetuned.model_id)
+        tags["manifest_sha256"] = keep_manifest(run, layout.data)
         values = numeric_items(metrics, "test_")
         RunLogger(params.mlflow, parent_run_id).metrics({f"{network}_{k}": v for k, v in values.items()})
         # The fine-tuning runs are what one compares (settings, curves): their test scores belong beside them.
@@ -166,6 +167,88 @@ def tracked_evaluate(
         metrics=metrics,
         tags=lineage.tags(network, pipeline_run_id=parent_run_id, evaluation_run_id=run.run_id, **tags),
     )
+
+
+def keep_manifest(run: RunLogger, data_dir: Path) -> str:
+    """Log the prepared manifest the version was trained, validated and tested on to its evaluation run
+    (``data/manifest.csv``; MLflow's dataset input keeps no rows) and return its hash: what a later
+    promotion reads to find the images neither model has seen (:mod:`cass.comparison`)."""
+    from cass.comparison import MANIFEST_DIR, MANIFEST_TAG, manifest_digest
+    from cass.layout import MANIFEST_FILE
+
+    path = Path(data_dir) / MANIFEST_FILE
+    digest = manifest_digest(path)
+    run.artifact(path, MANIFEST_DIR)
+    run.tags({MANIFEST_TAG: digest})
+    return digest
+
+
+@dataclass(frozen=True)
+class DataChange:
+    """A data-change report of one network: its markdown (for a Prefect artifact) and where it was logged."""
+
+    network: Network
+    champion: str
+    markdown: str
+    folder: Path
+    uri: str
+
+
+def data_change(params: Params, layout: Layout, network: Network, evaluation_run_id: str) -> DataChange | None:
+    """Why this run retrained ``network``: the data-change report against its champion's data version
+    (:mod:`cass.data_change`), written to ``<outputs>/data_change/<network>`` and logged to the evaluation run
+    (``data_change/``, where the version's model card finds it). None when there is no champion yet or it was
+    trained on this very manifest."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cass import comparison
+    from cass import data_change as report
+    from cass.data.manifest import read_manifest
+    from cass.layout import MANIFEST_FILE
+
+    configure_client(params.mlflow)
+    client = mlflow.MlflowClient()
+    name = registry.model_name(params.mlflow, network)
+    try:  # an outage raises (the flow retries the step); only a model not registered yet means "no champion"
+        champion = client.get_registered_model(name).aliases.get(registry.CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        champion = None
+    if champion is None:
+        return None
+    champion = str(champion)
+    digest = comparison.manifest_digest(layout.data / MANIFEST_FILE)
+    champion_tags = client.get_model_version(name, champion).tags
+    if champion_tags.get(comparison.MANIFEST_TAG) == digest:
+        return None
+    try:
+        before = comparison.version_manifest(client, name, champion)
+    except comparison.ComparisonError as exc:
+        log.warning("no data-change report for %s: %s", network, exc)
+        return None
+    after, _ = read_manifest(layout.data)
+    after = after.astype(str)
+    unseen = comparison.unseen_rows(before, after)
+    own = registry.version_metrics(client, name, champion)
+    note, on_unseen = "", {}
+    classes, _multi = comparison.model_kind(own)
+    new_classes = {c for v in after["labels"] for c in str(v).split("|") if c}
+    if not new_classes <= set(classes):
+        note = (f"The new data has classes the champion does not predict ({sorted(new_classes - set(classes))}): "
+                "its metrics on the new images are not computed.")
+    elif unseen.empty:
+        note = "No test image of the new data is unseen by the champion: its decay cannot be measured."
+    else:
+        on_unseen = comparison.champion_on(params, name, champion, unseen, own)
+    built = report.build(name, champion, before, after, Path(params.data.root), params.seed, own, on_unseen, unseen,
+                         (champion_tags.get(comparison.MANIFEST_TAG, "unknown"), digest), note)
+    folder = report.write(built, layout.data_change(network))
+    RunLogger(params.mlflow, evaluation_run_id).artifact(folder, report.REPORT_DIR)
+    uri = f"runs:/{evaluation_run_id}/{report.REPORT_DIR}/{report.REPORT_HTML}"
+    log.info("%s: data-change report since champion v%s: %s (%s)", network, champion, folder / report.REPORT_HTML, uri)
+    return DataChange(network, champion, report.to_markdown(built, figure=False), folder, uri)
 
 
 def log_quality(params: Params, layout: Layout, parent_run_id: str) -> None:
@@ -328,12 +411,14 @@ def register_outputs(
             logged = with_retries(f"logging the {network} model", lambda ft=ft: log_classifier(ft.out_dir, example),
                                   cfg)
             metrics = run.evaluation(layout.evaluate(network), logged.model_id)
+            manifest = keep_manifest(run, layout.data)
+            data_change(params, layout, network, run.run_id)  # before registering: the model card shows it
             candidate = registry.Candidate(
                 network=network,
                 model_uri=logged.model_uri,
                 metrics=metrics,
                 tags=model.lineage.tags(network, finetune_run_id=run.run_id, evaluation_run_id=run.run_id,
-                                        pretraining_run_id=pretraining_run_id),
+                                        pretraining_run_id=pretraining_run_id, manifest_sha256=manifest),
                 gate=verdicts[network],
             )
             versions[network] = registry.register(model.settings, candidate, policy=policy)
