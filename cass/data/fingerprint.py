@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cass.data.splits import SPLIT_RULE
 from cass.errors import DataError
 from cass.layout import INFO_FILE
 from cass.lineage import data_version
@@ -41,6 +40,10 @@ PREPARE_SETTINGS = (
 )
 DATA_VERSION = "data version"
 SPLIT_RULE_KEY = "split rule"
+SPLIT_RULE = "hash-bands-1"
+"""Names the split rule of :mod:`cass.data.splits`; recorded with the split settings, so prepared data made by
+another rule is redone. It lives here, below the splits module, because the fingerprint check reads it without
+loading pandas."""
 
 
 def _plain(value: Any) -> Any:

@@ -16,12 +16,12 @@ import pandas as pd
 
 from cass.config import Params, metrics_fix, unwritten_metrics
 from cass.data import adapters
-from cass.data.fingerprint import fingerprint, prepared_settings
+from cass.data.fingerprint import SPLIT_RULE, fingerprint, prepared_settings
 from cass.data.images import ImageInfo
 from cass.data.layouts import get_layout
 from cass.data.manifest import DatasetInfo, inspect_all, label_lists, read_manifest, write_manifest
 from cass.data.problems import Problems
-from cass.data.splits import SPLIT_RULE, assign_splits, changed_split_settings, split_changes, write_subsets
+from cass.data.splits import assign_splits, changed_split_settings, split_changes, write_subsets
 from cass.errors import DataError
 from cass.io import output_set
 from cass.lineage import data_version, git_commit

@@ -53,13 +53,10 @@ from cass.errors import DataError
 from cass.io import atomic_write_text
 from cass.layout import subset_file
 
-if TYPE_CHECKING:  # pandas is imported where it is called: the fingerprint check reads SPLIT_RULE without it
+if TYPE_CHECKING:  # pandas is imported where it is called
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
-SPLIT_RULE = "hash-bands-1"
-"""Names the rule above; recorded with the split settings, so prepared data made by another rule is redone."""
 
 SPLIT_SETTINGS = ("split.val", "split.test", "split.seed", "data.group_column", "split rule")
 """The settings whose change reshuffles the splits (the label fractions only change the subsets)."""
