@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from cass.calibration import probabilities
-from cass.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb8
+from cass.data.images import DEFAULT_MAX_PIXELS, check_image, decode_image, to_rgb8
 from cass.errors import DataError, ModelIntegrityError
 
 IMAGE_COLUMN = "image"
@@ -64,6 +64,7 @@ REQUIREMENTS = (
     "timm",
     "safetensors",
     "pillow",
+    "pydicom",
     "numpy",
     "pandas",
     "pydantic",
@@ -111,9 +112,9 @@ def _image_bytes(value: Any, row: int) -> bytes:
     )
 
 
-def _decode(data: bytes, where: str) -> Any:
+def _decode(data: bytes, where: str, dicom: Any = None) -> Any:
     try:
-        return decode_image(data, where, DEFAULT_MAX_PIXELS)
+        return decode_image(data, where, DEFAULT_MAX_PIXELS, dicom)
     except DataError as exc:
         raise BadModelInput(str(exc)) from None
 
@@ -134,6 +135,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from cass.finetune import load_classifier
 
         self.model, self.spec = load_classifier(classifier, "cpu")
+        self.dicom = self.spec.dicom_settings()  # DICOM inputs are windowed as the training data was
         self.transform = eval_transform(self.spec.image_size, AugmentConfig(mean=self.spec.mean, std=self.spec.std))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -142,7 +144,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise BadModelInput(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
         rows = []
         for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
-            image = self.transform(to_rgb8(_decode(_image_bytes(value, i), f"input row {i}")))
+            image = self.transform(to_rgb8(_decode(_image_bytes(value, i), f"input row {i}", self.dicom)))
             # One image per forward pass: batched kernels round differently with the batch's size, and the
             # temperature (often < 1) magnifies that; an image's probabilities must not depend on its neighbours.
             with torch.no_grad():
@@ -340,7 +342,7 @@ def predict_files(model_uri: str, paths: list[Path]) -> pd.DataFrame:
 
     images = [read_bytes(Path(p)) for p in paths]
     for path, data in zip(paths, images, strict=True):
-        decode_image(data, str(path), DEFAULT_MAX_PIXELS)  # a file that is no image is named, not "input row i"
+        check_image(data, str(path), DEFAULT_MAX_PIXELS)  # a file that is no image is named, not "input row i"
     model = load_verified(model_uri)
     probs = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
     out = probs.copy()

@@ -53,6 +53,8 @@ def prepared_settings(params: Params, project_dir: Path | None = None) -> dict[s
         section, name = key.split(".")
         values[key] = _plain(getattr(getattr(params, section), name))
     values["data.root"] = os.path.normpath(params.data.root)
+    if params.data.layout == "dicom":  # the pixel settings decide the extracted images
+        values["data.dicom"] = _plain(params.data.dicom)
     values[DATA_VERSION] = data_version(params.data.root, project_dir)
     return values
 
