@@ -52,6 +52,13 @@ def test_ct_is_rescaled_to_hounsfield_and_windowed_by_the_file_a_preset_or_the_s
     assert _pixels(path, DicomConfig(window="minmax"))[0].tolist() == [0, 107, 133, 158, 255]
 
 
+def test_a_sigmoid_voi_function_of_the_file_is_honoured(tmp_path: Path) -> None:
+    path = _ct(tmp_path / "ct.dcm", [-1000, -100, 40, 180, 1000], WindowCenter=40, WindowWidth=400,
+               VOILUTFunction="SIGMOID")
+    # 255 / (1 + exp(-4 (HU - 40) / 400)): a smooth curve, not the linear ramp's 0 / 39 / 128 / 217 / 255.
+    assert _pixels(path)[0].tolist() == [0, 50, 128, 205, 255]
+
+
 def test_bits_stored_masks_the_unused_high_bits(tmp_path: Path) -> None:
     values = np.array([[0, 100, 4095]] * 4, dtype=np.uint16)
     junk = values | 0xF000  # an overlay in bits 12-15, which are not part of the value

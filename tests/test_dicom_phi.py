@@ -94,7 +94,8 @@ def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     mapping = tiny_mapping(export)
-    mapping["data"].update(name="ct-phi", layout="dicom", group_columns=["Manufacturer", "PatientSex", "age_band"])
+    mapping["data"].update(name="ct-phi", layout="dicom", group_columns=["Manufacturer", "PatientSex", "age_band"],
+                           dicom={"window": "soft_tissue"})  # not the files' own 40/400: the spec must carry it
     mapping["finetune"]["epochs"] = 1
     mapping["split"] = {"val": 0.2, "test": 0.35, "seed": 7, "label_fractions": [1.0]}
     mapping["mlflow"] = {"tracking_uri": f"sqlite:///{work}/mlflow.db", "artifact_location": str(work / "mlruns"),
@@ -115,6 +116,8 @@ def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
         reset_client()
 
     # The served model decodes a DICOM file with the training's pixel settings: its probabilities are evaluation's.
+    spec = yaml.safe_load((work / "outputs" / "finetune" / "cnn" / "model.json").read_text())
+    assert spec["dicom"]["window"] == "soft_tissue"
     evaluated = pd.read_csv(work / "outputs" / "evaluate" / "cnn" / "predictions.csv")
     by_name = {f"{pseudonym(rel, 'image', KEY.encode())}.png": rel for rel in files}
     query = work / "query.dcm"  # a name of one's own: cass predict echoes the paths it is given

@@ -195,7 +195,11 @@ def _greyscale(arr: np.ndarray, ds: Dataset, settings: DicomConfig | None) -> np
     elif window in WINDOW_PRESETS:
         out = _window(values, *WINDOW_PRESETS[window])
     elif window == "file" and _first(ds.get("WindowWidth")) and _first(ds.get("WindowCenter")) is not None:
-        out = _window(values, _first(ds.get("WindowCenter")) or 0.0, _first(ds.get("WindowWidth")) or 1.0)
+        center, width = _first(ds.get("WindowCenter")) or 0.0, _first(ds.get("WindowWidth")) or 1.0
+        if str(ds.get("VOILUTFunction", "")).strip().upper() == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+            out = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        else:
+            out = _window(values, center, width)
     elif window == "file" and "VOILUTSequence" in ds:
         out = _minmax(np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64))
     else:
