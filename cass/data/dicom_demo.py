@@ -1,7 +1,7 @@
 """A synthetic CT set in DICOM, for trying the ``dicom`` layout without a PACS export (``cass data demo --dicom``).
 
 Two classes of chest-like CT slices in Hounsfield units (signed 16-bit, rescale intercept -1024): ``normal`` and
-``lesion`` (a soft-tissue nodule inside a lung). Each synthetic patient has three slices, in
+``lesion`` (a calcified nodule inside a lung). Each synthetic patient has three slices, in
 ``<class>/<PatientID>/IM000<n>.dcm``: the patient's ID is in the path on purpose, as in many PACS exports, and
 every identifying attribute holds a synthetic value, so that a run shows none of them reaching a record.
 """
@@ -71,8 +71,8 @@ def ct_slice(lesion: bool, size: int, rng: np.random.Generator) -> np.ndarray:
         hu[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.25) ** 2 <= 1] = -820.0
     if lesion:
         cx, cy = rng.choice([0.32, 0.68]) + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.12, 0.12)
-        r = rng.uniform(0.05, 0.08)
-        hu[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = rng.uniform(30, 70)
+        r = rng.uniform(0.07, 0.1)
+        hu[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = rng.uniform(150, 300)  # a calcified nodule
     hu += rng.normal(0, 15, hu.shape)
     return np.clip(np.round(hu + 1024), 0, 4095).astype(np.int16)
 
