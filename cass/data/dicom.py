@@ -93,7 +93,8 @@ def read_dataset(data: bytes, where: str) -> Dataset:
     return ds
 
 
-def _frames(ds: Dataset) -> int:
+def frames(ds: Dataset) -> int:
+    """How many frames a dataset holds (1 when NumberOfFrames is absent or unreadable)."""
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
@@ -133,18 +134,18 @@ def check_dataset(ds: Dataset, where: str, max_pixels: int, frame: int | None) -
     if rows * cols > max_pixels:
         raise ImageError(where, f"{cols}x{rows} = {rows * cols:,} pixels exceeds data.max_image_pixels "
                                 f"({max_pixels:,}); refused before decoding", TOO_LARGE)
-    frames = _frames(ds)
-    if frames > 1 and frame is None:
+    count = frames(ds)
+    if count > 1 and frame is None:
         raise ImageError(
             where,
-            f"holds {frames} frames and a network sees one image; set data.dicom.frame to the frame to use "
+            f"holds {count} frames and a network sees one image; set data.dicom.frame to the frame to use "
             "(0-based), or export the series as single-frame files",
             MULTIFRAME,
         )
-    if frame is not None and frame >= frames:
-        raise ImageError(where, f"holds {frames} frame(s); data.dicom.frame {frame} is past the last", MULTIFRAME)
+    if frame is not None and frame >= count:
+        raise ImageError(where, f"holds {count} frame(s); data.dicom.frame {frame} is past the last", MULTIFRAME)
     if not syntax.is_compressed:
-        expected = rows * cols * frames * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 8))
+        expected = rows * cols * count * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 8))
         if len(ds.PixelData) * 8 < expected:
             raise ImageError(where, f"its pixel data holds {len(ds.PixelData):,} bytes of the {expected // 8:,} its "
                                     "header declares: the file is truncated; replace it", CORRUPT)
@@ -228,7 +229,7 @@ def decode_dicom(data: bytes, where: str, max_pixels: int, settings: DicomConfig
     """The 8-bit image (``L`` or ``RGB``) a DICOM file shows; an :class:`ImageError` with its kind otherwise.
     Without ``settings``, the defaults of ``data.dicom``: the file's own window, multi-frame files refused."""
     ds = read_dataset(data, where)
-    frame = settings.frame if settings is not None and _frames(ds) > 1 else None
+    frame = settings.frame if settings is not None and frames(ds) > 1 else None
     check_dataset(ds, where, max_pixels, frame)
     from pydicom.pixels import pixel_array
 
@@ -290,9 +291,10 @@ def header(ds: Dataset) -> Header:
     """The pseudonymisable patient ID and the record-safe attributes of a parsed dataset."""
     with _quiet():
         attrs = {k: str(ds.get(k, "") or "").strip() for k in (*SUBGROUP_ATTRIBUTES, *GATE_ATTRIBUTES)}
-        attrs["NumberOfFrames"] = str(_frames(ds))
+        attrs["NumberOfFrames"] = str(frames(ds))
         attrs["age_band"] = age_band(ds.get("PatientAge", ""))
         attrs["pixel_spacing"] = _spacing(ds)
-        syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
         attrs["transfer_syntax"] = getattr(syntax, "name", "") if syntax is not None else ""
         return Header(str(ds.get("PatientID", "") or "").strip(), attrs)

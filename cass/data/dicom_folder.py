@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from cass.data.adapters import SPLIT_ALIASES, AdapterResult, read_csv_file
-from cass.data.dicom import MAGIC, PREAMBLE, Header, check_dataset, decode_dicom, header, read_dataset
+from cass.data.dicom import MAGIC, PREAMBLE, Header, check_dataset, decode_dicom, frames, header, read_dataset
 from cass.data.image_errors import ImageError
 from cass.data.images import read_bytes
 from cass.data.problems import Problems
@@ -132,8 +132,7 @@ def dicom_folder(data: DataConfig, work_dir: Path | None, problems: Problems) ->
         try:
             raw = read_bytes(root / rel, rel)
             ds = read_dataset(raw, rel)
-            check_dataset(ds, rel, data.max_image_pixels, cfg.frame if int(ds.get("NumberOfFrames", 1) or 1) > 1
-                          else None)
+            check_dataset(ds, rel, data.max_image_pixels, cfg.frame if frames(ds) > 1 else None)
             head: Header = header(ds)
             if by_key is None:
                 found = _folder_labels(rel, problems)
