@@ -71,8 +71,8 @@ def ct_slice(lesion: bool, size: int, rng: np.random.Generator) -> np.ndarray:
         hu[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.25) ** 2 <= 1] = -820.0
     if lesion:
         cx, cy = rng.choice([0.32, 0.68]) + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.12, 0.12)
-        r = rng.uniform(0.07, 0.1)
-        hu[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = rng.uniform(150, 300)  # a calcified nodule
+        r = rng.uniform(0.1, 0.13)
+        hu[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = rng.uniform(400, 800)  # a calcified nodule
     hu += rng.normal(0, 15, hu.shape)
     return np.clip(np.round(hu + 1024), 0, 4095).astype(np.int16)
 
