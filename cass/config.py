@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cass.data.dicom_presets import DICOM_SUBGROUPS, WINDOW_PRESETS
 from cass.data.layouts import get_layout
 from cass.errors import ConfigError, did_you_mean
 
@@ -54,6 +55,47 @@ class CsvLayout(_Section):
     )
 
 
+class DicomConfig(_Section):
+    """How DICOM pixels become the image a network sees (the ``dicom`` layout, and prediction on DICOM files)."""
+
+    window: str = Field(
+        default="file",
+        description="VOI window: file (the file's own window centre/width, else min..max), minmax, manual "
+        "(window_center/window_width), or a preset: " + ", ".join(WINDOW_PRESETS),
+    )
+    window_center: float | None = Field(default=None, description="window: manual; in rescaled units (HU for CT)")
+    window_width: float | None = Field(default=None, gt=0.0, description="window: manual")
+    frame: int | None = Field(
+        default=None, ge=0,
+        description="multi-frame files: the frame to use (0-based); null refuses multi-frame files with the reason",
+    )
+    labels_file: str | None = Field(
+        default=None, description="CSV of labels, relative to data.root; null: labels from <root>/<class>/ folders"
+    )
+    labels_key: str = Field(
+        default="path", description="what labels_file keys each image by: path (relative to data.root) or a DICOM "
+        "attribute keyword (SOPInstanceUID, StudyInstanceUID, AccessionNumber, ...)",
+    )
+    labels_column: str = Field(default="label", description="the labels_file column holding the class name")
+    expected_modalities: tuple[str, ...] = Field(
+        default=(), description="modalities the data gate accepts (CT, MR, CR, DX...); empty: the most common one"
+    )
+    allowed_photometric: tuple[str, ...] = Field(
+        default=("MONOCHROME1", "MONOCHROME2"),
+        description="photometric interpretations the data gate accepts (add RGB, YBR_FULL... for colour data)",
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> DicomConfig:
+        known = ("file", "minmax", "manual", *WINDOW_PRESETS)
+        if self.window not in known:
+            raise ValueError(f"unknown window {self.window!r}{did_you_mean(self.window, known)} Known: "
+                             f"{', '.join(known)}")
+        if self.window == "manual" and (self.window_center is None or self.window_width is None):
+            raise ValueError("data.dicom.window is manual: set data.dicom.window_center and data.dicom.window_width")
+        return self
+
+
 class DataConfig(_Section):
     name: str = Field(default="demo", description="dataset name, used in tags and registered model descriptions")
     root: str = Field(default="data/demo", description="dataset directory (tracked by data.dvc)")
@@ -90,6 +132,7 @@ class DataConfig(_Section):
         default=89_478_485, gt=0, description="decompression-bomb limit per image, checked before decoding"
     )
     workers: int = Field(default=0, ge=0, description="processes that hash/decode images; 0 = one per core")
+    dicom: DicomConfig = Field(default_factory=DicomConfig, description="pixels and labels of DICOM files")
 
     @field_validator("layout")
     @classmethod
@@ -102,7 +145,12 @@ class DataConfig(_Section):
         missing = get_layout(self.layout).missing_settings(self)
         if missing:
             raise ValueError(f"data.layout is '{self.layout}' but " + "; ".join(missing))
-        if self.group_columns and not self.groups_file and self.layout != "csv":
+        if self.layout == "dicom" and not self.groups_file:
+            unknown = [c for c in self.group_columns if c not in DICOM_SUBGROUPS]
+            if unknown:
+                raise ValueError(f"data.group_columns {unknown}: the dicom layout's subgroups are DICOM attributes, "
+                                 f"one of {', '.join(DICOM_SUBGROUPS)} (or set data.groups_file)")
+        elif self.group_columns and not self.groups_file and self.layout != "csv":
             raise ValueError(
                 "data.group_columns needs data.groups_file: a CSV under data.root with a key column (data.groups_key, "
                 "default 'path') and the group columns"
@@ -416,6 +464,13 @@ QUALITY_CHECKS: dict[str, Severity] = {
     "min_images_per_class": "fail",
     "imbalance_warn": "warn",
     "imbalance_fail": "fail",
+    # manifest gate, DICOM data (cass.quality.dicom_suite)
+    "dicom_modality_expected": "fail",
+    "dicom_photometric_allowed": "fail",
+    "dicom_pixel_spacing_present": "warn",
+    "dicom_pixel_spacing_consistent": "warn",
+    "dicom_frame_size_consistent": "warn",
+    "dicom_no_burned_in_annotation": "warn",
     # split gate (before fine-tuning)
     "split_known": "fail",
     "hash_one_split": "fail",

@@ -86,8 +86,8 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
         if params.data.group_columns:
             from cass.subgroups import read_groups, subgroup_table, worst_group_gap
 
-            table = subgroup_table(y, probs, read_groups(params, test["path"].tolist()), info.multilabel, threshold,
-                                   params.evaluate.min_subgroup_size)
+            groups = read_groups(params, test["path"].tolist(), Path(info.root))
+            table = subgroup_table(y, probs, groups, info.multilabel, threshold, params.evaluate.min_subgroup_size)
             atomic_write_text(staged.subgroups, table.to_csv(index=False, float_format="%.6f"))
             metrics.update(worst_group_gap(table))
         pred = pd.DataFrame(probs, columns=[f"p_{c}" for c in info.classes])

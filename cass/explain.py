@@ -285,7 +285,7 @@ def explain_files(
     written = []
     for path in map(Path, paths):
         try:
-            image = to_rgb8(decode_image(read_bytes(path), str(path), DEFAULT_MAX_PIXELS))
+            image = to_rgb8(decode_image(read_bytes(path), str(path), DEFAULT_MAX_PIXELS, spec.dicom_settings()))
         except DataError as exc:
             raise DataError(f"{path}: cannot explain it: {exc}") from None
         x = transform(image)[None]

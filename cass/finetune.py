@@ -27,7 +27,7 @@ from torch import nn
 
 from cass import distributed
 from cass.calibration import calibrate_classifier
-from cass.config import Network, Params
+from cass.config import DicomConfig, Network, Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import DatasetInfo, label_lists, read_manifest
 from cass.data.splits import read_subset
@@ -60,6 +60,12 @@ class ClassifierSpec:
     # Fitted on the validation split after fine-tuning (cass.calibration); absent from older model.json files.
     temperature: float = 1.0
     thresholds: tuple[float, ...] | None = None  # multi-label: one decision threshold per class
+    # DICOM data: the pixel settings (data.dicom) it was trained with, so that prediction windows DICOM files alike.
+    dicom: dict[str, Any] | None = None
+
+    def dicom_settings(self) -> DicomConfig | None:
+        """The pixel settings to decode DICOM inputs with (None: the defaults, for models of non-DICOM data)."""
+        return DicomConfig(**self.dicom) if self.dicom is not None else None
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -227,6 +233,7 @@ class FinetuneLearner(Learner):
         self.spec = ClassifierSpec(
             network, params.model.cnn if network == "cnn" else params.model.vit, params.model.image_size,
             info.classes, info.multilabel, params.augment.mean, params.augment.std, params.evaluate.threshold,
+            dicom=params.data.dicom.model_dump(mode="json") if params.data.layout == "dicom" else None,
         )
         self.train_set, self.val_loader = self._datasets()
         self.best_loss, self.best_epoch, self.best_state, self.stale = math.inf, 0, None, 0

@@ -63,8 +63,9 @@ def load_folder(folder: Path) -> Classifier:
 class _Images(torch.utils.data.Dataset):
     """Image files or encoded bytes, decoded and preprocessed on access (in a DataLoader worker)."""
 
-    def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, max_pixels: int) -> None:
-        self.sources, self.transform, self.max_pixels = sources, transform, max_pixels
+    def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, max_pixels: int,
+                 dicom: Any = None) -> None:
+        self.sources, self.transform, self.max_pixels, self.dicom = sources, transform, max_pixels, dicom
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -74,7 +75,7 @@ class _Images(torch.utils.data.Dataset):
         where = f"input row {i}" if isinstance(source, bytes) else str(source)
         try:
             data = source if isinstance(source, bytes) else read_bytes(Path(source), where)
-            return i, self.transform(to_rgb8(decode_image(data, where, self.max_pixels))), None
+            return i, self.transform(to_rgb8(decode_image(data, where, self.max_pixels, self.dicom))), None
         except DataError as exc:
             return i, None, str(exc)
 
@@ -94,15 +95,16 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
     ``workers`` DataLoader processes read and decode while the network runs (0: in this process, which
     suits a small request better than starting processes). An error names the input by its path, or as
     "input row i" for bytes. ``spec`` is the classifier's
-    :class:`~cass.finetune.ClassifierSpec`: its temperature and multi-label flag give the probabilities.
+    :class:`~cass.finetune.ClassifierSpec`: its temperature and multi-label flag give the probabilities, and
+    its DICOM pixel settings window DICOM inputs as the training data was windowed.
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: give a number of images per forward pass >= 1")
     if workers < 0:
         raise DataError(f"workers {workers}: give a number of decoding processes >= 0")
     loader = torch.utils.data.DataLoader(
-        _Images(sources, transform, max_pixels), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
+        _Images(sources, transform, max_pixels, spec.dicom_settings()), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     model.eval()
     for indices, x, failed in loader:

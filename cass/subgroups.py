@@ -28,9 +28,14 @@ ALL = "(all)"
 MISSING = "(missing)"
 
 
-def groups_source(params: Params) -> tuple[Path, str]:
-    """The groups file and its key column, with the defaults of the settings applied."""
+def groups_source(params: Params, image_root: Path | None = None) -> tuple[Path, str]:
+    """The groups file and its key column, with the defaults of the settings applied. DICOM data's groups are
+    attributes of its headers, in the table preparation wrote beside the images (``image_root``, info.root)."""
     cfg = params.data
+    if cfg.layout == "dicom" and not cfg.groups_file:
+        from cass.data.dicom_folder import DICOM_TABLE
+
+        return Path(image_root or ".") / DICOM_TABLE, "path"
     if cfg.groups_file:
         return Path(cfg.root) / cfg.groups_file, cfg.groups_key or "path"
     if cfg.csv is None:  # DataConfig validation requires groups_file outside the csv layout
@@ -38,10 +43,10 @@ def groups_source(params: Params) -> tuple[Path, str]:
     return Path(cfg.root) / cfg.csv.file, cfg.groups_key or cfg.csv.image_column
 
 
-def read_groups(params: Params, paths: Sequence[str]) -> pd.DataFrame:
+def read_groups(params: Params, paths: Sequence[str], image_root: Path | None = None) -> pd.DataFrame:
     """The ``data.group_columns`` of each manifest path (rows in the order of ``paths``; unknown -> "(missing)")."""
     columns = list(params.data.group_columns)
-    file, key = groups_source(params)
+    file, key = groups_source(params, image_root)
     table = read_csv_file(file, "data.groups_file", "groups file")
     missing = [c for c in [key, *columns] if c not in table.columns]
     if missing:

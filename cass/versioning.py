@@ -44,7 +44,10 @@ DEFAULT_REMOTE = "store"
 AWS_S3_ENDPOINT = "https://s3.amazonaws.com"
 # Keys that describe one particular dataset; `track_dataset` drops them unless they are given again. (The
 # registered layouts' own settings, cass.data.layouts, are among them: see `_dataset_keys`.)
-DATASET_KEYS = ("csv", "medmnist_file", "group_column", "classes")
+# The previous dataset's subgroup columns and groups file describe its images, not the new one's.
+DATASET_KEYS = (
+    "csv", "medmnist_file", "group_column", "group_columns", "groups_file", "groups_key", "classes", "dicom",
+)
 
 
 def _dataset_keys() -> tuple[str, ...]:

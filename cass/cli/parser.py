@@ -128,6 +128,9 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
                  description="Write the synthetic tissue-patch dataset (4 classes) as an ImageFolder tree.")
     p.add_argument("--out", metavar="DIR", help="target folder (default: data.root)")
     p.add_argument("--force", action="store_true", help="regenerate even if it is already there")
+    p.add_argument("--dicom", action="store_true",
+                   help="write a synthetic CT set in DICOM instead (2 classes, data.demo_images_per_class each), for "
+                   "the dicom layout: give --out and add it with `cass data add DIR --layout dicom`")
     settings_options(p)
     settings_options(_command(
         dsub, "prepare", data.prepare, help="manifest, splits and label-fraction subsets",

@@ -60,6 +60,8 @@ def prepared_settings(params: Params, project_dir: Path | None = None) -> dict[s
         values[key] = _plain(getattr(getattr(params, section), name))
     values["data.root"] = os.path.normpath(params.data.root)
     values[SPLIT_RULE_KEY] = SPLIT_RULE  # splits made by another rule are not these
+    if params.data.layout == "dicom":  # the pixel settings decide the extracted images
+        values["data.dicom"] = _plain(params.data.dicom)
     values[DATA_VERSION] = data_version(params.data.root, project_dir)
     return values
 

@@ -13,31 +13,26 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cass.errors import DataError
+from cass.data.image_errors import (
+    CORRUPT,
+    EMPTY,
+    NOT_AN_IMAGE,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNREADABLE,
+    ImageError,
+)
+
+if TYPE_CHECKING:
+    from cass.config import DicomConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold
-
-# Kinds of unusable file, as reports group them (cass.data.problems).
-NOT_FOUND = "file not found"
-UNREADABLE = "unreadable file"
-EMPTY = "empty file"
-NOT_AN_IMAGE = "not an image"
-TOO_LARGE = "too many pixels (possible decompression bomb)"
-CORRUPT = "truncated or corrupt image"
-
-
-class ImageError(DataError):
-    """A file the loader cannot use. ``kind`` (one of the constants above) groups it with its like in a report."""
-
-    def __init__(self, where: str, problem: str, kind: str) -> None:
-        super().__init__(f"{where}: {problem}")
-        self.kind = kind
-
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -56,8 +51,13 @@ def _too_large(where: str, pixels: int, size: str, max_pixels: int) -> ImageErro
     )
 
 
-def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: DicomConfig | None = None
+) -> Image.Image:
     """Fully decode image bytes with the bomb check first; ``where`` names the source in errors.
+
+    A DICOM file goes to :func:`cass.data.dicom.decode_dicom` (rescaled, windowed by ``dicom``, 8-bit), so every
+    reader of images (preparation, training, the served model, ``cass predict``) shares its pixel pipeline.
 
     The pixel limit is ``max_pixels`` (``data.max_image_pixels``), not Pillow's global one: Pillow's warning
     threshold is silenced so that raising the setting works, and its hard error (at twice its threshold) is
@@ -65,6 +65,10 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """
     if not data:
         raise ImageError(where, "the file is empty (0 bytes); replace it or remove its row", EMPTY)
+    from cass.data.dicom import decode_dicom, is_dicom
+
+    if is_dicom(data):
+        return decode_dicom(data, where, max_pixels, dicom)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -94,6 +98,18 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(where, f"the image is truncated or corrupt ({exc}); replace the file", CORRUPT) from None
     return img
+
+
+def check_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse bytes that are no usable image under any pixel setting: a DICOM file's header is checked (pixel data,
+    decodable syntax, size), any other file fully decoded. For callers that check a file before they know the
+    settings it will be decoded with (``cass predict`` checks every file before loading the model)."""
+    from cass.data.dicom import check_dicom, is_dicom
+
+    if data and is_dicom(data):
+        check_dicom(data, where, max_pixels)
+    else:
+        decode_image(data, where, max_pixels)
 
 
 def read_bytes(path: Path, where: str | None = None) -> bytes:

@@ -159,3 +159,22 @@ class MedMnist(DatasetLayout):
         from cass.data.adapters import medmnist
 
         return medmnist(self._npz(data), work_dir, data.classes, problems)
+
+
+@register_layout
+class DicomFolder(DatasetLayout):
+    name = "dicom"
+    help = (
+        "DICOM files found recursively (*.dcm, or DICOM files without extension) in <root>/<class>/ folders, or "
+        "labelled by data.dicom.labels_file; patient IDs become pseudonymous groups (needs CASS_PSEUDONYM_KEY)"
+    )
+
+    def list_files(self, data: DataConfig, problems: Problems) -> AdapterResult:
+        from cass.data.dicom_folder import dicom_folder
+
+        return dicom_folder(data, None, problems)
+
+    def load(self, data: DataConfig, work_dir: Path, problems: Problems) -> AdapterResult:
+        from cass.data.dicom_folder import dicom_folder
+
+        return dicom_folder(data, work_dir, problems)

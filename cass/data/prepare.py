@@ -112,8 +112,8 @@ def prepare_data(params: Params, out_dir: Path, project_dir: Path | None = None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     problems = Problems()
     with output_set(out_dir) as staging:
-        # MedMNIST images are extracted once, next to the outputs, and reused.
-        result = load_layout(params, out_dir.parent / f"{out_dir.name}-medmnist", problems)
+        # MedMNIST arrays and DICOM files are extracted to images once, next to the outputs, and reused.
+        result = load_layout(params, out_dir.parent / f"{out_dir.name}-{params.data.layout}", problems)
         classes = check_labels(result.rows, result.classes, params.data.classes, problems)
         if unwritten_metrics(params.quality.expected_metrics, result.multilabel):
             problems.add(TASK_SETTING, metrics_fix(params.quality.expected_metrics, result.multilabel))

@@ -178,4 +178,8 @@ def validate_manifest(
     )
     checks = [next(found) if ok else None for ok in inside]
     tables = [images_table(params, df, info, checks), classes_table(params, df, info)]
+    if info.layout == "dicom":
+        from cass.quality.dicom_suite import dicom_table
+
+        tables.append(dicom_table(params, df, info))
     return run_gate("manifest", tables, Path(report_dir), params.quality, raise_on_failure=raise_on_failure)

@@ -15,6 +15,12 @@ def demo_data(args: argparse.Namespace) -> int:
     params = settings(args)
     out = Path(args.out or params.data.root)
     d = params.data
+    if args.dicom:
+        from cass.data.dicom_demo import generate_dicom_demo
+
+        generate_dicom_demo(out, d.demo_images_per_class, d.demo_image_size)
+        print(f"synthetic DICOM set at {out}")
+        return 0
     generate_demo(out, d.demo_images_per_class, d.demo_image_size, force=args.force, kind=d.demo_kind)
     print(f"demo dataset at {out}")
     return 0
