@@ -125,7 +125,7 @@ def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
     assert main(["predict", "--model", f"models:/{PREFIX}-cnn/1", str(query), "--output", str(work / "pred.csv"),
                  "--params", str(params_file), "-q"]) == 0
     predicted = pd.read_csv(work / "pred.csv")
-    columns = [c for c in predicted.columns if c not in ("path", "prediction")]
+    columns = list(spec["classes"])  # one probability column per class, beside the path and the model's identity
     np.testing.assert_allclose(predicted[columns].to_numpy()[0],
                                evaluated[[f"p_{c}" for c in columns]].to_numpy()[0], atol=1e-5)
 
