@@ -22,12 +22,10 @@ production is the project's decision, not the experiment's, so:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import yaml
 from cass.config import QUALITY_CHECKS, Params, QualityConfig, params_from_mapping
 from cass.errors import ConfigError
 from cass.layout import EvaluateOutputs
+from cass.logs import at_least_warning
 
 GATE_SETTINGS = ("expected_metrics", "min_macro_f1", "min_balanced_accuracy", "max_ece", "max_subgroup_gap")
 """The ``quality:`` keys the model gate reads, beside the severities of its checks."""
@@ -205,7 +204,8 @@ def default_gate(params: Params, report_dir: Path | None = None, source: str = R
             path = EvaluateOutputs(Path(tmp)).metrics
             path.write_text(json.dumps(dict(metrics)))
             report = report_dir or Path(tmp) / "report"
-            with _quiet("cass.quality.gate"):  # its log line names the local folder; the caller says where it went
+            # The gate's log line names the local folder; the caller says where the report went.
+            with at_least_warning("cass.quality.gate"):
                 result = validate_model(params, path, report, raise_on_failure=False)
         return GateVerdict(result.success, tuple(f.describe() for f in result.failures), report_dir,
                            gate_thresholds(params.quality), source, len(result.checks),
@@ -225,13 +225,3 @@ def under_policy(params: Params, verdict: GateVerdict, metrics: Mapping[str, Any
     ruled = default_gate(params.model_copy(update={"quality": policy.quality}), source=policy.source)(metrics)
     return replace(verdict, policy=ruled)
 
-
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        target.setLevel(level)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from cass.config import MlflowConfig
+from cass.logs import at_least_warning
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def system_metrics(cfg: MlflowConfig, run_id: str) -> Iterator[None]:
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        with _quiet("mlflow.system_metrics"):  # MLflow says "started/stopped monitoring" at INFO every run
+        with at_least_warning("mlflow.system_metrics"):  # MLflow says "started/stopped monitoring" at INFO every run
             monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s)
             monitor.start()
     except Exception as exc:  # the training matters more than its CPU curve
@@ -57,20 +58,10 @@ def _finish(monitor: object, interval_s: float) -> None:
         with contextlib.suppress(Exception):
             monitor.finish()
 
-    with _quiet("mlflow.system_metrics"):
+    with at_least_warning("mlflow.system_metrics"):
         thread = threading.Thread(target=finish, name="cass-system-metrics-finish", daemon=True)
         thread.start()
         thread.join(timeout=max(5.0, 3 * interval_s))
     if thread.is_alive():
         log.debug("the system metrics monitor did not stop in time; its last samples may be missing")
 
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
