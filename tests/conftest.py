@@ -30,6 +30,11 @@ disable_telemetry()  # every test and the processes it starts: no usage telemetr
 
 REQUIRE_SERVICES = os.environ.get("CASS_REQUIRE_SERVICES") == "1"
 
+# Tiny networks train fastest on one thread on 2 cores: with two, OpenMP threads spin against the servers, the
+# worker processes and each other (three training tests took 92 s on a busy machine, 5 s on one thread).
+# Set before torch is imported; subprocesses (cass commands, workers, torchrun) inherit it; a user's value stands.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def service_unavailable(reason: str) -> None:
     """Skip (laptop) or fail (CI) a test whose service is not there."""
@@ -66,7 +71,10 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}"
         self.artifacts = artifacts_destination or str(folder / "artifacts")
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **(env or {})}
+        # MLflow's job runner (GenAI jobs, trace roll-ups; nothing cass uses) starts four more Python processes per
+        # server that import mlflow and poll in the background, CPU a 2-core machine needs for training.
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
         self.log = folder / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -91,6 +99,11 @@ class MlflowServer:
             except OSError:
                 time.sleep(0.3)
         raise TimeoutError(f"mlflow server at {self.url} not healthy after {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def ensure_running(self) -> None:
+        """Start the server again where a test crashed it: a shared server outlives the test that killed it."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
 
     def kill(self) -> None:
         """A crash: the server and its workers (one process group, started by this test) die at once."""
@@ -192,6 +205,36 @@ def s3_bucket(s3_env: str) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (temporary database) for the session, shared by every test that runs a flow."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One `mlflow server` (SQLite store, artifacts in a folder) for the session: each start of a fresh one
+    creates its schema, seconds on a busy machine. Tests keep apart by experiment and model names. A fault test
+    may crash it; module fixtures call ``ensure_running()``, tests take ``mlflow_server``."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(shared_mlflow_server: MlflowServer) -> MlflowServer:
+    """The session's `mlflow server`, answering (started again if an earlier test left it crashed)."""
+    shared_mlflow_server.ensure_running()
+    return shared_mlflow_server
+
+
 PG_ADMIN_URL = os.environ.get("CASS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -227,6 +270,44 @@ def postgres_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server for one test."""
     with fresh_database() as url:
         yield url
+
+
+MLFLOW_S3_SECRET = "aws-secret-key-5b9c"
+"""The S3 secret key of ``mlflow_postgres_server``'s process: a test checks it never reaches a record."""
+
+
+def s3_client_for(endpoint: str, secret: str = MLFLOW_S3_SECRET):
+    """A boto3 S3 client of the moto endpoint (moto takes any credentials)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key=secret,
+                        config=Config(request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_postgres_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """`mlflow server` in its production shape, once per session (its schema migrations on a fresh database take
+    many seconds): backend store a database on the local PostgreSQL, artifacts proxied to a bucket on
+    moto_server. Tests keep apart by experiment and model names."""
+    from types import SimpleNamespace
+
+    with fresh_database("cass_mlflow") as url:
+        bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+        s3 = s3_client_for(s3_endpoint)
+        s3.create_bucket(Bucket=bucket)
+        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2.
+        store = url.replace("postgresql://", "postgresql+psycopg2://", 1)
+        env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": MLFLOW_S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+        srv = MlflowServer(tmp_path_factory.mktemp("mlflow-pg-server"), store, f"s3://{bucket}/", env)
+        try:
+            srv.start(240)
+            yield SimpleNamespace(url=srv.url, port=srv.port, bucket=bucket, s3=s3, s3_endpoint=s3_endpoint)
+        finally:
+            srv.stop()
 
 
 def noisy_classifier(rng, n: int, k: int, strength: float):

@@ -75,6 +75,7 @@ def test_unknown_model_lists_choices(tmp_path: Path, demo_root: Path, capsys: py
     assert "unknown timm model 'resnet5O'" in err and "resnet50" in err
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_through_the_console_script(tmp_path: Path, demo_root: Path) -> None:
     # Two-epoch tiny networks score low: the model gate (which fails the retraining flow) only warns here.
     params = _write_params(tmp_path, demo_root, finetune={"epochs": 2}, pretrain={"monitor_every": 1},

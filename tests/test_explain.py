@@ -53,6 +53,18 @@ def _quadrant_means(heat: np.ndarray) -> list[float]:
     return [float(heat[r : r + h, c : c + h].mean()) for r in (0, h) for c in (0, h)]
 
 
+@pytest.fixture
+def two_threads():
+    """The thresholds below were measured with torch on two threads (a 2-core machine's default); the suite runs
+    on one (conftest), which sums in another order, and the ViT of this seed then learns to look elsewhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # trains each network until it finds the square: 49 s and 87 s on a busy 2-core machine
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize(
     ("arch", "role", "steps", "share"),
     [

@@ -1,5 +1,5 @@
-"""A deployment of prefect.yaml run the way production runs it: `prefect server start` on a loopback port,
-`prefect deploy`, a process worker polling the pool, and an on-demand run of the tiny demo. The flow
+"""A deployment of prefect.yaml run the way production runs it: a Prefect API server on a loopback port (the
+session's), `prefect deploy`, a process worker polling the pool, and an on-demand run of the tiny demo. The flow
 run's log, read back from the Prefect API, must hold the library's lines (epochs, gate messages), as
 an in-process run's does, each once; the flow run is named after what sets it apart.
 """
@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import LENIENT_MODEL_GATE, free_port, tiny_mapping
+from conftest import LENIENT_MODEL_GATE, tiny_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -39,34 +38,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """`prefect server start` with its own database, and the environment of a process that talks to it."""
+def prefect_server(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The session's Prefect server (conftest: the API server `prefect server start` runs, on a loopback port,
+    with its own database), and the environment of a process that talks to it."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CASS_"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    log = home / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after 300 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield SimpleNamespace(api=api, env=env, home=home)
-    finally:
-        _stop(proc)
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=prefect_api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return SimpleNamespace(api=prefect_api, env=env, home=home)
 
 
 def _flow_run_logs(client, flow_run_id) -> list:

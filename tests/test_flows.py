@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,16 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "cass-flow"
 EXPERIMENT = "cass-flow"
 WORSE = ["finetune.lr=1e-8", "finetune.epochs=1"]  # a head that barely moves from its random start
-
-
-@pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """A real Prefect server (temporary database) for the session."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield PREFECT_API_URL.value()
 
 
 def _write_params(path: Path, data: Path, server: MlflowServer) -> Path:
@@ -103,17 +92,18 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def retraining(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One flow run on the tiny demo against a real MLflow server that crashes before registration."""
+def retraining(prefect_api: str, shared_mlflow_server: MlflowServer, demo_root: Path,
+               tmp_path_factory: pytest.TempPathFactory):
+    """One flow run on the tiny demo against a real MLflow server (the session's) that crashes before
+    registration."""
     import mlflow
 
     from cass.tracking import reset_client
     from flows.retrain import retrain
 
     root = tmp_path_factory.mktemp("flows")
-    (root / "mlflow").mkdir()
-    server = MlflowServer(root / "mlflow")
-    server.start()
+    server = shared_mlflow_server
+    server.ensure_running()
     params_file = _write_params(root / "params.yaml", demo_root, server)
     outputs = root / "outputs"
     done, seen = threading.Event(), {}
@@ -135,7 +125,6 @@ def retraining(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempP
                                   server=server, outage=seen, client=mlflow.MlflowClient(server.url), retrain=retrain)
         finally:
             reset_client()
-            server.stop()
 
 
 def _flow_run_id(state) -> str:
@@ -331,7 +320,8 @@ def test_a_network_that_fails_the_model_gate_stays_out_while_the_other_is_regist
 
 
 def test_tracking_server_killed_mid_flow_fails_it_with_no_password_in_its_prefect_logs(
-        prefect_api: str, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        prefect_api: str, mlflow_server: MlflowServer, demo_root: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
@@ -339,9 +329,7 @@ def test_tracking_server_killed_mid_flow_fails_it_with_no_password_in_its_prefec
     from flows.retrain import retrain
 
     password = "pw-flow-8c2b"
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow")
-    server.start()
+    server = mlflow_server  # crashed below; the next test that needs it starts it again
     mapping = tiny_mapping(demo_root)
     mapping["finetune"].update(epochs=6, patience=6)
     mapping["mlflow"] = {"tracking_uri": server.url.replace("http://", f"http://alice:{password}@"),
@@ -365,7 +353,6 @@ def test_tracking_server_killed_mid_flow_fails_it_with_no_password_in_its_prefec
         done.set()
         crash.join(timeout=60)
         reset_client()
-        server.stop()
     assert state.is_failed()
     with pytest.raises(TrackingError, match="stopped answering"):
         state.result()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,46 +16,19 @@ import yaml
 
 from cass.config import params_from_mapping
 from cass.layout import Layout
-from tests.conftest import LENIENT_MODEL_GATE, MlflowServer, fresh_database, tiny_mapping
+from tests.conftest import LENIENT_MODEL_GATE, MLFLOW_S3_SECRET, tiny_mapping
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "cass-srv"
 PARAM_SECRET = "pw-in-params-7f3a"
-AWS_SECRET = "aws-secret-key-5b9c"
+AWS_SECRET = MLFLOW_S3_SECRET  # the server's own S3 secret key
 
 
 @pytest.fixture(scope="module")
-def module_postgres_url() -> Iterator[str]:
-    """A fresh database for this module's server (the shared ``postgres_url`` fixture is per test)."""
-    with fresh_database("cass_mlflow") as url:
-        yield url
-
-
-def _s3(endpoint: str):
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key=AWS_SECRET,
-                        config=Config(request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required"))
-
-
-@pytest.fixture(scope="module")
-def server(module_postgres_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
-    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
-    _s3(s3_endpoint).create_bucket(Bucket=bucket)
-    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2.
-    store = module_postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
-    env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), store, f"s3://{bucket}/", env)
-    try:
-        srv.start(240)
-        yield SimpleNamespace(url=srv.url, bucket=bucket, s3=_s3(s3_endpoint), s3_endpoint=s3_endpoint)
-    finally:
-        srv.stop()
+def server(mlflow_postgres_server):
+    """The session's server in production shape (conftest): PostgreSQL store, artifacts proxied to S3."""
+    return mlflow_postgres_server
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,7 @@ def _identity(folder: Path) -> tuple:
             metrics["epochs_run"], metrics["best_epoch"], metrics["best_val_loss"])
 
 
+@pytest.mark.slow
 def test_a_kill_while_fine_tuning_publishes_leaves_one_whole_set(prepared_dir: Path, demo_root: Path,
                                                                   tmp_path: Path) -> None:
     outputs = _outputs(prepared_dir, tmp_path / "out")
@@ -126,6 +127,7 @@ def test_a_kill_while_fine_tuning_publishes_leaves_one_whole_set(prepared_dir: P
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left beside it
 
 
+@pytest.mark.slow
 def test_temporary_files_of_killed_checkpoint_writes_are_removed_at_the_next_start(
         prepared_dir: Path, demo_root: Path, tmp_path: Path) -> None:
     outputs = _outputs(prepared_dir, tmp_path / "out")
@@ -218,6 +220,7 @@ def _sizes(prepared_dir: Path, demo_root: Path, tmp_path: Path) -> tuple[int, in
     return checkpoint, out.weights.stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["checkpoint", "outputs"])
 def test_a_full_disk_is_named_and_leaves_the_previous_outputs(moment: str, small_disk: Path, prepared_dir: Path,
                                                               demo_root: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from cass.config import params_from_mapping
-from tests.conftest import MlflowServer, fresh_database, tiny_mapping
+from tests.conftest import tiny_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +34,9 @@ CLASSES = ("adipose", "lymphocytes", "stroma", "tumor")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    with fresh_database("cass_promo") as url:
-        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2.
-        store = url.replace("postgresql://", "postgresql+psycopg2://", 1)
-        srv = MlflowServer(tmp_path_factory.mktemp("promo-server"), store)
-        try:
-            srv.start(240)
-            yield SimpleNamespace(url=srv.url, port=srv.port)
-        finally:
-            srv.stop()
+def server(mlflow_postgres_server) -> SimpleNamespace:
+    """The session's `mlflow server` on PostgreSQL (conftest); this module's models are named promo*."""
+    return mlflow_postgres_server
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,9 @@ EXIT_BOUND_S = 180  # from the crash to the exit; before bounded tracking calls 
 
 
 @pytest.fixture
-def server(tmp_path: Path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
-    srv.folder.mkdir()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(mlflow_server: MlflowServer) -> MlflowServer:
+    """The session's `mlflow server` (conftest), answering; tests keep apart by experiment."""
+    return mlflow_server
 
 
 def _secret_uri(server: MlflowServer) -> str:

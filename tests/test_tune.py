@@ -216,6 +216,7 @@ class Hang:
         time.sleep(3600)
 
 
+@pytest.mark.slow  # two spawned worker processes import torch: 24 s on a lightly loaded 2-core machine
 def test_two_workers_share_a_postgres_study(
     tmp_path: Path, demo_root: Path, prepared_dir: Path, postgres_url: str
 ) -> None:

@@ -100,6 +100,7 @@ def _reported_running_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | N
 # A worker killed
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_worker_mid_trial_still_finishes_the_study_with_exit_0(
     tmp_path: Path, demo_root: Path, prepared_dir: Path, postgres_url: str
 ) -> None:
@@ -161,6 +162,7 @@ def _restore(database: str) -> None:
         cur.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
 
 
+@pytest.mark.slow
 def test_database_lost_mid_study_exits_11_with_one_message_and_fails_the_runs(
     tmp_path: Path, demo_root: Path, prepared_dir: Path, postgres_url: str
 ) -> None:
