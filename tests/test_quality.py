@@ -408,7 +408,9 @@ def test_every_check_declared_in_the_settings_is_run(ws: Workspace, tmp_path: Pa
     """A check missing from QUALITY_CHECKS could not be given a severity; one never run would be dead config."""
     results = (ws.manifest(), ws.splits(), _model_gate(tmp_path, tiny_params, _metrics()))
     run = [name for r in results for name in json.loads(r.result_file.read_text())["checks"]]
-    assert sorted(run) == sorted(QUALITY_CHECKS)
+    # The DICOM checks run on DICOM data only: tests/test_dicom.py's gate test sees each of them fire.
+    assert sorted(run) == sorted(c for c in QUALITY_CHECKS if not c.startswith("dicom_"))
+    assert len(QUALITY_CHECKS) - len(run) == 6
 
 
 def test_importing_cass_quality_does_not_import_great_expectations() -> None:

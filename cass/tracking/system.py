@@ -4,8 +4,9 @@ NVML finds one), sampled while the run trains and logged as ``system/*`` metrics
 MLflow's monitor samples every 10 s by default and logs only after a whole interval, so a fine-tuning of
 a few seconds (the demo's, a tuning trial) logged nothing: cass samples every
 ``mlflow.system_metrics_interval_s`` (2 s), which ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides as
-MLflow documents. The monitor is a thread that logs into the run by id, so it works in Prefect's task
-threads and in tuning workers alike. GPU metrics need ``nvidia-ml-py`` (installed with cass) and a GPU.
+MLflow documents, and logs the samples of the last, unfinished interval when the training ends. The monitor
+is a thread that logs into the run by id, so it works in Prefect's task threads and in tuning workers alike.
+GPU metrics need ``nvidia-ml-py`` (installed with cass) and a GPU.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def _finish(monitor: object, interval_s: float) -> None:
     def finish() -> None:
         with contextlib.suppress(Exception):
             monitor.finish()
+            # MLflow's loop drops the samples of an interval that the end of training cut short, so a run
+            # shorter than one interval logged nothing: publish what was collected since its last log.
+            leftover = monitor.aggregate_metrics()
+            if leftover:
+                monitor.publish_metrics(leftover)
+                monitor.mlflow_logger.flush()
 
     with at_least_warning("mlflow.system_metrics"):
         thread = threading.Thread(target=finish, name="cass-system-metrics-finish", daemon=True)
