@@ -196,7 +196,7 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
         facts.subgroups = _read_csv(folder / "subgroups.csv", ("column", "group"))
         facts.reliability = _read_csv(folder / "reliability.csv")
         facts.figures = {f: folder / f for f in FIGURES if (folder / f).is_file()}
-    _data_change(facts, evaluation, tmp)
+    _data_change(facts, client, evaluation, tmp)
     pre = _run(client, tags.get("pretraining_run_id"))
     if pre is not None:
         facts.pretraining = {"run_id": pre.info.run_id, "method": pre.data.params.get("pretrain.method", "cass"),
@@ -212,10 +212,19 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
     return facts
 
 
-def _data_change(facts: CardFacts, evaluation: str | None, tmp: Path) -> None:
-    """The data-change report the run logged to the evaluation run before registering, when it wrote one."""
+def _data_change(facts: CardFacts, client, evaluation: str | None, tmp: Path) -> None:
+    """The data-change report the run logged to the evaluation run before registering, when it wrote one (a
+    first version, or one trained on its champion's data, has none: that is no missing record to log)."""
+    from mlflow.exceptions import MlflowException
+
     from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_MD
 
+    try:
+        written = bool(evaluation) and bool(client.list_artifacts(evaluation, DATA_CHANGE_DIR))
+    except MlflowException:
+        written = True  # let the download below say what is wrong
+    if not written:
+        return
     folder = _download(evaluation, DATA_CHANGE_DIR, tmp / "data_change")
     if folder is None or not (folder / DATA_CHANGE_MD).is_file():
         return
