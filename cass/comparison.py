@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cass.errors import CassError, DataError
+from cass.errors import CassError
 from cass.layout import MANIFEST_FILE
 
 if TYPE_CHECKING:
@@ -62,18 +62,6 @@ class ComparisonError(CassError):
 
 def manifest_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def log_manifest(client, run_id: str, data_dir: Path) -> str:
-    """Log the prepared manifest of ``data_dir`` to ``run_id`` (the version's evaluation run) and tag the run
-    with its hash; returns the hash. MLflow's dataset inputs keep a digest and a schema, not the rows."""
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `cass data prepare` first")
-    digest = manifest_digest(path)
-    client.log_artifact(run_id, str(path), MANIFEST_DIR)
-    client.set_tag(run_id, MANIFEST_TAG, digest)
-    return digest
 
 
 def version_manifest(client, name: str, version: str) -> pd.DataFrame:

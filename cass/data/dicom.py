@@ -249,12 +249,6 @@ def decode_dicom(data: bytes, where: str, max_pixels: int, settings: DicomConfig
     return Image.fromarray(_greyscale(_bits_stored(arr, ds), ds, settings), mode="L")
 
 
-def check_dicom(data: bytes, where: str, max_pixels: int) -> None:
-    """Whether a file can become an image under some setting (the header checks, any frame allowed)."""
-    ds = read_dataset(data, where)
-    check_dataset(ds, where, max_pixels, 0)
-
-
 # --------------------------------------------------------------------------------------------------
 # The attributes records may hold
 

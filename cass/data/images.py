@@ -100,18 +100,6 @@ def decode_image(
     return img
 
 
-def check_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse bytes that are no usable image under any pixel setting: a DICOM file's header is checked (pixel data,
-    decodable syntax, size), any other file fully decoded. For callers that check a file before they know the
-    settings it will be decoded with (``cass predict`` checks every file before loading the model)."""
-    from cass.data.dicom import check_dicom, is_dicom
-
-    if data and is_dicom(data):
-        check_dicom(data, where, max_pixels)
-    else:
-        decode_image(data, where, max_pixels)
-
-
 def read_bytes(path: Path, where: str | None = None) -> bytes:
     where = where or str(path)
     try:
