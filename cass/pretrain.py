@@ -11,8 +11,9 @@ baseline's learner instead.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from cass.engine import Engine, EpochStats, Step, StepOutput
 from cass.layout import PretrainOutputs
 from cass.pretraining import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
-from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair
+from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair, choose_recipe
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class CassLearner(PretrainingLearner):
         ("loss", "cnn_embedding_std", "vit_embedding_std", "healthy_embedding_std", "images_per_second"),
     )
 
-    def __init__(self, params: Params, engine: Engine) -> None:
+    def __init__(self, params: Params, engine: Engine, why: str = "") -> None:
         super().__init__(params, engine)
+        self.why = why  # why this recipe (cass.variants.choose_recipe), in networks.json
         cfg = params.pretrain
         pair = build_pair(params)
         self.pair: CassPair
@@ -88,7 +90,8 @@ class CassLearner(PretrainingLearner):
         cfg = self.params.pretrain
         return {"variant": self.pair.variant, "views": self.pair.views, "augment_recipe": self.params.augment.recipe,
                 "anti_collapse": cfg.anti_collapse,
-                **({"anti_collapse_weight": cfg.anti_collapse_weight} if cfg.anti_collapse != "none" else {})}
+                **({"anti_collapse_weight": cfg.anti_collapse_weight} if cfg.anti_collapse != "none" else {}),
+                **({"variant_reason": self.why} if self.why else {})}
 
     def start_epoch(self, epoch: int) -> None:
         self.pair.train()
@@ -149,5 +152,8 @@ def pretrain(
     """Train both networks with the CASS objective; returns where the weights and metrics are.
 
     ``pretrain.method: dino`` runs the DINO baseline instead (same outputs; see cass.baselines.dino)."""
-    learner = DinoPretraining if params.pretrain.method == "dino" else CassLearner
+    learner: Callable[[Params, Engine], PretrainingLearner] = DinoPretraining
+    if params.pretrain.method == "cass":  # pretrain.variant: auto follows a study's recommendation for this data
+        params, why = choose_recipe(params, Path(data_dir))
+        learner = functools.partial(CassLearner, why=why)
     return run_pretraining(params, data_dir, out_dir, learner, resume=resume, callbacks=callbacks, progress=progress)

@@ -31,7 +31,7 @@ COMPLETED = "completed"
 PRETRAIN_FINGERPRINT_TAG = "pretrain_fingerprint"
 
 # Settings that say how or where to run, not what comes out of it.
-_RUN_ONLY_SECTIONS = ("mlflow.", "retrain.")
+_RUN_ONLY_SECTIONS = ("mlflow.", "retrain.", "study.")  # a study reads its settings, a run's result does not
 _RUN_ONLY_KEYS = (
     "data.root",  # the content counts (manifest hash), not where it lies
     "data.workers",

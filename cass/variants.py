@@ -34,6 +34,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -76,6 +77,33 @@ def resolve_variant(params: Params) -> str:
         return name
     m = params.model
     return "paper" if (m.pretrained or m.cnn_weights or m.vit_weights) else RANDOM_INIT_VARIANT
+
+
+def choose_recipe(params: Params, data_dir: Path) -> tuple[Params, str]:
+    """The settings a CASS pretraining on the prepared data in ``data_dir`` runs with, and why that recipe.
+
+    ``pretrain.variant: auto`` follows the recommendation a ``cass study`` recorded for this data version
+    (:mod:`cass.study.recommend`) when it names a CASS recipe: its variant, anti-collapse term and views.
+    Otherwise :func:`resolve_variant`'s rule stands."""
+    name = params.pretrain.variant
+    if name != "auto":
+        return params, f"pretrain.variant: {name} in the settings"
+    from cass.study.recommend import lookup
+
+    rec = lookup(params, data_dir)
+    if rec is not None and rec.variant is not None:
+        pre = {k.split(".", 1)[1]: v for k, v in rec.settings.items() if k.startswith("pretrain.")}
+        aug = {k.split(".", 1)[1]: v for k, v in rec.settings.items() if k.startswith("augment.")}
+        chosen = params.model_copy(update={"pretrain": params.pretrain.model_copy(update=pre),
+                                           "augment": params.augment.model_copy(update=aug)})
+        return chosen, (f"pretrain.variant: auto -> {rec.method}, recommended by `cass study` {rec.study} for this "
+                        f"data version ({rec.data_hash[:12]}): {rec.reason}")
+    variant = resolve_variant(params)
+    m = params.model
+    start = "pretrained weights" if (m.pretrained or m.cnn_weights or m.vit_weights) else "random weights"
+    why = ("no study recommendation is recorded for this data version" if rec is None else
+           f"`cass study` {rec.study} recommended {rec.method} for this data version, which is not a CASS recipe")
+    return params, f"pretrain.variant: auto -> {variant} by the rule for {start} ({why})"
 
 
 class MLP(nn.Sequential):
