@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from cass.cli.commands import data, demo, explain, quality, registry, train, versioning
+from cass.cli.commands import data, demo, explain, quality, registry, study, train, versioning
 from cass.config import NETWORKS
 from cass.data.layouts import layout_help, layout_names
 from cass.errors import GateFailed
@@ -30,6 +30,7 @@ EPILOG = """examples:
   cass registry                              # each model's champion, why and by whom, and its history
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
   cass explain --model models:/cass-demo-vit@champion img1.png   # heat maps of what it looks at
+  cass study --set study.seeds=[1,2,3]      # does pretraining pay on this data? report + recommendation
   cass validate manifest                     # data-quality gate before training (also: splits, model)
 """
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _validate_command(sub)
     _demo_command(sub)
+    _study_command(sub)
     _registry_commands(sub)
     p = _command(sub, "models", train.list_models, help="list timm model names usable as model.cnn / model.vit",
                  description="List the timm model names the factory accepts (the registered models and their "
@@ -312,6 +314,21 @@ def _demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="run the stages without Prefect, tracking or registry")
     p.add_argument("--no-promote", action="store_true",
                    help="register the models but leave the champion alone (implies --no-flow)")
+    settings_options(p)
+
+
+def _study_command(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub, "study", study.study, help="does pretraining pay on this data, and which recipe? (docs/study.md)",
+        description="A label-efficiency study of the configured dataset: each method of study.methods x label "
+        "fraction x seed x network through pretrain, finetune and evaluate (pretraining shared per method and "
+        "seed), one MLflow parent run with a child run per cell, the Prefect flow flows/study.py. Writes an "
+        "offline HTML report (mean ± sd, plot, paired differences, cost, the decision rule) and a settings "
+        "fragment that pretrain.variant: auto follows for this data version. A rerun resumes: only missing "
+        "cells train.",
+    )
+    p.add_argument("--no-flow", action="store_true", help="run the study in this process, without Prefect")
+    p.add_argument("--no-mlflow", action="store_true", help="no MLflow runs (the report and fragment are written)")
     settings_options(p)
 
 

@@ -1,0 +1,207 @@
+"""`cass study`: a small study end to end with a real MLflow store and a real Prefect server, killed part-way
+and resumed (only the missing cells train), its report opened offline; and the statistics, the decision rule
+and the recommendation that `pretrain.variant: auto` follows, on numbers made for them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_mapping
+
+from cass.config import params_from_mapping
+from cass.study import recommend, stats
+from cass.study.plan import RESULT_FILE
+from cass.variants import choose_recipe
+from tests.test_reports_offline import browser  # noqa: F401 - the offline Chromium fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["no pretraining", "CASS"]
+CELLS = 2 * 2 * 2 * 2  # methods x fractions x seeds x networks
+KILL_AFTER = 3
+
+
+def _mapping(tmp: Path, demo_root: Path) -> dict:
+    m = tiny_mapping(demo_root)
+    m["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "artifact_location": str(tmp / "mlruns"),
+                   "experiment": "cass-study-test", "open_runs_file": str(tmp / "open-runs.json")}
+    m["pretrain"].update(monitor_every=0)
+    m["finetune"].update(epochs=1)
+    m["evaluate"]["explain_per_class"] = 0
+    m["study"] = {"methods": METHODS, "fractions": [0.25, 1.0], "seeds": [1, 2],
+                  "recommendations": str(tmp / "recommendations")}
+    return m
+
+
+def _results(outputs: Path) -> list[Path]:
+    return sorted(outputs.glob(f"study/*/cells/**/{RESULT_FILE}"))
+
+
+@pytest.fixture(scope="module")
+def study(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`cass study` through the flow in a subprocess, killed after a few cells; then the flow again here."""
+    from flows.study import run_study_flow
+
+    tmp = tmp_path_factory.mktemp("study")
+    mapping = _mapping(tmp, demo_root)
+    params_file = tmp / "params.yaml"
+    params_file.write_text(yaml.safe_dump(mapping))
+    outputs = tmp / "outputs"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cass", "study", "--params", str(params_file), "--outputs",
+                             str(outputs), "-q"], cwd=tmp, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while len(_results(outputs)) < KILL_AFTER and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the study ended by itself ({proc.returncode}) before the kill\n{err}"
+    done_before = {p.parent.relative_to(p.parents[4]).as_posix() for p in _results(outputs)}
+    params = params_from_mapping(mapping)
+    started = time.perf_counter()
+    outcome = run_study_flow(params, str(params_file), [], str(outputs))
+    return {"outcome": outcome, "done_before": done_before, "params": params, "outputs": outputs,
+            "seconds": time.perf_counter() - started}
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_with_only_the_missing_cells(study: dict) -> None:
+    import mlflow
+
+    outcome, done_before = study["outcome"], study["done_before"]
+    assert KILL_AFTER <= len(done_before) < CELLS
+    assert set(outcome["skipped"]) == done_before
+    assert len(outcome["ran"]) == CELLS - len(done_before) and not set(outcome["ran"]) & done_before
+    assert len(_results(study["outputs"])) == CELLS
+
+    # One parent run; one FINISHED child run per cell, none left RUNNING by the kill; the report on the parent.
+    mlflow.set_tracking_uri(study["params"].mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(outcome["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["recommended"] == outcome["recommended"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["study_cell"] for r in finished) == sorted(outcome["ran"] + outcome["skipped"])
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    cell = finished[0]
+    assert {"study.method", "study.fraction", "study.seed", "study.network"} <= set(cell.data.params)
+    assert 0.0 <= cell.data.metrics["test_macro_f1"] <= 1.0
+    listed = [a.path for a in client.list_artifacts(parent.info.run_id, "study")]
+    assert any(path.endswith("study.html") for path in listed) or client.list_artifacts(parent.info.run_id,
+                                                                                          "study/report")
+
+    # The recommendation: a fragment, and the record `pretrain.variant: auto` follows for this data.
+    fragment = Path(outcome["fragment"]).read_text()
+    assert outcome["recommended"] in fragment and "finetune:" in fragment
+    data_dir = study["outputs"] / "data"
+    rec = recommend.lookup(study["params"], data_dir)
+    assert rec is not None and rec.method == outcome["recommended"] and rec.study == outcome["study"]
+    auto = params_from_mapping({**study["params"].model_dump(mode="json"),
+                                "pretrain": {**study["params"].pretrain.model_dump(mode="json"), "variant": "auto"}})
+    chosen, why = choose_recipe(auto, data_dir)
+    assert outcome["study"] in why
+    if rec.variant is None:  # no pretraining (or DINO) recommended: auto keeps the rule, and says why
+        assert chosen.pretrain.variant == "auto" and "not a CASS recipe" in why
+    else:
+        assert chosen.pretrain.variant == rec.variant
+
+
+@pytest.mark.slow
+def test_study_report_renders_offline(study: dict, browser) -> None:  # noqa: F811 - the imported fixture
+    page = browser.open(Path(study["outcome"]["report"]))
+    assert not page.remote_requests and not page.errors
+    assert page.count("table") >= 3
+    assert len(page.loaded_images()) == 1  # the plot, inline
+    text = page.page.inner_text("body")
+    assert f"Recommended: {study['outcome']['recommended']}" in text and "seed-to-seed spread" in text
+
+
+def _rows(method: str, network: str, values: dict[int, float], fraction: float = 0.1, test: int = 400) -> list[dict]:
+    return [{"method": method, "network": network, "label_fraction": fraction, "seed": s, "macro_f1": v,
+             "test_images": test} for s, v in values.items()]
+
+
+def test_the_rule_recommends_a_gain_larger_than_the_seed_spread_for_every_network() -> None:
+    base = {1: 0.50, 2: 0.60, 3: 0.40}
+    results = []
+    for net in ("cnn", "vit"):
+        results += _rows("no pretraining", net, base, test=400)
+        results += _rows("CASS simsiam", net, {s: v + 0.10 + 0.01 * s for s, v in base.items()})  # steady gain
+        results += _rows("CASS", net, {1: 0.70, 2: 0.45, 3: 0.38})  # mean gain +0.01, large spread
+    pairs = stats.paired(results, "no pretraining")
+    by = {(p.method, p.network): p for p in pairs}
+    assert by[("CASS simsiam", "cnn")].passes and not by[("CASS", "cnn")].passes
+    assert by[("CASS simsiam", "vit")].diffs == pytest.approx({1: 0.11, 2: 0.12, 3: 0.13})
+    decision = stats.decide(pairs, methods=["no pretraining", "CASS", "CASS simsiam"], networks=["cnn", "vit"],
+                            baseline="no pretraining", fraction=0.1, min_effect=0.02)
+    assert decision.recommended == "CASS simsiam" and "seed-to-seed spread" in decision.reason
+    # CASS's +0.01 is within what 400 test images resolve: the study says how many it would need.
+    assert any(line.startswith("CASS vs no pretraining, cnn") and "test images" in line for line in decision.too_small)
+    assert by[("CASS", "cnn")].images_needed(0.02) > 400
+
+    # The gain for one network only: no recommendation over the baseline.
+    one = [r for r in results if not (r["method"] == "CASS simsiam" and r["network"] == "vit")]
+    one += _rows("CASS simsiam", "vit", {1: 0.49, 2: 0.61, 3: 0.40})
+    decision = stats.decide(stats.paired(one, "no pretraining"), methods=["no pretraining", "CASS simsiam"],
+                            networks=["cnn", "vit"], baseline="no pretraining", fraction=0.1, min_effect=0.02)
+    assert decision.recommended == "no pretraining" and not decision.pretrains
+
+    # One seed: no spread to compare with, so nothing is recommended over the baseline.
+    single = [r for r in results if r["seed"] == 1]
+    decision = stats.decide(stats.paired(single, "no pretraining"), methods=["no pretraining", "CASS simsiam"],
+                            networks=["cnn", "vit"], baseline="no pretraining", fraction=0.1, min_effect=0.02)
+    assert decision.recommended == "no pretraining" and "two or more" in decision.reason
+
+
+def test_auto_follows_the_recommendation_recorded_for_this_data_only(tmp_path: Path, prepared_dir: Path,
+                                                                      demo_root: Path) -> None:
+    from cass.retraining import data_hash
+
+    mapping = tiny_mapping(demo_root)
+    mapping["pretrain"]["variant"] = "auto"
+    mapping["study"] = {"recommendations": str(tmp_path / "recs")}
+    params = params_from_mapping(mapping)
+    kept, why = choose_recipe(params, prepared_dir)
+    assert kept is params and "no study recommendation" in why and "-> paper" in why
+
+    rec = recommend.recommendation("CASS simsiam + vicreg", "it beat no pretraining", data_hash(prepared_dir),
+                                   "abc123", None)
+    fragment = recommend.write(params, rec, tmp_path / "report")
+    assert yaml.safe_load(fragment.read_text()) == {
+        "pretrain": {"method": "cass", "variant": "simsiam", "anti_collapse": "vicreg", "anti_collapse_weight": 1.0},
+        "finetune": {"init": "cass"}}
+    chosen, why = choose_recipe(params, prepared_dir)
+    assert (chosen.pretrain.variant, chosen.pretrain.anti_collapse) == ("simsiam", "vicreg")
+    assert "abc123" in why and "CASS simsiam + vicreg" in why
+    # Another data version has no recommendation; explicit variants are never changed.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.csv").write_text((prepared_dir / "manifest.csv").read_text() + "\n")
+    assert choose_recipe(params, other)[0].pretrain.variant == "auto"
+    explicit = params_from_mapping({**mapping, "pretrain": {**mapping["pretrain"], "variant": "byol"}})
+    assert choose_recipe(explicit, prepared_dir)[0].pretrain.variant == "byol"
+    json.loads(recommend.record_file(params, rec.data_hash).read_text())  # the record is JSON
+
+
+def test_unknown_method_or_fraction_fails_before_training(tmp_path: Path, prepared_dir: Path,
+                                                          demo_root: Path) -> None:
+    from cass.errors import ConfigError
+    from cass.study.plan import make_plan
+
+    mapping = tiny_mapping(demo_root)
+    mapping["study"] = {"methods": ["no pretraining", "CASS typo"]}
+    with pytest.raises(ConfigError, match="unknown method"):
+        make_plan(params_from_mapping(mapping), prepared_dir, tmp_path)
+    mapping["study"] = {"methods": ["no pretraining", "CASS"], "fractions": [0.1]}
+    with pytest.raises(ConfigError, match=r"study.fractions \[0.1\] are not in split.label_fractions"):
+        make_plan(params_from_mapping(mapping), prepared_dir, tmp_path)
+    assert not (tmp_path / "study").exists()
