@@ -200,7 +200,7 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
     pre = _run(client, tags.get("pretraining_run_id"))
     if pre is not None:
         facts.pretraining = {"run_id": pre.info.run_id, "method": pre.data.params.get("pretrain.method", "cass"),
-                             **pre.data.metrics}
+                             **pre.data.metrics, **recipe_of(_download(pre.info.run_id, "networks.json", tmp / "pre"))}
     ft = _run(client, tags.get("finetune_run_id"))
     if ft is not None:
         facts.finetuning = {"run_id": ft.info.run_id, **ft.data.metrics}
@@ -210,6 +210,21 @@ def gather(params: Params, candidate, name: str, version: str, client, tmp: Path
               "version": str(version), "network": candidate.network, "data_version": tags.get("data_version", "?")}
     facts.intended_use, facts.limitations = user_text(params, values)
     return facts
+
+
+def recipe_of(networks_json: Path | None) -> dict[str, str]:
+    """The pretraining recipe as networks.json records it (the variant, its anti-collapse term) and why that
+    recipe (``variant_reason``: the settings, or a ``cass study`` recommendation for ``pretrain.variant: auto``)."""
+    if networks_json is None or not networks_json.is_file():
+        return {}
+    spec = json.loads(networks_json.read_text())
+    if spec.get("method", "cass") != "cass" or "variant" not in spec:
+        return {}
+    anti = spec.get("anti_collapse", "none")
+    recipe = spec["variant"] + (f" + {anti}" if anti not in ("none", None) else "")
+    if spec.get("augment_recipe") not in (None, "paper"):
+        recipe += f", {spec['augment_recipe']} views"
+    return {"recipe": recipe, **({"recipe_reason": spec["variant_reason"]} if spec.get("variant_reason") else {})}
 
 
 def _data_change(facts: CardFacts, client, evaluation: str | None, tmp: Path) -> None:
@@ -343,6 +358,9 @@ def to_markdown(f: CardFacts) -> str:
         ("start", {"cass": "self-supervised pretraining", "random": "random initialisation",
                    "weights": "given weights (model.*_weights)"}.get(init, init)),
         ("pretraining method", method),
+        *((("pretraining recipe", f.pretraining["recipe"]),) if init == "cass" and "recipe" in f.pretraining else ()),
+        *((("why this recipe", f.pretraining["recipe_reason"]),)
+          if init == "cass" and "recipe_reason" in f.pretraining else ()),
         ("pretraining collapse indicator", _collapse(f.pretraining) if init == "cass" else "no pretraining"),
         ("fine-tuning epochs (best)", f"{_fmt(f.finetuning.get('epochs_run'), 0)} "
                                       f"({_fmt(f.finetuning.get('best_epoch'), 0)})"),

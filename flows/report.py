@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cass.quality import GateResult
@@ -55,6 +56,15 @@ class RunSummary:
     metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # network -> test metrics
     promotions: Mapping[str, Any] = field(default_factory=dict)  # network -> cass.registry.PromotionResult
     gate_failures: Mapping[str, str] = field(default_factory=dict)  # network -> the model gate's failed checks
+    recipe: Mapping[str, str] = field(default_factory=dict)  # the pretraining's recipe and why (pretraining_recipe)
+
+
+def pretraining_recipe(pretrain_dir: Path | None) -> dict[str, str]:
+    """The CASS recipe the pretraining in ``pretrain_dir`` ran, and why (its networks.json), or {}."""
+    from cass.layout import PretrainOutputs
+    from cass.model_card import recipe_of
+
+    return recipe_of(PretrainOutputs(Path(pretrain_dir)).networks) if pretrain_dir is not None else {}
 
 
 def _fmt(value: Any) -> str:
@@ -79,6 +89,9 @@ def summary_markdown(s: RunSummary) -> str:
         run_id, reused = s.pretraining
         how = f"reused (run {s.links.run(run_id)})" if reused else f"run {s.links.run(run_id)}"
         lines.append(f"Pretraining: {how}.")
+        if s.recipe:
+            lines.append(f"Pretraining recipe: {s.recipe['recipe']}"
+                         + (f" ({s.recipe['recipe_reason']})." if s.recipe.get("recipe_reason") else "."))
     if s.tuning:
         lines.append("Tuning: best settings in " + ", ".join(f"`{path}`" for path in s.tuning.values()) + ".")
     else:

@@ -49,7 +49,15 @@ from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, 
 from cass.redaction import install_log_redaction
 from cass.retraining import data_hash
 from flows.notify import notify_failed, notify_refused
-from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
+from flows.report import (
+    METRICS,
+    MlflowLinks,
+    RunSummary,
+    gate_table,
+    pretraining_recipe,
+    summary_markdown,
+    unchanged_markdown,
+)
 
 LIBRARY_LOGGER = "cass"
 FLOW_NAME = "cass-retrain"
@@ -277,6 +285,7 @@ def _completed(run: PipelineRun) -> dict[str, Any]:
         links=_links(run.params), pipeline_run_id=run.run_id, pretraining=pretraining, tuning=dict(run.best_params),
         stage_runs=stage_runs, metrics=run.metrics, promotions=dict(run.promotions),
         gate_failures={network: result.summary() for network, result in run.gate_failures.items()},
+        recipe=pretraining_recipe(run.pretrain_dir),
     )
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="Retraining summary")
     for network, change in run.data_changes.items():  # why it retrained: what changed since the champion's data

@@ -205,3 +205,26 @@ def test_unknown_method_or_fraction_fails_before_training(tmp_path: Path, prepar
     with pytest.raises(ConfigError, match=r"study.fractions \[0.1\] are not in split.label_fractions"):
         make_plan(params_from_mapping(mapping), prepared_dir, tmp_path)
     assert not (tmp_path / "study").exists()
+
+
+def test_summary_and_model_card_name_the_recipe_and_why(tmp_path: Path) -> None:
+    from cass.model_card import CardFacts, recipe_of, to_markdown
+    from flows.report import MlflowLinks, RunSummary, pretraining_recipe, summary_markdown
+
+    why = "pretrain.variant: auto -> CASS simsiam + vicreg, recommended by `cass study` abc123 for this data version"
+    (tmp_path / "networks.json").write_text(json.dumps({"method": "cass", "variant": "simsiam", "views": 2,
+                                                        "augment_recipe": "paper", "anti_collapse": "vicreg",
+                                                        "variant_reason": why}))
+    recipe = pretraining_recipe(tmp_path)
+    assert recipe == {"recipe": "simsiam + vicreg", "recipe_reason": why}
+    summary = RunSummary(dataset="demo", data_version="", data_hash="0" * 64, test_set="1" * 64, run_key="2" * 64,
+                         label_fraction=0.1, links=MlflowLinks("sqlite:///mlflow.db", "1"), pipeline_run_id="p",
+                         pretraining=("r", False), recipe=recipe)
+    assert f"Pretraining recipe: simsiam + vicreg ({why})." in summary_markdown(summary)
+    facts = CardFacts(name="cass-demo-cnn", version="1", network="cnn", tags={}, metrics={"macro_f1": 0.9},
+                      settings={"finetune.init": "cass"},
+                      pretraining={"method": "cass", **recipe_of(tmp_path / "networks.json")})
+    card = to_markdown(facts)
+    assert "| pretraining recipe | simsiam + vicreg |" in card and f"| why this recipe | {why} |" in card
+    (tmp_path / "networks.json").write_text(json.dumps({"method": "dino"}))
+    assert recipe_of(tmp_path / "networks.json") == {} and pretraining_recipe(None) == {}
