@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cass.config import Params, params_from_mapping
+from cass.study import methods as study_methods
 
 log = logging.getLogger("benchmarks")
 
@@ -211,29 +212,9 @@ def with_changes(raw: dict[str, Any], changes: dict[str, Any]) -> Params:
     return params_from_mapping(data, "benchmark settings")
 
 
-def _cass(variant: str, vicreg_weight: float | None = None) -> dict[str, Any]:
-    changes: dict[str, Any] = {"pretrain.method": "cass", "pretrain.variant": variant, "pretrain.anti_collapse": "none"}
-    if vicreg_weight is not None:
-        changes.update({"pretrain.anti_collapse": "vicreg", "pretrain.anti_collapse_weight": vicreg_weight})
-    return changes
-
-
-# Each method is a set of settings (the CASS variants are pretrain.variant values of the one CASS stage).
-METHODS: dict[str, dict[str, Any]] = {
-    "CASS": _cass("paper"),
-    "DINO": {"pretrain.method": "dino"},
-    "CASS + anti-collapse": _cass("paper", 1.0),
-    "no pretraining": {},
-    "CASS + vicreg 25": _cass("paper", 25.0),
-    "CASS projector": _cass("projector"),
-    "CASS projector + vicreg 25": _cass("projector", 25.0),
-    "CASS simsiam": _cass("simsiam"),
-    "CASS simsiam + vicreg": _cass("simsiam", 1.0),
-    "CASS byol": _cass("byol"),
-    "CASS byol + vicreg": _cass("byol", 1.0),
-    "CASS byol + strong views": {**_cass("byol"), "augment.recipe": "strong"},
-    "CASS simsiam + strong views": {**_cass("simsiam"), "augment.recipe": "strong"},
-}
+# Each method is a set of settings (cass.study.methods: the CASS variants are pretrain.variant values of the one
+# CASS stage); the F1 benchmarks run them through `cass study` (run_study_rows).
+METHODS = study_methods.METHODS
 DEFAULT_METHODS = ("CASS", "DINO", "CASS + anti-collapse", "no pretraining")
 DATASETS = ("tissue", "shapes")
 
@@ -254,54 +235,38 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     return {".".join(parts): value for parts, value in (parse_override(item) for item in items)}
 
 
-def run_method(
+def run_study_rows(
     raw: dict[str, Any],
-    data_dir: Path,
     work: Path,
-    method: str,
-    seed: int,
-    fractions: Iterable[float],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    fractions: Sequence[float],
     networks: Sequence[str] = ("cnn", "vit"),
     extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Pretrain with ``method`` (or not), fine-tune each network at each label fraction, evaluate on
-    the test split. Returns one row per (fraction, network) with the test macro F1."""
-    from cass.evaluate import evaluate
-    from cass.finetune import finetune
-    from cass.pretrain import pretrain
+    """``methods`` x ``seeds`` x ``fractions`` x ``networks`` on the generated dataset of ``raw`` through
+    ``cass study`` (cass.study.runner, untracked) under ``work``: each method pretrains once per seed, each
+    network is fine-tuned at each fraction and evaluated on the test split. ``extra`` changes the base settings
+    (a method's own settings win). Returns one row per cell with the test macro F1; a rerun with the same
+    ``work`` resumes (finished cells are kept)."""
+    from cass.data.demo import generate_demo
+    from cass.study.runner import run_study
 
-    changes = {"seed": seed, **METHODS[method], **(extra or {})}
-    pre_dir = None
-    pre_seconds = 0.0
-    if method != "no pretraining":
-        params = with_changes(raw, changes)
-        t0 = time.perf_counter()
-        pre_dir = pretrain(params, data_dir, work / "pretrain", resume=False, progress=False).out_dir
-        pre_seconds = time.perf_counter() - t0
-    rows = []
-    for fraction in fractions:
-        init = "random" if pre_dir is None else "cass"
-        params = with_changes(raw, {**changes, "finetune.label_fraction": fraction, "finetune.init": init})
-        for network in networks:
-            tuned = finetune(params, data_dir, network, work / f"ft-{fraction:g}-{network}", pre_dir, progress=False)
-            out = evaluate(params, data_dir, tuned.out_dir, work / f"ev-{fraction:g}-{network}")
-            metrics = json.loads(out.metrics.read_text())
-            rows.append(
-                {
-                    "dataset": params.data.demo_kind,
-                    "method": method,
-                    "seed": seed,
-                    "label_fraction": fraction,
-                    "network": network,
-                    "macro_f1": metrics["macro_f1"],
-                    "balanced_accuracy": metrics["balanced_accuracy"],
-                    "pretrain_seconds": pre_seconds,
-                    **{k: v for k, v in (extra or {}).items()},
-                }
-            )
-            log.info("%s seed %d fraction %g %s: test macro F1 %.3f", method, seed, fraction, network,
-                     metrics["macro_f1"])
-    return rows
+    baseline = study_methods.NO_PRETRAINING if study_methods.NO_PRETRAINING in methods else methods[0]
+    study = {"methods": list(methods), "seeds": list(seeds), "fractions": list(fractions),
+             "networks": list(networks), "baseline": baseline, "recommendations": str(work / "recommendations")}
+    params = with_changes(raw, {**(extra or {}), **{f"study.{k}": v for k, v in study.items()}})
+    d = params.data
+    generate_demo(Path(d.root), d.demo_images_per_class, d.demo_image_size, kind=d.demo_kind)
+
+    def progress(cell: Any, result: dict[str, Any]) -> None:
+        log.info("%s seed %d fraction %g %s: test macro F1 %.3f", cell.method, cell.seed, cell.fraction, cell.network,
+                 result["macro_f1"])
+
+    outcome = run_study(params, work, tracked=False, on_cell=progress)
+    return [{"dataset": d.demo_kind, **{k: r[k] for k in ("method", "seed", "label_fraction", "network", "macro_f1",
+                                                           "balanced_accuracy", "pretrain_seconds")},
+             **(extra or {})} for r in outcome.plan.results()]
 
 
 def prepare_demo(raw: dict[str, Any], work: Path) -> Path:

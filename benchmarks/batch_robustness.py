@@ -1,8 +1,9 @@
 """Robustness to small batches: test macro F1 of CASS- and DINO-pretrained networks, pretrained at batch 8
 and at batch 32, then fine-tuned at one label fraction (default 10 %).
 
-Same stages, datasets (``--datasets``), methods (any of label_efficiency.py's, e.g. ``CASS simsiam``) and
-settings as label_efficiency.py; only ``pretrain.batch_size`` changes (DINO's learning rate follows its
+Same stages (through ``cass study``, one study per batch size), datasets (``--datasets``), methods (any of
+label_efficiency.py's, e.g. ``CASS simsiam``) and settings as label_efficiency.py; only ``pretrain.batch_size``
+changes (DINO's learning rate follows its
 linear scaling rule, 5e-4 x batch / 256, as in the official recipe). Prints one JSON line, and the table of
 mean ± sd on stderr.
 
@@ -26,11 +27,11 @@ from _common import (
     markdown_table,
     parse_methods,
     parse_sets,
-    run_method,
+    run_study_rows,
     setup_logging,
     summarize,
 )
-from label_efficiency import add_experiment_arguments, datasets, prepared
+from label_efficiency import add_experiment_arguments, datasets, experiment_settings
 
 from cass.training import resolve_device
 
@@ -57,15 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cass-batch-") as tmp:
         work = args.work or Path(tmp)
         rows = []
-        for raw, data_dir in prepared(args, work, [args.fraction]):
-            kind = raw["data"]["demo_kind"]
-            for seed in seeds:
-                for method in methods:
-                    for batch in batches:
-                        rows += run_method(
-                            raw, data_dir, work / kind / f"{method}-{batch}-{seed}".replace(" ", "_"), method, seed,
-                            [args.fraction], networks, extra={**extra, "pretrain.batch_size": batch},
-                        )
+        for kind in datasets(args):
+            raw = experiment_settings(args, work / kind / "images", [args.fraction], kind)
+            for batch in batches:  # one study per batch size (its settings differ), on the same prepared data
+                rows += run_study_rows(raw, work / kind, methods, seeds, [args.fraction], networks,
+                                       extra={**extra, "pretrain.batch_size": batch})
     for r in rows:
         r["pretrain_batch_size"] = r.pop("pretrain.batch_size")
     table = pd.DataFrame(rows)

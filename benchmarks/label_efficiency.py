@@ -2,14 +2,17 @@
 pretraining, on one or more generated datasets.
 
 On each dataset (``--datasets``: the demo tissue set and/or the grayscale shapes set, cass.data.shapes), over
-several seeds (mean and sd), through the library's stages: ``prepare_data`` once per dataset, then per seed
-and method ``pretrain`` (CASS with its ``pretrain.variant`` and ``pretrain.anti_collapse`` settings, DINO;
-none for the supervised-only baseline, ``finetune.init: random``), then per label fraction and network
-``finetune`` and ``evaluate``. Methods are named settings (``--methods all`` lists every CASS variant);
-``--set section.key=value`` changes every run (e.g. ``--set augment.recipe=strong``). The seed changes
-initialisation, augmentation and batch order; the data split and the label-fraction subsets stay fixed
+several seeds (mean and sd), through ``cass study`` (cass.study: the same code path as on a user's dataset,
+here untracked): the generated set is prepared once, then per method and seed ``pretrain`` (CASS with its
+``pretrain.variant`` and ``pretrain.anti_collapse`` settings, DINO; none for the supervised-only baseline,
+``finetune.init: random``), then per label fraction and network ``finetune`` and ``evaluate``. Methods are
+named settings (cass.study.methods; ``--methods all`` lists every one); ``--set section.key=value`` changes the
+base settings of every run (a method's own settings win; e.g. ``--set augment.recipe=strong``). The seed
+changes initialisation, augmentation and batch order; the data split and the label-fraction subsets stay fixed
 (``split.seed``). Writes a PNG plot of F1 against label fraction, a CSV of every run and a markdown table
-of mean ± sd per dataset x method x network x label fraction (also on stderr); prints one JSON line.
+of mean ± sd per dataset x method x network x label fraction (also on stderr); prints one JSON line. Each
+dataset's study also leaves its HTML report under ``<work>/<dataset>/study/<key>/report/`` (``--work`` keeps
+it, and a rerun with the same ``--work`` resumes with only the missing cells).
 
 The defaults are sized for a 2-core CPU (timm's test networks, 32 px, short schedules). They show the
 pipeline working side by side, not the paper's numbers: those need ImageNet-initialised ResNet-50 and
@@ -42,8 +45,7 @@ from _common import (
     markdown_table,
     parse_methods,
     parse_sets,
-    prepare_demo,
-    run_method,
+    run_study_rows,
     setup_logging,
     summarize,
 )
@@ -103,15 +105,6 @@ def datasets(args: argparse.Namespace) -> list[str]:
     if unknown or not kinds:
         raise SystemExit(f"unknown dataset(s) {unknown or kinds}; known: {', '.join(DATASETS)}")
     return kinds
-
-
-def prepared(args: argparse.Namespace, work: Path, fractions: Sequence[float]) -> list[tuple[dict, Path]]:
-    """Each dataset of ``--datasets`` generated and prepared under ``work``: its settings and prepared folder."""
-    out = []
-    for kind in datasets(args):
-        raw = experiment_settings(args, work / kind / "images", fractions, kind)
-        out.append((raw, prepare_demo(raw, work / kind)))
-    return out
 
 
 def plot(summary: pd.DataFrame, networks: list[str], path: Path, title: str) -> None:
@@ -232,15 +225,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cass-labels-") as tmp:
         work = args.work or Path(tmp)
         rows = []
-        for raw, data_dir in prepared(args, work, fractions):
-            kind = raw["data"]["demo_kind"]
-            for seed in seeds:
-                for method in methods:
-                    rows += run_method(raw, data_dir, work / kind / f"{method}-{seed}".replace(" ", "_"), method,
-                                       seed, fractions, networks, extra)
-                    if args.csv:  # every finished run kept, should a long benchmark be stopped
-                        args.csv.parent.mkdir(parents=True, exist_ok=True)
-                        pd.DataFrame(rows).to_csv(args.csv, index=False)
+        for kind in datasets(args):
+            raw = experiment_settings(args, work / kind / "images", fractions, kind)
+            rows += run_study_rows(raw, work / kind, methods, seeds, fractions, networks, extra)
+            if args.csv:  # every finished dataset kept, should a long benchmark be stopped
+                args.csv.parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows).to_csv(args.csv, index=False)
     table = pd.DataFrame(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
