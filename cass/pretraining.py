@@ -42,6 +42,10 @@ def networks_spec(params: Params) -> dict:
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
     """What a pretraining checkpoint depends on; a checkpoint with another fingerprint is not resumed
     (and :mod:`cass.retraining` reuses a finished pretraining only under the same fingerprint)."""
+    if params.pretrain.method == "cass":  # pretrain.variant: auto as it resolves on this data (a study's choice)
+        from cass.variants import choose_recipe
+
+        params = choose_recipe(params, Path(data_dir))[0]
     keep = params.pretrain.model_dump(exclude={"num_workers", "device", "compile", "sync_batchnorm"})
     return fingerprint({
         "seed": params.seed,

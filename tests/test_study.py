@@ -182,6 +182,12 @@ def test_auto_follows_the_recommendation_recorded_for_this_data_only(tmp_path: P
     chosen, why = choose_recipe(params, prepared_dir)
     assert (chosen.pretrain.variant, chosen.pretrain.anti_collapse) == ("simsiam", "vicreg")
     assert "abc123" in why and "CASS simsiam + vicreg" in why
+    # A pretraining is resumed and reused under the recipe auto resolves to, not under "auto".
+    from cass.pretraining import pretrain_fingerprint
+
+    assert pretrain_fingerprint(params, prepared_dir) == pretrain_fingerprint(chosen, prepared_dir)
+    paper = params_from_mapping({**mapping, "pretrain": {**mapping["pretrain"], "variant": "paper"}})
+    assert pretrain_fingerprint(params, prepared_dir) != pretrain_fingerprint(paper, prepared_dir)
     # Another data version has no recommendation; explicit variants are never changed.
     other = tmp_path / "other"
     other.mkdir()

@@ -8,6 +8,7 @@ exactly the data it was measured on; new data has none until a study runs on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,11 +83,11 @@ def write(params: Params, rec: Recommendation, report_dir: Path) -> Path:
 
 def lookup(params: Params, data_dir: Path) -> Recommendation | None:
     """The recommendation recorded for the prepared data in ``data_dir``, if a study left one."""
-    from cass.retraining import data_hash
-
-    if not (Path(data_dir) / MANIFEST_FILE).is_file():
+    manifest = Path(data_dir) / MANIFEST_FILE
+    if not manifest.is_file():
         return None
-    path = record_file(params, data_hash(data_dir))
+    # cass.retraining.data_hash's value, computed here: cass.retraining imports the pretraining, which asks this
+    path = record_file(params, hashlib.sha256(manifest.read_bytes()).hexdigest())
     if not path.is_file():
         return None
     return Recommendation(**json.loads(path.read_text()))
