@@ -99,6 +99,11 @@ def test_a_killed_study_resumes_with_only_the_missing_cells(study: dict) -> None
     assert any(path.endswith("study.html") for path in listed) or client.list_artifacts(parent.info.run_id,
                                                                                           "study/report")
 
+    # The report is one page that needs nothing from outside (the offline browser test below opens it).
+    page = Path(outcome["report"]).read_text()
+    assert 'src="data:image/png;base64,' in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page
+
     # The recommendation: a fragment, and the record `pretrain.variant: auto` follows for this data.
     fragment = Path(outcome["fragment"]).read_text()
     assert outcome["recommended"] in fragment and "finetune:" in fragment
