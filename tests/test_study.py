@@ -47,7 +47,7 @@ def _results(outputs: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def study(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`cass study` through the flow in a subprocess, killed after a few cells; then the flow again here."""
-    from flows.study import run_study_flow
+    from flows.study import run_study_flow, study_group
 
     tmp = tmp_path_factory.mktemp("study")
     mapping = _mapping(tmp, demo_root)
@@ -64,12 +64,23 @@ def study(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFa
     os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"the study ended by itself ({proc.returncode}) before the kill\n{err}"
+    # One method and seed of the rest as a worker of the pool runs it (flows/study.py:study_group).
+    killed_with = {p.parent.relative_to(p.parents[4]).as_posix() for p in _results(outputs)}
+    last = next(c for c in reversed(make_plan_of(mapping, outputs).cells) if c.key not in killed_with)
+    group = study_group(str(params_file), [], str(outputs), last.method, last.seed)
     done_before = {p.parent.relative_to(p.parents[4]).as_posix() for p in _results(outputs)}
     params = params_from_mapping(mapping)
     started = time.perf_counter()
     outcome = run_study_flow(params, str(params_file), [], str(outputs))
     return {"outcome": outcome, "done_before": done_before, "params": params, "outputs": outputs,
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "killed_with": killed_with, "group": group}
+
+
+def make_plan_of(mapping: dict, outputs: Path):
+    from cass.layout import Layout
+    from cass.study.plan import make_plan
+
+    return make_plan(params_from_mapping(mapping), Layout(outputs).data, outputs)
 
 
 @pytest.mark.slow
@@ -77,7 +88,8 @@ def test_a_killed_study_resumes_with_only_the_missing_cells(study: dict) -> None
     import mlflow
 
     outcome, done_before = study["outcome"], study["done_before"]
-    assert KILL_AFTER <= len(done_before) < CELLS
+    assert KILL_AFTER <= len(study["killed_with"]) < len(done_before) < CELLS
+    assert set(study["group"]["ran"]) == done_before - study["killed_with"]  # the group's missing cells, only
     assert set(outcome["skipped"]) == done_before
     assert len(outcome["ran"]) == CELLS - len(done_before) and not set(outcome["ran"]) & done_before
     assert len(_results(study["outputs"])) == CELLS

@@ -58,6 +58,20 @@ class StudyTracker:
         plan.record(parent_run_id=run.run_id)
         return cls(plan, run.run_id, experiment_id)
 
+    @classmethod
+    def attach(cls, plan: StudyPlan) -> StudyTracker:
+        """The parent run the study's flow opened (study.json), for a flow run of some of its cells elsewhere."""
+        import mlflow
+
+        parent = plan.recorded("parent_run_id")
+        if not parent:
+            raise RuntimeError(f"study {plan.key}: {plan.study_file} names no MLflow parent run; start the study "
+                               "with `cass study` (or the study flow), which opens it")
+        configure(plan.params.mlflow)
+        with reaching(plan.params.mlflow, f"reading run {parent}"):
+            run = mlflow.MlflowClient().get_run(parent)
+        return cls(plan, parent, run.info.experiment_id)
+
     def _children(self) -> list[Any]:
         import mlflow
 
