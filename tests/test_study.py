@@ -1,6 +1,7 @@
 """`cass study`: a small study end to end with a real MLflow store and a real Prefect server, killed part-way
-and resumed (only the missing cells train), its report opened offline; and the statistics, the decision rule
-and the recommendation that `pretrain.variant: auto` follows, on numbers made for them."""
+and resumed (only the missing cells train), its report opened offline; a study spread over a process worker of
+the pool (one flow run per method and seed); and the statistics, the decision rule and the recommendation that
+`pretrain.variant: auto` follows, on numbers made for them."""
 
 from __future__ import annotations
 
@@ -140,6 +141,52 @@ def test_study_report_renders_offline(study: dict, browser) -> None:  # noqa: F8
     assert len(page.loaded_images()) == 1  # the plot, inline
     text = page.page.inner_text("body")
     assert f"Recommended: {study['outcome']['recommended']}" in text and "seed-to-seed spread" in text
+
+
+@pytest.mark.slow
+def test_a_study_spreads_over_the_pools_workers(prefect_api: str, demo_root: Path, tmp_path: Path) -> None:
+    """The study flow with group_deployment: a process worker of the pool runs one flow run per (method, seed)."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from flows.study import study_flow
+
+    mapping = _mapping(tmp_path, demo_root)
+    mapping["study"].update(fractions=[1.0], networks=["cnn"])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(mapping))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CASS_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_api, CASS_PROJECT_DIR=str(ROOT),
+               PYTHONPATH=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="cass-process", type="process"), overwrite=True)
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--name", "study-group"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "cass-process", "--name", "study-worker"],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        outcome = study_flow(str(params_file), [], str(tmp_path / "outputs"), True, "cass-study-group/study-group",
+                             timeout_s=900)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    assert len(outcome["ran"]) == 4 and not outcome["skipped"]  # 2 methods x 2 seeds x 1 fraction x 1 network
+    with get_client(sync_client=True) as client:
+        group = DeploymentFilter(name=DeploymentFilterName(any_=["study-group"]))
+        runs = client.read_flow_runs(deployment_filter=group)
+    ours = [r for r in runs if outcome["study"] in r.name]
+    assert len(ours) == 4 and all(r.state.is_completed() for r in ours), [(r.name, r.state.name) for r in ours]
+    mlflow.set_tracking_uri(mapping["mlflow"]["tracking_uri"])
+    client = mlflow.MlflowClient()
+    parent = client.get_run(outcome["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["study_cell"] for r in children if r.info.status == "FINISHED") == sorted(outcome["ran"])
 
 
 def _rows(method: str, network: str, values: dict[int, float], fraction: float = 0.1, test: int = 400) -> list[dict]:
