@@ -108,9 +108,8 @@ def test_a_killed_study_resumes_with_only_the_missing_cells(study: dict) -> None
     cell = finished[0]
     assert {"study.method", "study.fraction", "study.seed", "study.network"} <= set(cell.data.params)
     assert 0.0 <= cell.data.metrics["test_macro_f1"] <= 1.0
-    listed = [a.path for a in client.list_artifacts(parent.info.run_id, "study")]
-    assert any(path.endswith("study.html") for path in listed) or client.list_artifacts(parent.info.run_id,
-                                                                                          "study/report")
+    listed = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/study.html", "study/macro_f1.png", "study/recommendation.yaml", "study/results.csv"} <= listed
 
     # The report is one page that needs nothing from outside (the offline browser test below opens it).
     page = Path(outcome["report"]).read_text()

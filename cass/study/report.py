@@ -96,8 +96,8 @@ def to_markdown(f: StudyFindings) -> str:
            + ".", "",
            "## The answer", "",
            f"**Recommended: {d.recommended}** ({verdict}). {d.reason[0].upper() + d.reason[1:]}.", "",
-           f"The rule: at {d.fraction:g} labels, a method beats *{d.baseline}* for a network when the mean of its "
-           "per-seed differences (same seed, so the same initialisation draw and batch order) is larger than their "
+           f"The rule: at {d.fraction * 100:g} % labels, a method beats *{d.baseline}* for a network when the mean of "
+           "its per-seed differences (same seed, so the same initialisation draw and batch order) is larger than their "
            "standard deviation, the seed-to-seed spread. It is recommended when it beats the baseline for every "
            "network; of several, the largest mean gain wins. Otherwise the baseline is recommended.", ""]
     if d.too_small:

@@ -161,6 +161,7 @@ def costs(pretrainings: Iterable[Mapping[str, Any]]) -> list[Cost]:
 def decide(pairs: Sequence[Paired], *, methods: Sequence[str], networks: Sequence[str], baseline: str,
            fraction: float, min_effect: float, cost: Mapping[str, Cost] | None = None) -> Decision:
     """The stated rule at ``fraction`` (module docstring): which method to use, and why, in one sentence."""
+    where = f"at {fraction * 100:g} % labels"
     at = {(p.method, p.network): p for p in pairs if p.fraction == fraction}
     checks: dict[str, dict[str, Paired]] = {}
     for method in methods:
@@ -172,7 +173,7 @@ def decide(pairs: Sequence[Paired], *, methods: Sequence[str], networks: Sequenc
         for network, p in by_net.items():
             if not p.passes and not p.separable:
                 too_small.append(
-                    f"{method} vs {baseline}, {network} at {fraction:g} labels: a gain of {p.mean:+.3f} is within "
+                    f"{method} vs {baseline}, {network} {where}: a gain of {p.mean:+.3f} is within "
                     f"the test split's resolution (±{p.test_resolution():.3f} with {p.test_images} test images); "
                     f"telling a gain of {max(abs(p.mean), min_effect):.3f} apart needs about "
                     f"{p.images_needed(min_effect):,} test images")
@@ -189,7 +190,7 @@ def decide(pairs: Sequence[Paired], *, methods: Sequence[str], networks: Sequenc
         if best is not None and checks[best]:
             worst = min(checks[best].values(), key=lambda p: p.mean - p.sd)
             closest = (f"; the closest, {best}, gains {worst.mean:+.3f} ± {worst.sd:.3f} for the {worst.network}")
-        return Decision(baseline, f"no method's mean gain over {baseline} at {fraction:g} labels exceeds the "
+        return Decision(baseline, f"no method's mean gain over {baseline} {where} exceeds the "
                         f"seed-to-seed spread for every network{closest}", fraction, baseline, checks, too_small)
 
     def gain(m: str) -> float:
@@ -198,6 +199,6 @@ def decide(pairs: Sequence[Paired], *, methods: Sequence[str], networks: Sequenc
     chosen = max(passing, key=lambda m: (round(gain(m), 6), -(cost[m].seconds if cost and m in cost else 0.0)))
     parts = ", ".join(f"{n} {p.mean:+.3f} ± {p.sd:.3f}" for n, p in passing[chosen].items())
     others = f" (of {len(passing)} methods that pass, the largest mean gain)" if len(passing) > 1 else ""
-    return Decision(chosen, f"{chosen} beats {baseline} at {fraction:g} labels by more than the seed-to-seed "
+    return Decision(chosen, f"{chosen} beats {baseline} {where} by more than the seed-to-seed "
                     f"spread for every network ({parts}, paired by seed){others}", fraction, baseline, checks,
                     too_small)
