@@ -266,9 +266,9 @@ def run_method(
 ) -> list[dict[str, Any]]:
     """Pretrain with ``method`` (or not), fine-tune each network at each label fraction, evaluate on
     the test split. Returns one row per (fraction, network) with the test macro F1."""
+    from cass.cass_pretraining import pretrain
     from cass.evaluate import evaluate
     from cass.finetune import finetune
-    from cass.pretrain import pretrain
 
     changes = {"seed": seed, **METHODS[method], **(extra or {})}
     pre_dir = None
@@ -363,8 +363,8 @@ def step_params(cnn: str, vit: str, image_size: int, batch_size: int, *, embed_d
 def cass_step_fn(params: Params) -> Callable[[], None]:
     """One CASS optimiser step (both networks, one view) through the learner the pretrain stage trains:
     ``CassLearner.step`` (forward under the engine's autocast, loss, backward) and its optimiser step."""
+    from cass.cass_pretraining import CassLearner
     from cass.engine import Engine, Step
-    from cass.pretrain import CassLearner
 
     m, cfg = params.model, params.pretrain
     engine = Engine(cfg, seed=0, key="pretrain")

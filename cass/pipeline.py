@@ -205,7 +205,7 @@ def _pretrain(run: PipelineRun, _: None) -> StageRun | None:
     if run.tracked:
         return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress,
                                          reuse=run.reuse_pretraining)
-    from cass.pretrain import pretrain
+    from cass.cass_pretraining import pretrain
 
     pretrain(run.params, run.layout.data, run.layout.pretrain, progress=run.progress)
     return None

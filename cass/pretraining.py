@@ -1,7 +1,7 @@
 """What every self-supervised pretraining method shares: the pool, the fingerprint, the collapse
 indicator's verdict, the outputs, and the run of a pretraining learner by the engine.
 
-CASS (:mod:`cass.pretrain`) and the DINO baseline (:mod:`cass.baselines.dino`) both import this module
+CASS (:mod:`cass.cass_pretraining`) and the DINO baseline (:mod:`cass.baselines.dino`) both import this module
 and nothing of each other, so both leave the same files: each network's weights, ``networks.json``,
 ``history.csv`` and ``metrics.json`` (``cass finetune`` loads either).
 """

@@ -79,7 +79,8 @@ def pretraining_filter(fingerprint: str) -> str:
 
 
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
-    """What the pretraining checkpoint depends on (the fingerprint :func:`cass.pretrain.pretrain` resumes by)."""
+    """What the pretraining checkpoint depends on (the fingerprint :func:`cass.cass_pretraining.pretrain`
+    resumes by)."""
     from cass.pretraining import pretrain_fingerprint as fingerprint
 
     return fingerprint(params, Path(data_dir))

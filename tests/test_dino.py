@@ -24,6 +24,7 @@ from cass.baselines.dino import (
     ema_update,
     local_crop_size,
 )
+from cass.cass_pretraining import pretrain
 from cass.cli import main
 from cass.config import AugmentConfig, DinoConfig, Params, params_from_mapping
 from cass.data.dataset import ImageDataset, make_loader
@@ -32,7 +33,6 @@ from cass.data.transforms import MultiCropTransform
 from cass.errors import ConfigError
 from cass.finetune import finetune
 from cass.losses import AntiCollapseCASSLoss, CASSLoss, DINOLoss, VarianceCovarianceLoss
-from cass.pretrain import pretrain
 from cass.training import Precision
 from tests.conftest import tiny_mapping
 

@@ -99,7 +99,7 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
     :mod:`cass.retraining`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
     (``--force``) trains from scratch, neither reusing nor resuming what is on disk.
     """
-    from cass.pretrain import pretrain
+    from cass.cass_pretraining import pretrain
 
     configure(params.mlflow)
     earlier = reusable_pretraining(params, layout) if reuse else None
