@@ -23,7 +23,7 @@ from cass.config import Network, Params
 from cass.data.transforms import pretrain_transform
 from cass.engine import Engine, EpochStats, Step, StepOutput
 from cass.layout import PretrainOutputs
-from cass.pretraining import PretrainingLearner, run_pretraining
+from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
 from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair
 

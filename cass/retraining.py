@@ -5,7 +5,7 @@ every image's sha256, label and split) and every setting that changes a result; 
 as the tag ``run_key`` on its MLflow parent run, and ``outcome=completed`` once the models are registered
 and the promotion decided. A scheduled run whose key matches such a finished run trains nothing.
 
-Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretraining`):
+Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretraining_common`):
 when the checkpoint on disk has finished with the current fingerprint and an MLflow run recorded that
 fingerprint, a run with, say, another fine-tuning learning rate reuses it instead of training again.
 
@@ -81,7 +81,7 @@ def pretraining_filter(fingerprint: str) -> str:
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
     """What the pretraining checkpoint depends on (the fingerprint :func:`cass.cass_pretraining.pretrain`
     resumes by)."""
-    from cass.pretraining import pretrain_fingerprint as fingerprint
+    from cass.pretraining_common import pretrain_fingerprint as fingerprint
 
     return fingerprint(params, Path(data_dir))
 

@@ -37,7 +37,7 @@ from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
 from cass.layout import PretrainOutputs
 from cass.losses import DINOLoss
 from cass.models import create_network
-from cass.pretraining import PretrainingLearner, run_pretraining
+from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, Precision, autocast, cosine_schedule
 
 log = logging.getLogger(__name__)
