@@ -22,7 +22,7 @@ from cass.baselines.dino import DinoPretraining
 from cass.config import Network, Params
 from cass.data.transforms import pretrain_transform
 from cass.engine import Engine, EpochStats, Step, StepOutput
-from cass.layout import PretrainOutputs
+from cass.outputs import PretrainOutputs
 from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
 from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair

@@ -31,9 +31,9 @@ from cass.engine import file_digest
 from cass.errors import DataError
 from cass.finetune import ClassifierSpec, load_classifier
 from cass.io import atomic_path, atomic_write_text, output_set
-from cass.layout import EvaluateOutputs, FinetuneOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
+from cass.outputs import EvaluateOutputs, FinetuneOutputs
 from cass.training import resolve_device, resolve_num_workers
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from cass.data.transforms import cass_transform, eval_transform
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, Step, StepOutput, file_digest, fingerprint
 from cass.errors import DataError, TrainingError
 from cass.io import atomic_write_text, output_set
-from cass.layout import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
 from cass.metrics import classification_metrics
 from cass.models import create_network, head_parameters, reset_head
+from cass.outputs import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.training import EpochCallback, load_weights_file, make_optimizer, resolve_num_workers, save_weights
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from cass.data.manifest import DatasetInfo, read_manifest
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, file_digest, fingerprint
 from cass.errors import DataError
 from cass.io import atomic_write_text, output_set
-from cass.layout import MANIFEST_FILE, PretrainOutputs
 from cass.lineage import git_commit
 from cass.monitor import KnnMonitor
+from cass.outputs import MANIFEST_FILE, PretrainOutputs
 from cass.training import EpochCallback, save_weights
 
 log = logging.getLogger(__name__)

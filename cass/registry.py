@@ -41,7 +41,7 @@ from typing import Any
 from cass import model_card
 from cass.config import MlflowConfig, Params
 from cass.errors import CassError, ConfigError, GateFailed
-from cass.layout import METRICS_FILE
+from cass.outputs import METRICS_FILE
 from cass.quality.policy import GatePolicy, GateVerdict, ModelGate, default_gate, under_policy
 
 log = logging.getLogger(__name__)

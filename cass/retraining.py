@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import Params, params_to_flat_dict
-from cass.layout import MANIFEST_FILE
+from cass.outputs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
 
 def finished_checkpoint(params: Params, data_dir: Path, pretrain_dir: Path) -> bool:
     """True when ``pretrain_dir`` holds the weights of a pretraining that finished with the current settings."""
-    from cass.layout import PretrainOutputs
+    from cass.outputs import PretrainOutputs
     from cass.training import load_checkpoint
 
     out = PretrainOutputs(Path(pretrain_dir))

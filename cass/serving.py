@@ -197,7 +197,7 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
     """
     import cass
     from cass.finetune import ClassifierSpec
-    from cass.layout import FinetuneOutputs
+    from cass.outputs import FinetuneOutputs
 
     out = FinetuneOutputs(Path(model_dir))
     spec = ClassifierSpec.from_file(out.spec)

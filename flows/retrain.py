@@ -44,7 +44,7 @@ from prefect.cache_policies import NO_CACHE
 from cass import tracking
 from cass.config import Network, Params, RetrainConfig, load_params
 from cass.errors import CassError, ConfigError, DataError, GateFailed
-from cass.layout import Layout
+from cass.outputs import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.redaction import install_log_redaction
 from cass.retraining import data_hash

@@ -29,7 +29,7 @@ from cass.data.transforms import cass_transform
 from cass.distributed import ENV_VARS, local_batch_size, torchrun_command
 from cass.errors import ConfigError
 from cass.finetune import finetune
-from cass.layout import PretrainOutputs
+from cass.outputs import PretrainOutputs
 from cass.training import load_checkpoint
 from tests.conftest import free_port, tiny_mapping
 

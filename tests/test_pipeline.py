@@ -16,7 +16,7 @@ import pytest
 
 from cass.config import params_from_mapping
 from cass.errors import ConfigError, GateFailed
-from cass.layout import Layout
+from cass.outputs import Layout
 from cass.pipeline import (
     STAGES,
     ModelGateFailed,

@@ -27,7 +27,7 @@ from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_setting
 from cass.data.manifest import read_manifest, write_manifest
 from cass.data.prepare import prepare_data
 from cass.errors import ConfigError, DataError, GateFailed
-from cass.layout import subset_file
+from cass.outputs import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
 from tests.conftest import tiny_mapping

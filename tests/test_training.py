@@ -21,8 +21,8 @@ from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
 from cass.finetune import finetune, load_classifier
-from cass.layout import PretrainOutputs
 from cass.models import create_network
+from cass.outputs import PretrainOutputs
 from cass.training import EpochCallback, load_checkpoint, save_checkpoint
 from tests.conftest import tiny_mapping
 

@@ -34,9 +34,9 @@ from cass.config import NETWORKS, DinoConfig, Network, Params
 from cass.data.transforms import MultiCropTransform
 from cass.ema import ema_update
 from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
-from cass.layout import PretrainOutputs
 from cass.losses import DINOLoss
 from cass.models import create_network
+from cass.outputs import PretrainOutputs
 from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, Precision, autocast, cosine_schedule
 

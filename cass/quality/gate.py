@@ -28,7 +28,7 @@ import pandas as pd
 from cass.config import QualityConfig, Severity
 from cass.errors import GateFailed
 from cass.io import atomic_write_text
-from cass.layout import DOCS_DIR, RESULT_FILE
+from cass.outputs import DOCS_DIR, RESULT_FILE
 
 log = logging.getLogger(__name__)
 

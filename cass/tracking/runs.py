@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cass.config import MlflowConfig, Params
-from cass.layout import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
+from cass.outputs import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
 from cass.registry import EVALUATION_DIR, finite
 from cass.tracking.client import (
     configure,

@@ -111,7 +111,7 @@ def predict(args: argparse.Namespace) -> int:
     else:
         print(output.read_text(), end="")
     if summary.skipped:
-        from cass.layout import PredictionOutputs
+        from cass.outputs import PredictionOutputs
 
         skipped = PredictionOutputs(output).skipped
         import csv
