@@ -33,7 +33,7 @@ from cass import tracking
 from cass.config import Network, Params
 from cass.errors import ConfigError, GateFailed, VersioningError
 from cass.outputs import Layout
-from cass.retraining import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
+from cass.run_keys import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
 from cass.tracking import FinetuneRun, StageRun
 
 if TYPE_CHECKING:

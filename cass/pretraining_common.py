@@ -41,7 +41,7 @@ def networks_spec(params: Params) -> dict:
 
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
     """What a pretraining checkpoint depends on; a checkpoint with another fingerprint is not resumed
-    (and :mod:`cass.retraining` reuses a finished pretraining only under the same fingerprint)."""
+    (and :mod:`cass.run_keys` reuses a finished pretraining only under the same fingerprint)."""
     keep = params.pretrain.model_dump(exclude={"num_workers", "device", "compile", "sync_batchnorm"})
     return fingerprint({
         "seed": params.seed,
@@ -95,7 +95,7 @@ def write_outputs(
     """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json
     (the networks, the method and its ``recipe``), history.csv and metrics.json (loss and speed summaries,
     lineage, the ``recipe``, then the method's ``details``), published as one set; the checkpoints in the
-    folder stay (they tell a later run that this pretraining finished, :mod:`cass.retraining`)."""
+    folder stay (they tell a later run that this pretraining finished, :mod:`cass.run_keys`)."""
     with output_set(out.out_dir, carry=(out.CHECKPOINT, out.DINO_CHECKPOINT)) as staging:
         _write_outputs(PretrainOutputs(staging), params, info, networks, history, details, method, recipe)
 

@@ -22,7 +22,7 @@ from cass.config import Network, Params
 from cass.errors import TrainingError
 from cass.outputs import FinetuneOutputs, Layout
 from cass.quality.policy import GatePolicy
-from cass.retraining import (
+from cass.run_keys import (
     PRETRAIN_FINGERPRINT_TAG,
     completed_run_filter,
     finished_checkpoint,
@@ -77,7 +77,7 @@ def first_test_image(data_dir: Path) -> bytes:
 
 def completed_run(params: Params, key: str) -> str | None:
     """The latest finished pipeline run with run key ``key`` whose models were registered: a run with the
-    same data and result-changing settings that need not train again (:mod:`cass.retraining`)."""
+    same data and result-changing settings that need not train again (:mod:`cass.run_keys`)."""
     return latest_run_id(params.mlflow, completed_run_filter(key))
 
 
@@ -96,7 +96,7 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
     """Pretrain in a child run, or reuse the finished pretraining on disk when it has the current settings.
 
     Reuse needs a finished checkpoint with the current fingerprint (settings and data, see
-    :mod:`cass.retraining`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
+    :mod:`cass.run_keys`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
     (``--force``) trains from scratch, neither reusing nor resuming what is on disk.
     """
     from cass.cass_pretraining import pretrain
