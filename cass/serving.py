@@ -196,7 +196,7 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
     applies (temperature, multi-label thresholds) is recorded in the MLmodel file's metadata too.
     """
     import cass
-    from cass.finetune import ClassifierSpec
+    from cass.classifier import ClassifierSpec
     from cass.outputs import FinetuneOutputs
 
     out = FinetuneOutputs(Path(model_dir))

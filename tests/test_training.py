@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cass.cass_pretraining import CassLearner, pretrain
+from cass.classifier import load_classifier
 from cass.cli.output import pretraining_lines
 from cass.config import params_from_mapping
 from cass.data.manifest import read_manifest
@@ -20,7 +21,7 @@ from cass.data.splits import read_subset
 from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
-from cass.finetune import finetune, load_classifier
+from cass.finetune import finetune
 from cass.models import create_network
 from cass.outputs import PretrainOutputs
 from cass.training import EpochCallback, load_checkpoint, save_checkpoint
