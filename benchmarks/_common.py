@@ -435,6 +435,6 @@ def dino_step_fn(params: Params, network: str, device: torch.device, precision: 
     def step() -> None:
         loss, _ = learner.forward_loss(crops, teacher_temp=cfg.dino.teacher_temp)
         learner.backward(loss)
-        learner.step(lr=5e-4 * b / 256, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
+        learner.optimizer_step(lr=5e-4 * b / 256, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
 
     return step
