@@ -25,7 +25,7 @@ from cass.engine import Engine, EpochStats, Step, StepOutput
 from cass.outputs import PretrainOutputs
 from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
-from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair
+from cass.variants import CassPair, build_pair
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class CassLearner(PretrainingLearner):
     @property
     def collapse_hint(self) -> str:
         if self.pair.variant == "paper":
-            alternative = (f"pretrain.variant: {RANDOM_INIT_VARIANT}" if RANDOM_INIT_VARIANT != "paper"
-                           else "pretrain.variant: simsiam with pretrain.anti_collapse: vicreg (the best measured)")
+            alternative = "pretrain.variant: simsiam with pretrain.anti_collapse: vicreg (the best measured)"
             return (f"From random weights the paper's recipe tends to collapse: set {alternative} to keep the "
                     f"embeddings spread (docs/baselines.md: what each gains), or start from pretrained weights "
                     f"(model.pretrained or *_weights).")

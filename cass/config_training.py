@@ -3,7 +3,7 @@ fine-tuning."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -98,7 +98,9 @@ class DinoConfig(Section):
         return v
 
 
-CassVariant = Literal["paper", "projector", "simsiam", "byol", "auto"]
+CassVariant = Literal["paper", "projector", "simsiam", "byol"]
+"""The CASS recipes (cass.variants.VARIANTS says which parts each has); the one list of their names."""
+VARIANT_NAMES: tuple[str, ...] = get_args(CassVariant)
 
 
 class CassConfig(Section):
@@ -118,10 +120,10 @@ class CassConfig(Section):
 
 class PretrainConfig(TrainerConfig):
     method: Literal["cass", "dino"] = Field(default="cass", description="cass, or the DINO baseline (pretrain.dino)")
-    variant: CassVariant = Field(
+    variant: Literal[CassVariant, "auto"] = Field(
         default="paper",
         description="CASS recipe: paper (unchanged), projector, simsiam, byol (cass.variants); auto = the "
-        "measured choice for the start (pretrained weights: paper)",
+        "measured choice, the paper's recipe until a variant meets the rule of docs/baselines.md",
     )
     cass: CassConfig = CassConfig()
     monitor_every: int = Field(

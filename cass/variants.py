@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from cass.config import NETWORKS, Network, Params
+from cass.config_training import CassVariant
 from cass.ema import ema_update
 from cass.errors import ConfigError
 from cass.losses import CASSLoss, CrossPredictionLoss, VarianceCovarianceLoss
@@ -56,26 +57,22 @@ class VariantSpec:
     ema: bool
 
 
-VARIANTS: dict[str, VariantSpec] = {
+VARIANTS: dict[CassVariant, VariantSpec] = {  # one entry per name of config_training.CassVariant (tested)
     "paper": VariantSpec(views=1, projector=False, predictor=False, ema=False),
     "projector": VariantSpec(views=2, projector=True, predictor=False, ema=False),
     "simsiam": VariantSpec(views=2, projector=True, predictor=True, ema=False),
     "byol": VariantSpec(views=2, projector=True, predictor=True, ema=True),
 }
 
-RANDOM_INIT_VARIANT = "paper"
-"""What ``pretrain.variant: auto`` runs from random weights; the paper's recipe until the measured decision
-rule of docs/baselines.md names a variant that beats no pretraining."""
+AUTO_VARIANT: CassVariant = "paper"
+"""What ``pretrain.variant: auto`` runs, from pretrained and random weights alike: the paper's recipe until the
+measured decision rule of docs/baselines.md names a variant that beats no pretraining."""
 
 
 def resolve_variant(params: Params) -> str:
-    """The variant a run uses: ``pretrain.variant``, with ``auto`` resolved by the networks' start (the paper's
-    recipe from pretrained weights, :data:`RANDOM_INIT_VARIANT` from random ones)."""
+    """The variant a run uses: ``pretrain.variant``, with ``auto`` resolved to :data:`AUTO_VARIANT`."""
     name = params.pretrain.variant
-    if name != "auto":
-        return name
-    m = params.model
-    return "paper" if (m.pretrained or m.cnn_weights or m.vit_weights) else RANDOM_INIT_VARIANT
+    return AUTO_VARIANT if name == "auto" else name
 
 
 class MLP(nn.Sequential):
