@@ -328,8 +328,8 @@ def step_params(cnn: str, vit: str, image_size: int, batch_size: int, *, embed_d
 def cass_step_fn(params: Params) -> Callable[[], None]:
     """One CASS optimiser step (both networks, one view) through the learner the pretrain stage trains:
     ``CassLearner.step`` (forward under the engine's autocast, loss, backward) and its optimiser step."""
+    from cass.cass_pretraining import CassLearner
     from cass.engine import Engine, Step
-    from cass.pretrain import CassLearner
 
     m, cfg = params.model, params.pretrain
     engine = Engine(cfg, seed=0, key="pretrain")
@@ -400,6 +400,6 @@ def dino_step_fn(params: Params, network: str, device: torch.device, precision: 
     def step() -> None:
         loss, _ = learner.forward_loss(crops, teacher_temp=cfg.dino.teacher_temp)
         learner.backward(loss)
-        learner.step(lr=5e-4 * b / 256, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
+        learner.optimizer_step(lr=5e-4 * b / 256, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
 
     return step

@@ -92,7 +92,7 @@ def main() -> None:
             "pretrain.precision": args.precision,
             "pretrain.device": args.device,
         })
-        from cass.pretrain import pretrain
+        from cass.cass_pretraining import pretrain
 
         log.info("running the pretrain stage for %d epochs, %d step rounds after each", args.epochs, args.rounds)
         out = pretrain(stage, data_dir, work / "pretrain", resume=False, progress=False, callbacks=[measure_ceiling])

@@ -46,7 +46,7 @@ log = logging.getLogger("benchmarks")
 
 
 def _classifier(folder: Path, arch: str, image_size: int) -> Path:
-    from cass.finetune import ClassifierSpec
+    from cass.classifier import ClassifierSpec
     from cass.training import save_weights
 
     torch.manual_seed(0)

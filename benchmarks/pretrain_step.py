@@ -4,7 +4,7 @@ Both methods use the same backbones (built by ``cass.models.create_network``), b
 and precision. Timed: one optimiser step each, on synthetic batches already on the device (the data
 pipeline is measured by data_pipeline.py):
   - CASS: one view through the CNN and the ViT, loss, backward, one optimiser step for both
-    (``cass.pretrain.CassLearner``'s ``step`` + ``optimizer_step``, what the CASS stage runs);
+    (``cass.cass_pretraining.CassLearner``'s ``step`` + ``optimizer_step``, what the CASS stage runs);
   - DINO, per network: student on 2 global + N local crops, teacher on the 2 global crops, centring,
     backward, clipping, AdamW step, EMA update (``cass.baselines.dino.DinoLearner``).
 CASS produces a pretrained CNN and ViT in one step; DINO needs one run per network, so the headline

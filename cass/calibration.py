@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from cass.classifier import ClassifierSpec
     from cass.config import EvaluateConfig
-    from cass.finetune import ClassifierSpec
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cass.errors import CassError
-from cass.layout import MANIFEST_FILE
+from cass.outputs import MANIFEST_FILE
 
 if TYPE_CHECKING:
     import pandas as pd

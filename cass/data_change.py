@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_HTML, DATA_CHANGE_JSON, DATA_CHANGE_MD
+from cass.outputs import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_HTML, DATA_CHANGE_JSON, DATA_CHANGE_MD
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -63,6 +63,12 @@ class GateFailed(CassError):
         self.result = result  # the cass.quality.GateResult, for callers that want the details
 
 
+class RegistryError(CassError):
+    """A registry operation cannot be done (unknown model or version, no previous champion, ...)."""
+
+    exit_code = 7
+
+
 class VersioningError(CassError):
     """DVC cannot version, push or pull the data: no DVC repository or remote, unreachable endpoint, corrupt cache."""
 

@@ -23,17 +23,17 @@ from cass.calibration import (
     probabilities,
     reliability_table,
 )
+from cass.classifier import ClassifierSpec, load_classifier
 from cass.config import Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import SPLITS, label_lists, read_manifest
 from cass.data.transforms import eval_transform
 from cass.engine import file_digest
 from cass.errors import DataError
-from cass.finetune import ClassifierSpec, load_classifier
 from cass.io import atomic_path, atomic_write_text, output_set
-from cass.layout import EvaluateOutputs, FinetuneOutputs
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
+from cass.outputs import EvaluateOutputs, FinetuneOutputs
 from cass.training import resolve_device, resolve_num_workers
 
 log = logging.getLogger(__name__)

@@ -301,8 +301,8 @@ def explain_files(
 
 def _load(model_uri: str):
     """The torch network and its spec, from a fine-tuning folder or an MLflow model of :mod:`cass.serving`."""
-    from cass.finetune import load_classifier
-    from cass.layout import FinetuneOutputs
+    from cass.classifier import load_classifier
+    from cass.outputs import FinetuneOutputs
 
     local = Path(model_uri)
     if FinetuneOutputs(local).spec.is_file():

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from torch import nn
 
 from cass import distributed
 from cass.calibration import calibrate_classifier
-from cass.config import DicomConfig, Network, Params
+from cass.classifier import ClassifierSpec
+from cass.config import Network, Params
 from cass.data.dataset import ImageDataset, encode_targets, make_loader
 from cass.data.manifest import DatasetInfo, label_lists, read_manifest
 from cass.data.splits import read_subset
@@ -35,77 +36,14 @@ from cass.data.transforms import cass_transform, eval_transform
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, Step, StepOutput, file_digest, fingerprint
 from cass.errors import DataError, TrainingError
 from cass.io import atomic_write_text, output_set
-from cass.layout import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.lineage import git_commit
 from cass.losses import FocalLoss, class_weights
 from cass.metrics import classification_metrics
 from cass.models import create_network, head_parameters, reset_head
+from cass.outputs import MANIFEST_FILE, FinetuneOutputs, PretrainOutputs, subset_file
 from cass.training import EpochCallback, load_weights_file, make_optimizer, resolve_num_workers, save_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClassifierSpec:
-    """Everything needed to rebuild a fine-tuned classifier and preprocess its inputs."""
-
-    network: str  # "cnn" or "vit"
-    arch: str  # timm name
-    image_size: int
-    classes: tuple[str, ...]
-    multilabel: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    threshold: float = 0.5
-    # Fitted on the validation split after fine-tuning (cass.calibration); absent from older model.json files.
-    temperature: float = 1.0
-    thresholds: tuple[float, ...] | None = None  # multi-label: one decision threshold per class
-    # DICOM data: the pixel settings (data.dicom) it was trained with, so that prediction windows DICOM files alike.
-    dicom: dict[str, Any] | None = None
-
-    def dicom_settings(self) -> DicomConfig | None:
-        """The pixel settings to decode DICOM inputs with (None: the defaults, for models of non-DICOM data)."""
-        return DicomConfig(**self.dicom) if self.dicom is not None else None
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d.update(classes=list(self.classes), mean=list(self.mean), std=list(self.std))
-        d["thresholds"] = None if self.thresholds is None else list(self.thresholds)
-        return json.dumps(d, indent=2) + "\n"
-
-    @classmethod
-    def from_file(cls, path: Path) -> ClassifierSpec:
-        if not path.is_file():
-            raise TrainingError(f"{path}: model spec not found; run `cass finetune` first")
-        d = json.loads(path.read_text())
-        d.update(classes=tuple(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
-        if d.get("thresholds") is not None:
-            d["thresholds"] = tuple(d["thresholds"])
-        return cls(**d)
-
-    def build(self) -> nn.Module:
-        role: Network = "vit" if self.network == "vit" else "cnn"
-        return create_network(self.arch, len(self.classes), role, self.image_size)
-
-
-def load_classifier(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ClassifierSpec]:
-    out = FinetuneOutputs(Path(model_dir))
-    spec = ClassifierSpec.from_file(out.spec)
-    model = spec.build()
-    load_weights_file(model, out.weights)
-    return model.to(device).eval(), spec
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module, loader: torch.utils.data.DataLoader, multilabel: bool, device: torch.device
-) -> np.ndarray:
-    model.eval()
-    out = []
-    for x, _ in loader:
-        logits = model(x.to(device)).float()
-        out.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)).cpu())
-    return torch.cat(out).numpy()
 
 
 def _initial_model(params: Params, network: Network, num_classes: int, pretrain_dir: Path | None) -> nn.Module:

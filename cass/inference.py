@@ -44,7 +44,7 @@ class Classifier:
     """A fine-tuned network with its spec (classes, temperature, thresholds) and its evaluation preprocessing."""
 
     model: torch.nn.Module
-    spec: Any  # cass.finetune.ClassifierSpec
+    spec: Any  # cass.classifier.ClassifierSpec
     transform: Callable
 
 
@@ -52,9 +52,9 @@ def load_folder(folder: Path) -> Classifier:
     """A classifier folder (``model.json`` + ``model.safetensors``: a fine-tuning output, or the ``classifier``
     artifact of a logged model), on the CPU. Reads weights and a spec only: no code from the folder runs, and
     MLflow is not imported."""
+    from cass.classifier import load_classifier
     from cass.config import AugmentConfig
     from cass.data.transforms import eval_transform
-    from cass.finetune import load_classifier
 
     model, spec = load_classifier(Path(folder), "cpu")
     return Classifier(model, spec, eval_transform(spec.image_size, AugmentConfig(mean=spec.mean, std=spec.std)))
@@ -95,7 +95,7 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
     ``workers`` DataLoader processes read and decode while the network runs (0: in this process, which
     suits a small request better than starting processes). An error names the input by its path, or as
     "input row i" for bytes. ``spec`` is the classifier's
-    :class:`~cass.finetune.ClassifierSpec`: its temperature and multi-label flag give the probabilities, and
+    :class:`~cass.classifier.ClassifierSpec`: its temperature and multi-label flag give the probabilities, and
     its DICOM pixel settings window DICOM inputs as the training data was windowed.
     """
     if batch_size < 1:

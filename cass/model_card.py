@@ -232,7 +232,7 @@ def _data_change(facts: CardFacts, client, evaluation: str | None, tmp: Path) ->
     first version, or one trained on its champion's data, has none: that is no missing record to log)."""
     from mlflow.exceptions import MlflowException
 
-    from cass.layout import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_MD
+    from cass.outputs import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_MD
 
     try:
         written = bool(evaluation) and bool(client.list_artifacts(evaluation, DATA_CHANGE_DIR))

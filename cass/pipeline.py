@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from cass import tracking
 from cass.config import Network, Params
 from cass.errors import ConfigError, GateFailed, VersioningError
-from cass.layout import Layout
-from cass.retraining import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
+from cass.outputs import Layout
+from cass.run_keys import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
 from cass.tracking import FinetuneRun, StageRun
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ def _pretrain(run: PipelineRun, _: None) -> StageRun | None:
     if run.tracked:
         return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress,
                                          reuse=run.reuse_pretraining)
-    from cass.pretrain import pretrain
+    from cass.cass_pretraining import pretrain
 
     pretrain(run.params, run.layout.data, run.layout.pretrain, progress=run.progress)
     return None
@@ -316,7 +316,7 @@ def _data_change(run: PipelineRun, network: Network) -> Any:
 
 
 def _register(run: PipelineRun, network: Network) -> str:
-    from cass.layout import RESULT_FILE
+    from cass.outputs import RESULT_FILE
     from cass.quality.policy import RUN_SETTINGS, GateVerdict, committed_policy
 
     # The model gate stage passed this network (a failed one is skipped): registration takes its verdict, with

@@ -7,7 +7,7 @@ built for runs of hundreds of thousands of images:
   or MLflow are imported, so a typo costs a second, not the time to load a model;
 - **throughput**: batches through :func:`cass.inference.classify`, images decoded in DataLoader workers;
 - **interruption**: every ``chunk_size`` images a part is written atomically beside the output
-  (:class:`cass.layout.PredictionOutputs`); a rerun of the same command skips the images already in a
+  (:class:`cass.outputs.PredictionOutputs`); a rerun of the same command skips the images already in a
   part, and the output file itself appears only once, whole;
 - **bad images**: a file that is missing or not an image is listed (``<output>.skipped.csv``) and skipped;
   the run goes on, and the caller decides what a non-empty list means (``cass predict`` exits 3).
@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cass.errors import ConfigError, DataError
-from cass.layout import PredictionOutputs
+from cass.outputs import PredictionOutputs
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def load_for_inference(model: str):
     fine-tuning folder (weights and spec only: no code runs, MLflow is not imported) or a logged model
     (``models:/``, ``runs:/``, an MLflow model folder, verified before it loads); and the model's identity
     for the output rows."""
-    from cass.layout import FinetuneOutputs
+    from cass.outputs import FinetuneOutputs
 
     local = Path(model)
     if FinetuneOutputs(local).spec.is_file():

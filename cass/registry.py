@@ -4,19 +4,16 @@ A version becomes champion only when the model quality gate passes and it beats 
 on the SAME test set (same test-split hash) by ``mlflow.promotion_margin`` in ``mlflow.promotion_metric``.
 Aliases keep no history, so every decision (promoted, refused, restored by a rollback) is recorded on its
 version as one JSON tag ``promotion.<n>``, ``n`` numbering the decisions of the registered model in order,
-written BEFORE the alias moves; :func:`history` reads them back. Summary tags follow (``promoted_at``,
-``previous_champion``, ``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``).
+written BEFORE the alias moves; :func:`cass.champion_history.history` reads them back. Summary tags follow
+(``promoted_at``, ``previous_champion``, ``compared_metrics``, ``promotion_reason``, or ``promotion_refused_*``).
 ``rollback`` moves the alias back to the champion the current one replaced.
 
 Two promotions of one model never interleave: each holds a lock while it reads the champion, decides
-and moves the alias. The lock is a registered model named ``<name>.promotion-lock``, created and
-deleted around the decision: creating a registered model is atomic in every MLflow backend (a unique
-name in the database behind the server), so exactly one promoter holds it; the others wait and then
-compare against the new champion. A waiter breaks a lock at once when its holder ran on the same host, in
-the same PID namespace since the same boot (containers sharing a host name do not share pids), and that
-process is gone; else when it is older than ``mlflow.lock_stale_s``. Exactly one waiter breaks
-a given lock: it first creates the marker ``<name>.promotion-lock.broken-<owner>`` (atomic like the lock),
-and the next waiter that breaks a lock deletes the markers older than ``mlflow.lock_stale_s`` (and a minute).
+and moves the alias, so the others wait and then compare against the new champion. The lock is
+``<name>.promotion-lock``, a :mod:`cass.mutex` lock (a registered model created and deleted around the
+decision; a dead holder's lock is broken, see there), waited for ``mlflow.lock_timeout_s`` and taken for
+stale after ``mlflow.lock_stale_s``. The champion alias and the decision records are read and written by
+:mod:`cass.champion_history`.
 """
 
 from __future__ import annotations
@@ -26,11 +23,7 @@ import getpass
 import json
 import logging
 import math
-import os
-import random
-import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,16 +32,29 @@ from pathlib import Path
 from typing import Any
 
 from cass import model_card
+from cass.champion_history import (
+    CHAMPION,
+    Decision,
+    complete_flat_tags,
+    current_champion,
+    history,
+    mlflow_client,
+    promotion_tags,
+    registry_errors,
+    restore_tags,
+    set_tags,
+    write_record,
+)
 from cass.config import MlflowConfig, Params
-from cass.errors import CassError, ConfigError, GateFailed
-from cass.layout import METRICS_FILE
+from cass.errors import ConfigError, GateFailed, RegistryError
+from cass.mutex import LockTimeout, registered_model_lock
+from cass.names import PROMOTION_METRICS
+from cass.outputs import METRICS_FILE
 from cass.quality.policy import GatePolicy, GateVerdict, ModelGate, default_gate, under_policy
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 LOCK_SUFFIX = ".promotion-lock"
-SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc")
 
 # Where a version's evaluation run keeps its test metrics: :mod:`cass.tracking` logs them there and the
 # promotion reads them back, so both sides take the path from here.
@@ -56,20 +62,8 @@ EVALUATION_DIR = "evaluation"
 METRICS_ARTIFACT = f"{EVALUATION_DIR}/{METRICS_FILE}"
 
 
-class RegistryError(CassError):
-    """A registry operation cannot be done (unknown model or version, no previous champion, ...)."""
-
-    exit_code = 7
-
-
 def model_name(cfg: MlflowConfig, network: str) -> str:
     return f"{cfg.model_prefix}-{network}"
-
-
-def _client():
-    import mlflow
-
-    return mlflow.MlflowClient()
 
 
 def _now() -> str:
@@ -178,11 +172,11 @@ def register(params: Params, candidate: Candidate, client=None, gate: ModelGate 
         raise GateFailed(refusal(params, candidate.network, verdict))
     verdict = under_policy(params, verdict, candidate.metrics, policy)
     candidate = replace(candidate, gate=verdict)
-    client = client or _client()
+    client = client or mlflow_client()
     name = model_name(params.mlflow, candidate.network)
     tags = {**candidate.tags, GATE_TAG: verdict.text()[:7900],  # MLflow keeps up to 8000 characters
             GATE_RECORD_TAG: json.dumps(verdict.record(), sort_keys=True)}
-    tags.update({f"test_{k}": f"{candidate.metrics[k]:.6g}" for k in SUMMARY_METRICS
+    tags.update({f"test_{k}": f"{candidate.metrics[k]:.6g}" for k in PROMOTION_METRICS
                  if finite(candidate.metrics.get(k))})
     try:
         mv = mlflow.register_model(candidate.model_uri, name, tags=tags)
@@ -200,7 +194,7 @@ def register_once(params: Params, candidate: Candidate, client=None, gate: Model
                   policy: GatePolicy | None = None):
     """:func:`register`, safe to retry: a version already registered from the same evaluation run (the
     answer lost on the way back) is found and completed, not registered twice. Returns the ModelVersion."""
-    client = client or _client()
+    client = client or mlflow_client()
     name = model_name(params.mlflow, candidate.network)
     evaluation = candidate.tags.get("evaluation_run_id")
     done = [v for v in client.search_model_versions(f"name = '{name}'")
@@ -237,266 +231,16 @@ def version_metrics(client, name: str, version: str) -> dict:
 
 @contextlib.contextmanager
 def promotion_lock(client, name: str, cfg: MlflowConfig) -> Iterator[None]:
-    """Hold ``<name>.promotion-lock`` (an atomically created registered model) for the block."""
-    from mlflow.exceptions import MlflowException
-
-    lock, token = f"{name}{LOCK_SUFFIX}", uuid.uuid4().hex
-    deadline = time.monotonic() + cfg.lock_timeout_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={"owner": token, "acquired_at": f"{time.time():.3f}", **_holder()},
-                description=f"Held while a promotion of {name} decides; deleted afterwards.",
-            )
-            break
-        except MlflowException as exc:
-            # ALREADY_EXISTS: someone holds it. DOES_NOT_EXIST: the store saw it taken, then looked it up after
-            # its holder had released it (SQL stores read the existing model back when the insert collides).
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        _break_if_stale(client, lock, cfg)
-        if time.monotonic() > deadline:
-            raise RegistryError(
-                f"another promotion of {name} has held {lock} for over {cfg.lock_timeout_s:g} s; retry later, or "
-                f"delete the registered model '{lock}' if no promotion is running"
-            )
-        time.sleep(0.05 + random.random() * 0.2)
+    """Hold ``<name>.promotion-lock`` for the block: one promotion or rollback of ``name`` at a time."""
     try:
-        yield
-    finally:
-        with contextlib.suppress(MlflowException):
-            if client.get_registered_model(lock).tags.get("owner") == token:
-                client.delete_registered_model(lock)
-
-
-def _holder() -> dict[str, str]:
-    """Who holds a lock: host and pid, the process's start time so that a reused pid is not mistaken for it,
-    and the PID namespace and boot the pid belongs to (:func:`_pid_space`)."""
-    pid = os.getpid()
-    return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
-            "started": _process_start(pid) or "", **_pid_space()}
-
-
-def _pid_space() -> dict[str, str]:
-    """Where this process's pid is meaningful: the inode of its PID namespace and the kernel's boot id ("" when
-    unreadable). Containers that share a host name (host networking) have their own PID namespaces."""
-    space = {"pid_ns": "", "boot_id": ""}
-    with contextlib.suppress(OSError):
-        space["pid_ns"] = str(os.stat("/proc/self/ns/pid").st_ino)
-    with contextlib.suppress(OSError):
-        space["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    return space
-
-
-def _same_pid_space(tags: Mapping[str, str]) -> bool:
-    """Whether the pid in a lock's ``tags`` can be looked up here: same PID namespace and same boot, both known.
-    A lock written without them (by an earlier version) is not judged by its pid. Without /proc (no PID
-    namespaces: macOS), the host name is enough."""
-    if not Path("/proc/self/stat").exists():
-        return True
-    here = _pid_space()
-    return all(here.values()) and all(tags.get(key) == value for key, value in here.items())
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of a live process (clock ticks since boot, from /proc); None when it is gone or a zombie.
-    "" where /proc is not there (then only whether the pid exists is known)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if not Path("/proc/self/stat").exists():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-            return ""
-        return None
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[-1].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _holder_gone(tags: Mapping[str, str]) -> bool:
-    """True when the lock's holder ran on this host, in this PID namespace since this boot, and that process no
-    longer exists (killed, crashed)."""
-    if tags.get("host") != socket.gethostname() or not str(tags.get("pid", "")).isdigit():
-        return False
-    if not _same_pid_space(tags):
-        return False
-    started = _process_start(int(tags["pid"]))
-    return started is None or bool(started and tags.get("started") and started != tags["started"])
-
-
-def _break_if_stale(client, lock: str, cfg: MlflowConfig) -> None:
-    """Delete a lock whose holder is gone (same host, PID namespace and boot) or that is older than ``lock_stale_s``.
-
-    Exactly one waiter breaks a given lock: it must first create ``<lock>.broken-<owner>`` (atomic, like the lock
-    itself), so a second waiter that saw the same dead lock cannot delete the fresh lock of a third promoter."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(lock)
-    except MlflowException:
-        return  # released meanwhile
-    held = model.tags
-    # A lock read between its creation and its tags has none yet: its age is the registered model's own.
-    acquired = float(held.get("acquired_at") or (model.creation_timestamp or 0) / 1000 or time.time())
-    age = time.time() - acquired
-    if age <= cfg.lock_stale_s and not _holder_gone(held):
-        return
-    owner = held.get("owner", "")
-    try:
-        client.create_registered_model(
-            f"{lock}.broken-{owner[:16]}", tags={"broken_at": f"{time.time():.3f}", "broken_holder":
-                                                 held.get("holder", "?"), **_holder()},
-            description=f"Marks the lock of {held.get('holder', '?')} as broken; deleted after mlflow.lock_stale_s.",
-        )
-    except MlflowException:
-        return  # another waiter breaks it
-    log.warning("breaking the promotion lock %s left by %s (%s)", lock, held.get("holder", "?"),
-                f"held {age:.0f} s" if age > cfg.lock_stale_s else "that process is gone")
-    with contextlib.suppress(MlflowException):
-        if client.get_registered_model(lock).tags.get("owner") == owner:
-            client.delete_registered_model(lock)
-    with contextlib.suppress(MlflowException):
-        for marker in client.search_registered_models(f"name LIKE '{lock}.broken-%'"):
-            if time.time() - float(marker.tags.get("broken_at", "0") or 0) > max(cfg.lock_stale_s, 60.0):
-                client.delete_registered_model(marker.name)
-
-
-# --------------------------------------------------------------------------------------------------
-# The promotion history
-
-
-HISTORY_TAG = "promotion."
-"""Version tags ``promotion.<n>``: one JSON record per decision about the version (promoted, refused, restored
-by a rollback), ``n`` numbering the decisions of the whole registered model in order."""
-TRANSITIONS = ("promoted", "restored")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One promotion decision, as recorded on its version before the alias moves."""
-
-    seq: int
-    version: str
-    decision: str  # promoted | refused | restored
-    at: str
-    by: str
-    reason: str
-    replaced: str | None = None  # the champion when the decision was taken
-    previous_champion: str | None = None  # where a rollback of this version goes
-    forced: bool = False
-    compared: Mapping[str, Any] = field(default_factory=dict)
-    gate_report: str = ""
-    applied: bool | None = None  # did the alias move (None: unknown, for a decision kept before history existed)
-
-    def to_json(self) -> str:
-        record = {k: v for k, v in self.__dict__.items() if k not in ("version", "applied")}
-        return json.dumps(record, sort_keys=True)
-
-    def line(self) -> str:
-        what = {"promoted": "promoted", "restored": "restored by rollback", "refused": "refused"}[self.decision]
-        if self.decision in TRANSITIONS:
-            what += f" (replacing v{self.replaced})" if self.replaced else " (first champion)"
-            if self.applied is False:
-                what += " [interrupted before the alias moved: not applied]"
-        return f"#{self.seq} {self.at} v{self.version} {what} by {self.by}: {self.reason}"
-
-
-def _records(versions: Sequence[Any]) -> list[Decision]:
-    found = []
-    for mv in versions:
-        for key, value in mv.tags.items():
-            if key.startswith(HISTORY_TAG) and key[len(HISTORY_TAG):].isdigit():
-                with contextlib.suppress(ValueError, TypeError):
-                    found.append(Decision(version=str(mv.version), **json.loads(value)))
-    return sorted(found, key=lambda d: d.seq)
-
-
-def _applied(records: list[Decision], champion: str | None) -> list[Decision]:
-    """Mark which transitions moved the alias. Every transition names the champion it replaced, so the chain
-    from the current champion back through ``replaced`` is what happened; a transition off the chain was
-    recorded and then interrupted before the alias moved (records are written first, see :func:`promote`)."""
-    transitions = [d for d in records if d.decision in TRANSITIONS]
-    on_chain: set[int] = set()
-    current, before, complete = champion, math.inf, champion is None
-    while current:
-        mine = [d for d in transitions if d.version == current and d.seq < before]
-        if not mine:
-            break
-        last = max(mine, key=lambda d: d.seq)
-        on_chain.add(last.seq)
-        current, before = last.replaced, last.seq
-        complete = not current  # reached the first champion
-    floor = 0 if complete else min(on_chain, default=math.inf)
-    return [
-        d if d.decision not in TRANSITIONS else
-        Decision(**{**d.__dict__, "applied": True if d.seq in on_chain else (False if d.seq > floor else None)})
-        for d in records
-    ]
-
-
-def history(name: str, client=None) -> tuple[str | None, list[Decision]]:
-    """The champion of ``name`` and every promotion decision about its versions, oldest first."""
-    from mlflow.exceptions import MlflowException
-
-    client = client or _client()
-    with _registry_errors(name, "reading the promotion history"):
-        champion = _champion(client, name)
-        try:
-            versions = client.search_model_versions(f"name = '{name}'")
-        except MlflowException as exc:
-            raise RegistryError(f"cannot list versions of {name}: {exc.message}") from None
-    return champion, _applied(_records(versions), champion)
-
-
-def _write_record(client, name: str, version: str, decision: Decision) -> None:
-    """One tag, one write: a decision is on the version completely or not at all."""
-    client.set_model_version_tag(name, version, f"{HISTORY_TAG}{decision.seq}", decision.to_json())
-
-
-def _complete_flat_tags(client, name: str, champion: str | None, records: list[Decision]) -> None:
-    """Write the champion's summary tags from its record when a promotion was killed after the alias moved."""
-    applied = [d for d in records if d.version == champion and d.applied]
-    if not applied:
-        return
-    last = applied[-1]
-    tags = client.get_model_version(name, champion).tags
-    if last.decision == "promoted" and tags.get("promoted_at") != last.at:
-        _set_tags(client, name, champion, _promotion_tags(last))
-    elif last.decision == "restored" and tags.get("restored_at") != last.at:
-        _set_tags(client, name, champion, _restore_tags(last))
-        if last.replaced:
-            _set_tags(client, name, last.replaced, {"rolled_back_at": last.at, "rollback_reason": last.reason})
-
-
-def _promotion_tags(d: Decision) -> dict[str, str]:
-    return {"promoted_at": d.at, "previous_champion": d.replaced or "", "compared_metrics": json.dumps(d.compared),
-            "promotion_reason": d.reason, "promotion_forced": str(d.forced).lower(), "promoted_by": d.by,
-            "promotion_gate_report": d.gate_report}
-
-
-def _restore_tags(d: Decision) -> dict[str, str]:
-    return {"restored_at": d.at, "restored_from": d.replaced or "", "restore_reason": d.reason, "restored_by": d.by}
-
-
-@contextlib.contextmanager
-def _registry_errors(name: str, action: str) -> Iterator[None]:
-    """Any MLflow failure (server gone, store error, a race the store reports) as a RegistryError (exit 7)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield
-    except MlflowException as exc:
-        message = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0][:300]
-        raise RegistryError(
-            f"{name}: {action} failed in the MLflow registry ({exc.error_code}: {message}); the champion is as "
-            "the last complete decision left it (`cass registry` shows it); retry when the registry answers"
-        ) from None
+        with registered_model_lock(
+            client, f"{name}{LOCK_SUFFIX}", timeout_s=cfg.lock_timeout_s, stale_s=cfg.lock_stale_s,
+            held_by=f"another promotion of {name}",
+            description=f"Held while a promotion of {name} decides; deleted afterwards.",
+        ):
+            yield
+    except LockTimeout as exc:
+        raise RegistryError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,23 +270,6 @@ class PromotionResult:
         """``champion v1 -> v2``, or ``first champion v1``."""
         was = f"champion v{self.previous} -> " if self.previous else "first champion "
         return f"{self.name}: {was}v{self.champion}"
-
-
-def _champion(client, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_registered_model(name).aliases.get(CHAMPION)
-        return None if version is None else str(version)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise RegistryError(f"registered model '{name}' not found; run the pipeline first") from None
-
-
-def _set_tags(client, name: str, version: str, tags: Mapping[str, Any]) -> None:
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, str(v))
 
 
 GATE_REPORTS = "promotion_gate"
@@ -603,8 +330,8 @@ def promote(
     """
     if force and not (reason and reason.strip()):
         raise ConfigError("--force needs --reason TEXT: say why the gate or the comparison is overridden")
-    client = client or _client()
-    with _registry_errors(name, f"promoting v{version}"):
+    client = client or mlflow_client()
+    with registry_errors(name, f"promoting v{version}"):
         return _promote(name, str(version), params, force=force, reason=reason, gate=gate, client=client,
                         policy=policy)
 
@@ -623,7 +350,7 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
     candidate_metrics = version_metrics(client, name, version)
     # Scoring two models on shared images takes a while: done before the lock against the champion of now,
     # and again under the lock only if another promotion moved the champion meanwhile.
-    evaluated = _champion(client, name)
+    evaluated = current_champion(client, name)
     early = (_compare(params, name, evaluated, version, client, candidate_metrics)
              if evaluated not in (None, version) and not _same_test_set(client, name, evaluated, candidate) else None)
 
@@ -631,9 +358,9 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
         verdict = (gate or default_gate(params, Path(tmp) / "report"))(candidate_metrics)
         verdict = under_policy(params, verdict, candidate_metrics, policy)
         with promotion_lock(client, name, cfg):
-            previous = _champion(client, name)
+            previous = current_champion(client, name)
             _, records = history(name, client)
-            _complete_flat_tags(client, name, previous, records)
+            complete_flat_tags(client, name, previous, records)
             if previous == version:
                 return PromotionResult(name, version, False, previous, previous, "already the champion")
             # Attached once a decision is taken: not for a version that is champion already, nor without the lock.
@@ -678,8 +405,8 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
             if refusal is not None and not force:
                 decision = Decision(seq, version, "refused", _now(), _user(), refusal, previous, None, False, compared,
                                     gate_report)
-                _write_record(client, name, version, decision)
-                _set_tags(client, name, version, {
+                write_record(client, name, version, decision)
+                set_tags(client, name, version, {
                     "promotion_refused_at": decision.at,
                     "promotion_refused_reason": refusal,
                     "compared_metrics": json.dumps(compared),
@@ -695,10 +422,10 @@ def _promote(name: str, version: str, params: Params, *, force: bool, reason: st
                 final_reason = f"{why}; model gate {verdict.text()}"
             decision = Decision(seq, version, "promoted", _now(), _user(), final_reason, previous, previous, force,
                                 compared, gate_report)
-            _write_record(client, name, version, decision)  # first: a kill after this point is recoverable
+            write_record(client, name, version, decision)  # first: a kill after this point is recoverable
             client.set_registered_model_alias(name, CHAMPION, version)
-            _set_tags(client, name, version, _promotion_tags(decision))
-            now = _champion(client, name)
+            set_tags(client, name, version, promotion_tags(decision))
+            now = current_champion(client, name)
             if now != version:  # the lock makes this impossible unless someone moved the alias by hand
                 raise RegistryError(f"{name}: champion is v{now} right after moving it to v{version}; "
                                     "check who moved it")
@@ -713,13 +440,13 @@ def rollback(name: str, params: Params, *, reason: str, client=None) -> Promotio
     As in :func:`promote`, the decision is recorded on the restored version before the alias moves."""
     if not (reason and reason.strip()):
         raise ConfigError("rollback needs --reason TEXT (recorded on both versions)")
-    client = client or _client()
-    with _registry_errors(name, "rolling back"), promotion_lock(client, name, params.mlflow):
-        current = _champion(client, name)
+    client = client or mlflow_client()
+    with registry_errors(name, "rolling back"), promotion_lock(client, name, params.mlflow):
+        current = current_champion(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion to roll back")
         _, records = history(name, client)
-        _complete_flat_tags(client, name, current, records)
+        complete_flat_tags(client, name, current, records)
         made = [d for d in records if d.version == current and d.applied]
         previous = made[-1].previous_champion if made else client.get_model_version(name, current).tags.get(
             "previous_champion")  # a champion promoted before the history was kept
@@ -732,10 +459,10 @@ def rollback(name: str, params: Params, *, reason: str, client=None) -> Promotio
             "previous_champion")
         decision = Decision(max((d.seq for d in records), default=0) + 1, previous, "restored", _now(), _user(),
                             reason.strip(), current, back_to or None)
-        _write_record(client, name, previous, decision)
+        write_record(client, name, previous, decision)
         client.set_registered_model_alias(name, CHAMPION, previous)
-        _set_tags(client, name, current, {"rolled_back_at": decision.at, "rollback_reason": reason.strip()})
-        _set_tags(client, name, previous, _restore_tags(decision))
+        set_tags(client, name, current, {"rolled_back_at": decision.at, "rollback_reason": reason.strip()})
+        set_tags(client, name, previous, restore_tags(decision))
     log.info("%s: champion rolled back v%s -> v%s", name, current, previous)
     return PromotionResult(name, previous, True, previous, current, f"rollback: {decision.reason}")
 
@@ -744,12 +471,12 @@ def champions(cfg: MlflowConfig, networks: Sequence[str], client=None) -> dict[s
     """Each network's champion as ``<name> v<version>``; None where the model or its champion does not exist."""
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    client = client or mlflow_client()
     found: dict[str, str | None] = {}
     for network in networks:
         name = model_name(cfg, network)
         try:
-            version = _champion(client, name)
+            version = current_champion(client, name)
         except (RegistryError, MlflowException):
             version = None
         found[network] = f"{name} v{version}" if version else None
@@ -759,7 +486,7 @@ def champions(cfg: MlflowConfig, networks: Sequence[str], client=None) -> dict[s
 def latest_version(name: str, client=None) -> str:
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    client = client or mlflow_client()
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as exc:
@@ -779,58 +506,11 @@ def _user() -> str:
 # What the registry says: `cass registry`
 
 
-@dataclass(frozen=True)
-class ModelStatus:
-    """A registered model's champion, the decision that made it champion, and every decision about its versions."""
-
-    name: str
-    champion: str | None
-    made_by: Decision | None  # the applied record that made the champion (None: none kept, see ``tags``)
-    tags: Mapping[str, str]  # the champion's tags, for a champion promoted before the history was kept
-    history: Sequence[Decision]
-
-    def lines(self) -> list[str]:
-        out = [self.name]
-        if self.champion is None:
-            out.append("  champion: none (`cass promote` makes one)")
-        elif self.made_by is not None:
-            d = self.made_by
-            how = "restored by rollback" if d.decision == "restored" else "forced" if d.forced else "promoted"
-            out.append(f"  champion: v{self.champion}, {how} {d.at} by {d.by}")
-            out.append(f"  why: {d.reason}")
-            if d.gate_report:
-                out.append(f"  gate report: {d.gate_report}")
-            out.append(f"  rollback goes to: v{d.previous_champion}" if d.previous_champion
-                       else "  rollback goes to: nothing (it was the first champion)")
-        else:
-            t = self.tags
-            at = t.get("restored_at") or t.get("promoted_at", "?")
-            by = t.get("restored_by") or t.get("promoted_by", "?")
-            out.append(f"  champion: v{self.champion}, since {at} by {by}")
-            out.append(f"  why: {t.get('restore_reason') or t.get('promotion_reason', 'not recorded')}")
-            if t.get("previous_champion"):
-                out.append(f"  rollback goes to: v{t['previous_champion']}")
-        out.append("  history (oldest first):" if self.history else "  history: no promotion decision recorded")
-        out.extend(f"    {d.line()}" for d in self.history)
-        return out
-
-
-def model_status(name: str, client=None) -> ModelStatus:
-    client = client or _client()
-    champion, records = history(name, client)
-    made = [d for d in records if d.version == champion and d.applied]
-    tags: Mapping[str, str] = {}
-    if champion is not None and not made:
-        with _registry_errors(name, "reading the champion"):
-            tags = client.get_model_version(name, champion).tags
-    return ModelStatus(name, champion, made[-1] if made else None, tags, records)
-
-
 def registered_models(client=None) -> list[str]:
     """The names of the registered models, without the promotion locks."""
-    client = client or _client()
+    client = client or mlflow_client()
     names, token = [], None
-    with _registry_errors("the registry", "listing registered models"):
+    with registry_errors("the registry", "listing registered models"):
         while True:
             page = client.search_registered_models(max_results=500, page_token=token)
             names += [m.name for m in page if LOCK_SUFFIX not in m.name]

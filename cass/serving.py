@@ -196,8 +196,8 @@ def log_classifier(model_dir: Path, example_image: bytes, name: str = "model", *
     applies (temperature, multi-label thresholds) is recorded in the MLmodel file's metadata too.
     """
     import cass
-    from cass.finetune import ClassifierSpec
-    from cass.layout import FinetuneOutputs
+    from cass.classifier import ClassifierSpec
+    from cass.outputs import FinetuneOutputs
 
     out = FinetuneOutputs(Path(model_dir))
     spec = ClassifierSpec.from_file(out.spec)

@@ -23,6 +23,7 @@ from cass.config import Params
 from cass.data.adapters import read_csv_file
 from cass.errors import DataError
 from cass.metrics import multi_label_metrics
+from cass.names import FLOOR_METRICS
 
 ALL = "(all)"
 MISSING = "(missing)"
@@ -115,11 +116,11 @@ def worst_group_gap(table: pd.DataFrame) -> dict[str, float]:
     overall = table[table["column"] == ALL].iloc[0]
     counted = table[table["counted"]]
     out: dict[str, float] = {}
-    for metric in ("macro_f1", "balanced_accuracy"):
+    for metric in FLOOR_METRICS:
         out[f"subgroup_gap_{metric}"] = (
             max(0.0, float(overall[metric] - counted[metric].min())) if len(counted) else math.nan
         )
-    gaps = [out["subgroup_gap_macro_f1"], out["subgroup_gap_balanced_accuracy"]]
+    gaps = [out[f"subgroup_gap_{metric}"] for metric in FLOOR_METRICS]
     out["subgroup_gap"] = math.nan if any(math.isnan(g) for g in gaps) else max(gaps)
     out["subgroups_counted"] = float(len(counted))
     return out

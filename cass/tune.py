@@ -53,7 +53,7 @@ from cass.config import (
 from cass.errors import CassError, ConfigError, StudyDatabaseError, TrainingError, exception_chain
 from cass.finetune import finetune
 from cass.io import atomic_write_text
-from cass.layout import best_params_path, optuna_storage_file
+from cass.outputs import best_params_path, optuna_storage_file
 from cass.tracking import (
     Lineage,
     RunLogger,

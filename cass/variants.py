@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from cass.config import NETWORKS, Network, Params
+from cass.config_training import CassVariant
 from cass.ema import ema_update
 from cass.errors import ConfigError
 from cass.losses import CASSLoss, CrossPredictionLoss, VarianceCovarianceLoss
@@ -57,26 +58,22 @@ class VariantSpec:
     ema: bool
 
 
-VARIANTS: dict[str, VariantSpec] = {
+VARIANTS: dict[CassVariant, VariantSpec] = {  # one entry per name of config_training.CassVariant (tested)
     "paper": VariantSpec(views=1, projector=False, predictor=False, ema=False),
     "projector": VariantSpec(views=2, projector=True, predictor=False, ema=False),
     "simsiam": VariantSpec(views=2, projector=True, predictor=True, ema=False),
     "byol": VariantSpec(views=2, projector=True, predictor=True, ema=True),
 }
 
-RANDOM_INIT_VARIANT = "paper"
-"""What ``pretrain.variant: auto`` runs from random weights; the paper's recipe until the measured decision
-rule of docs/baselines.md names a variant that beats no pretraining."""
+AUTO_VARIANT: CassVariant = "paper"
+"""What ``pretrain.variant: auto`` runs, from pretrained and random weights alike: the paper's recipe until the
+measured decision rule of docs/baselines.md names a variant that beats no pretraining."""
 
 
 def resolve_variant(params: Params) -> str:
-    """The variant a run uses: ``pretrain.variant``, with ``auto`` resolved by the networks' start (the paper's
-    recipe from pretrained weights, :data:`RANDOM_INIT_VARIANT` from random ones)."""
+    """The variant a run uses: ``pretrain.variant``, with ``auto`` resolved to :data:`AUTO_VARIANT`."""
     name = params.pretrain.variant
-    if name != "auto":
-        return name
-    m = params.model
-    return "paper" if (m.pretrained or m.cnn_weights or m.vit_weights) else RANDOM_INIT_VARIANT
+    return AUTO_VARIANT if name == "auto" else name
 
 
 def choose_recipe(params: Params, data_dir: Path) -> tuple[Params, str]:
@@ -99,11 +96,9 @@ def choose_recipe(params: Params, data_dir: Path) -> tuple[Params, str]:
         return chosen, (f"pretrain.variant: auto -> {rec.method}, recommended by `cass study` {rec.study} for this "
                         f"data version ({rec.data_hash[:12]}): {rec.reason}")
     variant = resolve_variant(params)
-    m = params.model
-    start = "pretrained weights" if (m.pretrained or m.cnn_weights or m.vit_weights) else "random weights"
     why = ("no study recommendation is recorded for this data version" if rec is None else
            f"`cass study` {rec.study} recommended {rec.method} for this data version, which is not a CASS recipe")
-    return params, f"pretrain.variant: auto -> {variant} by the rule for {start} ({why})"
+    return params, f"pretrain.variant: auto -> {variant}, the default recipe ({why})"
 
 
 class MLP(nn.Sequential):

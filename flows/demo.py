@@ -26,7 +26,7 @@ from cass.telemetry import disable_telemetry
 
 if TYPE_CHECKING:
     from cass.config import Params
-    from cass.layout import Layout
+    from cass.outputs import Layout
 
 STARTUP_TIMEOUT_S = 600
 """Seconds the demo waits for its temporary Prefect server (Prefect's own default is 20)."""

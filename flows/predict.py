@@ -23,7 +23,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cass.layout import PredictionOutputs
+from cass.outputs import PredictionOutputs
 from cass.predict import Plan, merge_shards, plan, predict_to_file, read_path_list, resolve_inputs, write_shards
 
 SHARD_DEPLOYMENT = "cass-predict-shard/predict-shard"

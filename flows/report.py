@@ -61,8 +61,8 @@ class RunSummary:
 
 def pretraining_recipe(pretrain_dir: Path | None) -> dict[str, str]:
     """The CASS recipe the pretraining in ``pretrain_dir`` ran, and why (its networks.json), or {}."""
-    from cass.layout import PretrainOutputs
     from cass.model_card import recipe_of
+    from cass.outputs import PretrainOutputs
 
     return recipe_of(PretrainOutputs(Path(pretrain_dir)).networks) if pretrain_dir is not None else {}
 

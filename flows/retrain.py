@@ -13,7 +13,7 @@ fails. A failed data gate stops the run before training. A failed model gate, wi
 that passed, then fails the run; with ``all``, or when no network passed, nothing is registered or promoted.
 
 A run whose data and result-changing settings equal those of a completed run trains nothing
-(:mod:`cass.retraining`); a run that changes only fine-tuning settings reuses the pretraining.
+(:mod:`cass.run_keys`); a run that changes only fine-tuning settings reuses the pretraining.
 
 Wherever the flow runs (this process, a worker's subprocess, a Kubernetes Job), the library's log lines
 (epochs, progress, gate messages) go to the flow run's log (:func:`library_logs_to_the_run_log`), and a
@@ -44,10 +44,10 @@ from prefect.cache_policies import NO_CACHE
 from cass import tracking
 from cass.config import Network, Params, RetrainConfig, load_params
 from cass.errors import CassError, ConfigError, DataError, GateFailed
-from cass.layout import Layout
+from cass.outputs import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.redaction import install_log_redaction
-from cass.retraining import data_hash
+from cass.run_keys import data_hash
 from flows.notify import notify_failed, notify_refused
 from flows.report import (
     METRICS,

@@ -55,7 +55,7 @@ def study_group(params_file: str, overrides: Sequence[str], outputs: str, method
                 tracked: bool = True) -> dict[str, Any]:
     """The missing cells of one method and seed of a study the study flow planned (its data prepared, its parent
     run open): the method's pretraining of that seed, then each cell in a child run of the parent."""
-    from cass.layout import Layout
+    from cass.outputs import Layout
     from cass.study.plan import make_plan
     from cass.study.tracking import StudyTracker
     from flows.retrain import library_logs_to_the_run_log

@@ -21,8 +21,8 @@ from cass.calibration import (
     probabilities,
     reliability_table,
 )
+from cass.classifier import ClassifierSpec
 from cass.config import EvaluateConfig, Params, params_from_mapping
-from cass.finetune import ClassifierSpec
 
 
 def test_ece_matches_a_hand_computed_example() -> None:

@@ -138,8 +138,8 @@ def test_task_metric_lists_match_what_evaluation_writes() -> None:
     """`auto` may only require metrics evaluation writes: each list must stay in step with cass.metrics."""
     import numpy as np
 
-    from cass.config import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS
     from cass.metrics import classification_metrics
+    from cass.names import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS
 
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])
     single = classification_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b"], multilabel=False)

@@ -24,6 +24,7 @@ from cass.baselines.dino import (
     ema_update,
     local_crop_size,
 )
+from cass.cass_pretraining import pretrain
 from cass.cli import main
 from cass.config import AugmentConfig, DinoConfig, Params, params_from_mapping
 from cass.data.dataset import ImageDataset, make_loader
@@ -32,7 +33,6 @@ from cass.data.transforms import MultiCropTransform
 from cass.errors import ConfigError
 from cass.finetune import finetune
 from cass.losses import AntiCollapseCASSLoss, CASSLoss, DINOLoss, VarianceCovarianceLoss
-from cass.pretrain import pretrain
 from cass.training import Precision
 from tests.conftest import tiny_mapping
 
@@ -202,7 +202,7 @@ def test_teacher_gets_no_gradients_and_follows_the_student_by_ema(learner: DinoL
     learner.backward(loss)
     assert all(p.grad is None for p in learner.teacher.parameters())
     assert any(p.grad is not None for p in learner.student.parameters())
-    learner.step(lr=1e-3, weight_decay=0.04, momentum=0.9, freeze_last_layer=False)
+    learner.optimizer_step(lr=1e-3, weight_decay=0.04, momentum=0.9, freeze_last_layer=False)
     for t, t0, s in zip(learner.teacher.parameters(), teacher_before, learner.student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s.detach())
 
@@ -216,7 +216,7 @@ def test_loss_decreases_over_a_few_steps(demo_root: Path, network: str) -> None:
     for _ in range(8):
         loss, _ = learner.forward_loss(batch, teacher_temp=0.04)
         learner.backward(loss)
-        learner.step(lr=5e-3, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
+        learner.optimizer_step(lr=5e-3, weight_decay=0.04, momentum=0.996, freeze_last_layer=False)
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -225,7 +225,7 @@ def test_last_layer_is_frozen_while_asked(learner: DinoLearner) -> None:
     last = [p.detach().clone() for p in learner.student.head.last_layer.parameters()]
     loss, _ = learner.forward_loss(crops(), teacher_temp=0.04)
     learner.backward(loss)
-    learner.step(lr=1e-2, weight_decay=0.04, momentum=0.996, freeze_last_layer=True)
+    learner.optimizer_step(lr=1e-2, weight_decay=0.04, momentum=0.996, freeze_last_layer=True)
     for p, p0 in zip(learner.student.head.last_layer.parameters(), last, strict=True):
         torch.testing.assert_close(p, p0)
     # the weight-normalised layer keeps its norm fixed at 1 (norm_last_layer)

@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cass.cass_pretraining import pretrain
 from cass.cli import main
 from cass.config import params_from_mapping
 from cass.data.dataset import ImageDataset
@@ -28,8 +29,7 @@ from cass.data.transforms import cass_transform
 from cass.distributed import ENV_VARS, local_batch_size, torchrun_command
 from cass.errors import ConfigError
 from cass.finetune import finetune
-from cass.layout import PretrainOutputs
-from cass.pretrain import pretrain
+from cass.outputs import PretrainOutputs
 from cass.training import load_checkpoint
 from tests.conftest import free_port, tiny_mapping
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from cass.config import load_params
 from cass.finetune import finetune
-from cass.pretrain import pretrain
+from cass.cass_pretraining import pretrain
 
 
 class Interrupted(Exception):
@@ -64,11 +64,11 @@ elif job == "pair-per-rank":  # each rank keeps its whole pair (targets, project
 
     import torch
 
-    import cass.pretrain
+    import cass.cass_pretraining
 
     pairs = []
-    build_pair = cass.pretrain.build_pair
-    cass.pretrain.build_pair = lambda params: pairs.append(build_pair(params)) or pairs[-1]
+    build_pair = cass.cass_pretraining.build_pair
+    cass.cass_pretraining.build_pair = lambda params: pairs.append(build_pair(params)) or pairs[-1]
     pretrain(params_file, data_dir, out, progress=False)
     torch.save(dict(pairs[0].named_parameters()), out.parent / f"pair-rank{os.environ['RANK']}.pt")
 else:  # two stages in one process group, as a flow run under torchrun does

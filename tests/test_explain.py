@@ -144,8 +144,8 @@ def test_panel_is_written(tmp_path: Path) -> None:
 
 def test_explain_command_writes_an_overlay_per_image(tmp_path: Path, demo_root: Path) -> None:
     """`cass explain --model <fine-tuning folder> IMAGE...` (an MLflow URI is covered in test_mlflow_local)."""
+    from cass.classifier import ClassifierSpec
     from cass.cli import main
-    from cass.finetune import ClassifierSpec
     from cass.training import save_weights
 
     model_dir = tmp_path / "finetune" / "vit"

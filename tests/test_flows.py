@@ -409,7 +409,7 @@ def test_prefect_yaml_deploys_the_schedule_the_on_demand_run_and_the_gpu_pool(pr
 def test_run_key_follows_data_and_result_settings_not_where_things_run(demo_root: Path, prepared_dir: Path,
                                                                         tmp_path: Path) -> None:
     from cass.config import params_from_mapping
-    from cass.retraining import run_key
+    from cass.run_keys import run_key
 
     def key(data: Path = prepared_dir, tuning: bool = False, **sections) -> str:
         mapping = tiny_mapping(demo_root)

@@ -14,7 +14,7 @@ import yaml
 
 from cass.cli import main
 from cass.errors import GateFailed, TrainingError
-from cass.layout import EvaluateOutputs, FinetuneOutputs, Layout
+from cass.outputs import EvaluateOutputs, FinetuneOutputs, Layout
 from cass.tracking import data_digest
 from tests.conftest import LENIENT_MODEL_GATE, tiny_mapping
 

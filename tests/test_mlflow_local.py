@@ -26,8 +26,8 @@ from cass.cli import main
 from cass.config import params_from_mapping
 from cass.data.demo import generate_demo
 from cass.errors import DataError
-from cass.layout import Layout
 from cass.lineage import git_commit
+from cass.outputs import Layout
 from tests.conftest import LENIENT_MODEL_GATE, free_port, tiny_mapping
 
 pytestmark = pytest.mark.slow

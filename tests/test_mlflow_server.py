@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cass.config import params_from_mapping
-from cass.layout import Layout
+from cass.outputs import Layout
 from tests.conftest import LENIENT_MODEL_GATE, MLFLOW_S3_SECRET, tiny_mapping
 
 pytestmark = pytest.mark.slow

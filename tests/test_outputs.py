@@ -25,7 +25,7 @@ import yaml
 from cass import io as cass_io
 from cass.config import params_from_mapping
 from cass.errors import DiskFullError
-from cass.layout import FinetuneOutputs
+from cass.outputs import FinetuneOutputs
 from tests.conftest import service_unavailable, tiny_mapping
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cass.config import params_from_mapping
-from cass.errors import ConfigError, GateFailed
-from cass.layout import Layout
+from cass.errors import ConfigError
+from cass.outputs import Layout
 from cass.pipeline import (
     STAGES,
     ModelGateFailed,
@@ -108,9 +108,12 @@ def test_failed_model_gate_stops_registration_but_only_warns_when_nothing_is_reg
     with pytest.raises(ModelGateFailed, match="nothing was registered") as raised:
         gate.run(PipelineRun(params, layout, tracked=True), None)
     assert [network for network, _ in raised.value.failed] == ["cnn", "vit"]
-    assert isinstance(raised.value, GateFailed) and raised.value.exit_code == GateFailed.exit_code
+    # A subclass inherits GateFailed's exit code; what the caller sees is 5, the documented code of a failed gate
+    # (`cass --help`), and the result it carries is a failed network's, not a data gate's.
+    assert raised.value.exit_code == 5 and raised.value.result is raised.value.failed[0][1]
     copy = pickle.loads(pickle.dumps(raised.value))  # results may cross a process or a result store
-    assert [network for network, _ in copy.failed] == ["cnn", "vit"] and copy.result is not None
+    assert [network for network, _ in copy.failed] == ["cnn", "vit"]
+    assert copy.result.summary() == raised.value.result.summary() and str(copy) == str(raised.value)
 
     with caplog.at_level(logging.WARNING, logger="cass.pipeline"):
         gate.run(PipelineRun(params, layout), None)  # untracked: the demo registers nothing
@@ -158,7 +161,7 @@ def test_a_network_that_passes_the_model_gate_is_registered_and_promoted_on_its_
                           "[10/12] register vit: skipped, vit failed the model gate", "[11/12] promote cnn",
                           "[12/12] promote vit: skipped, vit failed the model gate"]
     failure = gate_failure(done)  # ... and its callers report the failed network, naming what passed
-    assert isinstance(failure, ModelGateFailed) and failure.exit_code == GateFailed.exit_code
+    assert isinstance(failure, ModelGateFailed) and failure.exit_code == 5 and failure.result is failure.failed[0][1]
     text = str(failure)
     assert "vit: not registered or promoted" in text and "class_recall_nonzero" in text
     assert "cnn: passed the model gate, registered as version 3; cass-demo-cnn v3: promoted to champion" in text

@@ -37,7 +37,7 @@ PROB_ATOL = LOGIT_ROUNDING / (2 * MIN_TEMPERATURE)
 def _classifier(folder: Path, arch: str, temperature: float, multilabel: bool = False) -> Path:
     import torch
 
-    from cass.finetune import ClassifierSpec
+    from cass.classifier import ClassifierSpec
     from cass.training import save_weights
 
     torch.manual_seed(3)

@@ -439,20 +439,20 @@ def test_a_dead_holders_lock_is_broken_at_once_only_in_the_same_pid_namespace_an
     and for a lock without these tags, only its age counts."""
     import mlflow
 
-    from cass import registry
+    from cass import mutex, registry
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     cfg = params_from_mapping({"mlflow": {"tracking_uri": uri, "lock_stale_s": 900}}).mlflow
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid names no process now
-    holder = {**registry._holder(), "pid": str(dead.pid), "owner": "o", "acquired_at": f"{time.time():.3f}"}
+    holder = {**mutex.holder(), "pid": str(dead.pid), "owner": "o", "acquired_at": f"{time.time():.3f}"}
     assert holder["pid_ns"] and holder["boot_id"]
 
     def broken_at_once(tags: dict[str, str]) -> bool:
         lock = f"m-{len(client.search_registered_models())}{registry.LOCK_SUFFIX}"
         client.create_registered_model(lock, tags=tags)
-        registry._break_if_stale(client, lock, cfg)
+        mutex.break_if_stale(client, lock, cfg.lock_stale_s)
         return not client.search_registered_models(f"name = '{lock}'")
 
     assert broken_at_once(holder)

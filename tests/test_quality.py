@@ -22,12 +22,13 @@ import yaml
 from PIL import Image
 
 from cass.cli import main
-from cass.config import QUALITY_CHECKS, Params, load_params, params_from_mapping, read_params_file
+from cass.config import Params, load_params, params_from_mapping, read_params_file
 from cass.data.fingerprint import ensure_prepared, fingerprint, prepared_settings
 from cass.data.manifest import read_manifest, write_manifest
 from cass.data.prepare import prepare_data
 from cass.errors import ConfigError, DataError, GateFailed
-from cass.layout import subset_file
+from cass.names import QUALITY_CHECKS
+from cass.outputs import subset_file
 from cass.quality import GateResult, validate_manifest, validate_model, validate_splits
 from cass.quality.decode_cache import check_files
 from tests.conftest import tiny_mapping

@@ -78,7 +78,7 @@ def study(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFa
 
 
 def make_plan_of(mapping: dict, outputs: Path):
-    from cass.layout import Layout
+    from cass.outputs import Layout
     from cass.study.plan import make_plan
 
     return make_plan(params_from_mapping(mapping), Layout(outputs).data, outputs)
@@ -227,7 +227,7 @@ def test_the_rule_recommends_a_gain_larger_than_the_seed_spread_for_every_networ
 
 def test_auto_follows_the_recommendation_recorded_for_this_data_only(tmp_path: Path, prepared_dir: Path,
                                                                       demo_root: Path) -> None:
-    from cass.retraining import data_hash
+    from cass.run_keys import data_hash
 
     mapping = tiny_mapping(demo_root)
     mapping["pretrain"]["variant"] = "auto"
@@ -246,7 +246,7 @@ def test_auto_follows_the_recommendation_recorded_for_this_data_only(tmp_path: P
     assert (chosen.pretrain.variant, chosen.pretrain.anti_collapse) == ("simsiam", "vicreg")
     assert "abc123" in why and "CASS simsiam + vicreg" in why
     # A pretraining is resumed and reused under the recipe auto resolves to, not under "auto".
-    from cass.pretraining import pretrain_fingerprint
+    from cass.pretraining_common import pretrain_fingerprint
 
     assert pretrain_fingerprint(params, prepared_dir) == pretrain_fingerprint(chosen, prepared_dir)
     paper = params_from_mapping({**mapping, "pretrain": {**mapping["pretrain"], "variant": "paper"}})

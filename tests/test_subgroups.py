@@ -105,8 +105,8 @@ def test_evaluate_writes_subgroups_and_the_gate_reads_the_gap(tmp_path: Path, de
                                                                prepared_dir: Path) -> None:
     import torch
 
+    from cass.classifier import ClassifierSpec
     from cass.evaluate import evaluate
-    from cass.finetune import ClassifierSpec
     from cass.quality import validate_model
     from cass.training import save_weights
 

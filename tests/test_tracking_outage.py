@@ -18,7 +18,7 @@ import yaml
 
 from cass.config import params_from_mapping
 from cass.data.prepare import prepare_data
-from cass.layout import FinetuneOutputs, Layout
+from cass.outputs import FinetuneOutputs, Layout
 from tests.conftest import LENIENT_MODEL_GATE, MlflowServer, kill_when_logged, tiny_mapping
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cass.cass_pretraining import CassLearner, pretrain
+from cass.classifier import load_classifier
 from cass.cli.output import pretraining_lines
 from cass.config import params_from_mapping
 from cass.data.manifest import read_manifest
@@ -19,10 +21,9 @@ from cass.data.splits import read_subset
 from cass.engine import Engine, Step
 from cass.errors import TrainingError
 from cass.evaluate import evaluate
-from cass.finetune import finetune, load_classifier
-from cass.layout import PretrainOutputs
+from cass.finetune import finetune
 from cass.models import create_network
-from cass.pretrain import CassLearner, pretrain
+from cass.outputs import PretrainOutputs
 from cass.training import EpochCallback, load_checkpoint, save_checkpoint
 from tests.conftest import tiny_mapping
 

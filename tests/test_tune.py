@@ -364,7 +364,7 @@ def test_explicit_setting_is_not_searched_and_reaches_fine_tuning(
 def test_tracked_fine_tune_run_tags_the_tuned_and_pinned_keys(
     tmp_path: Path, demo_root: Path, prepared_dir: Path
 ) -> None:
-    from cass.layout import Layout
+    from cass.outputs import Layout
     from cass.pipeline import PipelineRun, _finetune
     from cass.tracking import configure
 

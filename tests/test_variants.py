@@ -22,6 +22,7 @@ from torch.utils.data import default_collate
 
 import cass.losses.prediction
 from cass.config import AugmentConfig, Params, params_from_mapping
+from cass.config_training import VARIANT_NAMES
 from cass.data.dataset import ImageDataset
 from cass.data.manifest import read_manifest
 from cass.data.transforms import TwoViewTransform, cass_transform, pretrain_transform
@@ -31,7 +32,7 @@ from cass.losses import AntiCollapseCASSLoss, CASSLoss, CrossPredictionLoss, Emb
 from cass.models import create_network
 from cass.monitor import KnnMonitor, embed, knn_accuracy, knn_predict
 from cass.training import load_weights_file, save_weights
-from cass.variants import VARIANTS, CassPair, ema_momentum, resolve_variant
+from cass.variants import AUTO_VARIANT, VARIANTS, CassPair, ema_momentum, resolve_variant
 from tests.conftest import tiny_mapping
 
 SIZE, DIM = 32, 32
@@ -424,9 +425,16 @@ def test_defaults_keep_the_papers_recipe() -> None:
     assert pair.variant == "paper" and pair.views == 1 and pair.cnn_predictor is None and pair.cnn_target is None
 
 
-def test_auto_variant_follows_the_networks_start(tmp_path: Path) -> None:
+def test_every_variant_name_has_a_spec_and_every_spec_a_name() -> None:
+    """The names are listed once (config_training.CassVariant, what settings accept); VARIANTS holds a spec
+    for each name, in the same order, and for nothing else."""
+    assert tuple(VARIANTS) == VARIANT_NAMES
+    assert AUTO_VARIANT in VARIANT_NAMES
+
+
+def test_auto_variant_is_the_measured_choice_from_any_start(tmp_path: Path) -> None:
     weights = tmp_path / "cnn.safetensors"
-    assert resolve_variant(params_from_mapping({"pretrain": {"variant": "auto"}})) in VARIANTS
+    assert resolve_variant(params_from_mapping({"pretrain": {"variant": "auto"}})) == AUTO_VARIANT == "paper"
     assert resolve_variant(params_from_mapping({"pretrain": {"variant": "auto"},
                                                 "model": {"cnn_weights": str(weights)}})) == "paper"
     assert resolve_variant(params_from_mapping({"pretrain": {"variant": "byol"}})) == "byol"

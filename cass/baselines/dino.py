@@ -34,10 +34,10 @@ from cass.config import NETWORKS, DinoConfig, Network, Params
 from cass.data.transforms import MultiCropTransform
 from cass.ema import ema_update
 from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
-from cass.layout import PretrainOutputs
 from cass.losses import DINOLoss
 from cass.models import create_network
-from cass.pretraining import PretrainingLearner, run_pretraining
+from cass.outputs import PretrainOutputs
+from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, Precision, autocast, cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,9 @@ class DinoLearner:
     def backward(self, loss: torch.Tensor, divisor: int = 1) -> None:
         self.updater.backward(loss, divisor)
 
-    def step(self, lr: float, weight_decay: float, momentum: float, freeze_last_layer: bool) -> None:
-        """Clip, (maybe) cancel the last layer's gradients, take the AdamW step, update the teacher."""
+    def optimizer_step(self, lr: float, weight_decay: float, momentum: float, freeze_last_layer: bool) -> None:
+        """The optimiser step after the backward passes: clip, (maybe) cancel the last layer's gradients, take
+        the AdamW step, update the teacher. (:meth:`DinoPretraining.step` is the engine's forward + backward.)"""
         self.updater.unscale()
         if self.cfg.clip_grad > 0:
             clip_gradients(self.student, self.cfg.clip_grad)
@@ -337,7 +338,7 @@ class DinoPretraining(PretrainingLearner):
     def optimizer_step(self, step: Step) -> None:
         wd, momentum = self.schedules.weight_decay[step.index], self.schedules.momentum[step.index]
         for learner in self.networks.values():
-            learner.step(step.lr, float(wd), float(momentum), self.freeze_last_layer)
+            learner.optimizer_step(step.lr, float(wd), float(momentum), self.freeze_last_layer)
 
     def record(self, stats: EpochStats) -> dict[str, float]:
         record: dict[str, float] = {"epoch": stats.epoch}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cass.layout import Layout
+    from cass.outputs import Layout
 
 
 def print_metrics(results: Mapping[str, Mapping[str, Any]]) -> None:
@@ -31,7 +31,7 @@ def pretraining_lines(pretrain_dir: Path) -> list[str]:
     validation split before and after pretraining (``pretrain.monitor_every``), and whether it collapsed."""
     import json
 
-    from cass.layout import PretrainOutputs
+    from cass.outputs import PretrainOutputs
 
     path = PretrainOutputs(pretrain_dir).metrics
     if not path.is_file():

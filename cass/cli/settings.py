@@ -18,7 +18,7 @@ from cass.errors import ConfigError
 
 if TYPE_CHECKING:
     from cass.config import Network, Params
-    from cass.layout import Layout
+    from cass.outputs import Layout
 
 
 def apply_updates(raw: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def settings(args: argparse.Namespace, updates: Mapping[str, Any] | None = None)
 
 def outputs(args: argparse.Namespace) -> Layout:
     """Where the stages read and write (``--outputs``)."""
-    from cass.layout import Layout
+    from cass.outputs import Layout
 
     return Layout(Path(args.outputs))
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cass.errors import DataError
-from cass.layout import INFO_FILE
 from cass.lineage import data_version
+from cass.outputs import INFO_FILE
 
 if TYPE_CHECKING:
     from cass.config import Params

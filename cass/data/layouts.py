@@ -1,6 +1,6 @@
 """The registry of dataset layouts: the ways a dataset folder can be organised, as ``data.layout`` names them.
 
-(Not to be confused with :mod:`cass.layout`, which names the platform's *output* paths.)
+(Not to be confused with :mod:`cass.outputs`, which names the platform's *output* paths.)
 
 Settings validation, ``cass data prepare``, ``cass data add`` and the CLI's ``--layout`` choices all read
 this registry, so a new layout is one adapter class and one ``@register_layout``::

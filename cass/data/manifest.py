@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from cass.data.problems import Problems
 from cass.errors import DataError
 from cass.io import atomic_write_text
-from cass.layout import INFO_FILE, MANIFEST_FILE
+from cass.outputs import INFO_FILE, MANIFEST_FILE
 
 if TYPE_CHECKING:
     import pandas as pd

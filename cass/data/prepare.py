@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from cass.config import Params, metrics_fix, unwritten_metrics
+from cass.config import Params
+from cass.config_tracking import metrics_fix
 from cass.data import adapters
 from cass.data.fingerprint import SPLIT_RULE, fingerprint, prepared_settings
 from cass.data.images import ImageInfo
@@ -25,6 +26,7 @@ from cass.data.splits import assign_splits, changed_split_settings, split_change
 from cass.errors import DataError
 from cass.io import output_set
 from cass.lineage import data_version, git_commit
+from cass.names import unwritten_metrics
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from cass.data.manifest import label_lists
 from cass.errors import DataError
 from cass.io import atomic_write_text
-from cass.layout import subset_file
+from cass.outputs import subset_file
 
 if TYPE_CHECKING:  # pandas is imported where it is called
     import pandas as pd

@@ -6,7 +6,7 @@ arguments and the failure it catches. This module builds the GX suites from them
 whose Data Docs site lives in the gate's report folder (no global GX project, no analytics), runs them and
 reads the results back into a :class:`GateResult` with a few offending rows per failed check.
 
-Severity comes from ``quality.severity`` (defaults in :data:`cass.config.QUALITY_CHECKS`): a failed "fail"
+Severity comes from ``quality.severity`` (defaults in :data:`cass.names.QUALITY_CHECKS`): a failed "fail"
 check makes the gate fail, a failed "warn" check is reported only. GX records it as critical/warning too, so
 the Data Docs show the same split.
 """
@@ -25,10 +25,11 @@ from typing import Any
 
 import pandas as pd
 
-from cass.config import QualityConfig, Severity
+from cass.config import QualityConfig
 from cass.errors import GateFailed
 from cass.io import atomic_write_text
-from cass.layout import DOCS_DIR, RESULT_FILE
+from cass.names import Severity
+from cass.outputs import DOCS_DIR, RESULT_FILE
 
 log = logging.getLogger(__name__)
 

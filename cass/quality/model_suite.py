@@ -11,9 +11,10 @@ import pandas as pd
 
 from cass.config import Params
 from cass.errors import DataError
+from cass.names import FLOOR_METRICS
 from cass.quality.gate import GateResult, Table, check, run_gate
 
-FLOORED = ("macro_f1", "balanced_accuracy")
+FLOORED = FLOOR_METRICS
 
 
 def _number(value: Any) -> float:

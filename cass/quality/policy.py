@@ -32,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from cass.config import QUALITY_CHECKS, Params, QualityConfig, params_from_mapping
+from cass.config import Params, QualityConfig, params_from_mapping
 from cass.errors import ConfigError
-from cass.layout import EvaluateOutputs
 from cass.logs import at_least_warning
+from cass.names import QUALITY_CHECKS
+from cass.outputs import EvaluateOutputs
 
 GATE_SETTINGS = ("expected_metrics", "min_macro_f1", "min_balanced_accuracy", "max_ece", "max_subgroup_gap")
 """The ``quality:`` keys the model gate reads, beside the severities of its checks."""

@@ -1,6 +1,6 @@
 """One pretraining and one cell of a study, through the platform's stage functions.
 
-Each writes its stage outputs under its own :class:`cass.layout.Layout` root (:mod:`cass.study.plan`) and a
+Each writes its stage outputs under its own :class:`cass.outputs.Layout` root (:mod:`cass.study.plan`) and a
 small JSON record last, which is what a rerun looks for: a finished pretraining or cell is never trained again,
 and an interrupted pretraining or fine-tuning resumes from its checkpoint (the stages' own resume).
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
+from cass.cass_pretraining import pretrain
 from cass.evaluate import evaluate
 from cass.finetune import finetune
 from cass.io import atomic_write_text
-from cass.pretrain import pretrain
 from cass.study.plan import Cell, Pretraining, StudyPlan
 
 log = logging.getLogger(__name__)

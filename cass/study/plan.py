@@ -27,7 +27,7 @@ from typing import Any
 from cass.config import Network, Params, params_from_mapping
 from cass.errors import ConfigError
 from cass.io import atomic_write_text
-from cass.layout import Layout
+from cass.outputs import Layout
 from cass.study.methods import changes, check_methods, pretrains, slug
 
 RESULT_FILE = "result.json"
@@ -158,7 +158,7 @@ def with_changes(params: Params, updates: dict[str, Any]) -> Params:
 
 
 def study_key(params: Params, data_hash: str) -> str:
-    from cass.retraining import result_settings
+    from cass.run_keys import result_settings
 
     s = params.study
     payload = {"data": data_hash, "settings": result_settings(params, tuning=False),
@@ -170,7 +170,7 @@ def study_key(params: Params, data_hash: str) -> str:
 def make_plan(params: Params, data_dir: Path, outputs: Path) -> StudyPlan:
     """The study of ``params.study`` on the prepared data in ``data_dir``, under ``<outputs>/study``; checks the
     settings before anything trains."""
-    from cass.retraining import data_hash
+    from cass.run_keys import data_hash
 
     s = params.study
     check_methods(s.methods)

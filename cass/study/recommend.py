@@ -2,7 +2,7 @@
 ``pretrain.variant: auto`` follows (:func:`cass.variants.choose_recipe`).
 
 The record lies at ``<study.recommendations>/<data hash>.json``, keyed by the content hash of the prepared
-data (:func:`cass.retraining.data_hash`: every file's sha256, label and split), so a recommendation applies to
+data (:func:`cass.run_keys.data_hash`: every file's sha256, label and split), so a recommendation applies to
 exactly the data it was measured on; new data has none until a study runs on it.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from cass.config import Params
 from cass.io import atomic_write_text
-from cass.layout import MANIFEST_FILE
+from cass.outputs import MANIFEST_FILE
 from cass.study.methods import NO_PRETRAINING, changes
 
 FRAGMENT_FILE = "recommendation.yaml"
@@ -86,7 +86,7 @@ def lookup(params: Params, data_dir: Path) -> Recommendation | None:
     manifest = Path(data_dir) / MANIFEST_FILE
     if not manifest.is_file():
         return None
-    # cass.retraining.data_hash's value, computed here: cass.retraining imports the pretraining, which asks this
+    # cass.run_keys.data_hash's value, computed here: cass.run_keys imports the pretraining, which asks this
     path = record_file(params, hashlib.sha256(manifest.read_bytes()).hexdigest())
     if not path.is_file():
         return None

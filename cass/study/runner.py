@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import Params
-from cass.layout import Layout
+from cass.outputs import Layout
 from cass.study import recommend, report, stats
 from cass.study.cells import run_cell, run_pretraining
 from cass.study.methods import slug

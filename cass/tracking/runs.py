@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cass.config import MlflowConfig, Params
-from cass.layout import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
+from cass.outputs import INFO_FILE, EvaluateOutputs, FinetuneOutputs, Layout
 from cass.registry import EVALUATION_DIR, finite
 from cass.tracking.client import (
     configure,
@@ -121,16 +121,16 @@ def data_digest(data_dir: Path, data_version: str = "") -> str:
     stores digests (36 characters)."""
     if data_version:
         return data_version[:36]
-    from cass.retraining import data_hash
+    from cass.run_keys import data_hash
 
     return data_hash(Path(data_dir))[:32]
 
 
 def changed_settings(params: Params, base: Params | None) -> dict[str, str]:
-    """The result-changing settings (:func:`cass.retraining.result_settings`) in which ``params`` differs
+    """The result-changing settings (:func:`cass.run_keys.result_settings`) in which ``params`` differs
     from ``base`` (the settings file without overrides), as ``section.key`` -> value; the data and the
     label fraction are named apart, where a run goes (MLflow, retries, workers) is not named."""
-    from cass.retraining import result_settings
+    from cass.run_keys import result_settings
 
     if base is None:
         return {}

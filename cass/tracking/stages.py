@@ -20,9 +20,9 @@ import yaml
 from cass import registry
 from cass.config import Network, Params
 from cass.errors import TrainingError
-from cass.layout import FinetuneOutputs, Layout
+from cass.outputs import FinetuneOutputs, Layout
 from cass.quality.policy import GatePolicy
-from cass.retraining import (
+from cass.run_keys import (
     PRETRAIN_FINGERPRINT_TAG,
     completed_run_filter,
     finished_checkpoint,
@@ -77,7 +77,7 @@ def first_test_image(data_dir: Path) -> bytes:
 
 def completed_run(params: Params, key: str) -> str | None:
     """The latest finished pipeline run with run key ``key`` whose models were registered: a run with the
-    same data and result-changing settings that need not train again (:mod:`cass.retraining`)."""
+    same data and result-changing settings that need not train again (:mod:`cass.run_keys`)."""
     return latest_run_id(params.mlflow, completed_run_filter(key))
 
 
@@ -96,10 +96,10 @@ def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, prog
     """Pretrain in a child run, or reuse the finished pretraining on disk when it has the current settings.
 
     Reuse needs a finished checkpoint with the current fingerprint (settings and data, see
-    :mod:`cass.retraining`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
+    :mod:`cass.run_keys`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
     (``--force``) trains from scratch, neither reusing nor resuming what is on disk.
     """
-    from cass.pretrain import pretrain
+    from cass.cass_pretraining import pretrain
 
     configure(params.mlflow)
     earlier = reusable_pretraining(params, layout) if reuse else None
@@ -174,7 +174,7 @@ def keep_manifest(run: RunLogger, data_dir: Path) -> str:
     (``data/manifest.csv``; MLflow's dataset input keeps no rows) and return its hash: what a later
     promotion reads to find the images neither model has seen (:mod:`cass.comparison`)."""
     from cass.comparison import MANIFEST_DIR, MANIFEST_TAG, manifest_digest
-    from cass.layout import MANIFEST_FILE
+    from cass.outputs import MANIFEST_FILE
 
     path = Path(data_dir) / MANIFEST_FILE
     digest = manifest_digest(path)
@@ -205,7 +205,7 @@ def data_change(params: Params, layout: Layout, network: Network, evaluation_run
     from cass import comparison
     from cass import data_change as report
     from cass.data.manifest import read_manifest
-    from cass.layout import MANIFEST_FILE
+    from cass.outputs import MANIFEST_FILE
 
     configure_client(params.mlflow)
     client = mlflow.MlflowClient()
@@ -321,7 +321,7 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
     logged earlier from the same weights, else a run logged now from ``<outputs>/pretrain`` when its weights
     are those the fine-tuning started from (None when they are not: then only their digest is tagged)."""
     from cass.engine import file_digest
-    from cass.layout import PretrainOutputs
+    from cass.outputs import PretrainOutputs
 
     pre = model.record.get("pretraining") or {}
     if pre.get("run_id"):

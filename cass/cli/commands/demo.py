@@ -14,7 +14,7 @@ from cass.cli.settings import outputs, settings
 
 if TYPE_CHECKING:
     from cass.config import Params
-    from cass.layout import Layout
+    from cass.outputs import Layout
 
 log = logging.getLogger("cass")
 

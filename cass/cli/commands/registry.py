@@ -61,7 +61,8 @@ def rollback(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """Each registered model's champion: when, why and by whom it was made champion, and every decision since."""
-    from cass.registry import model_status, registered_models
+    from cass.champion_history import model_status
+    from cass.registry import registered_models
     from cass.tracking import configure_client
 
     configure_client(settings(args).mlflow)
@@ -111,7 +112,7 @@ def predict(args: argparse.Namespace) -> int:
     else:
         print(output.read_text(), end="")
     if summary.skipped:
-        from cass.layout import PredictionOutputs
+        from cass.outputs import PredictionOutputs
 
         skipped = PredictionOutputs(output).skipped
         import csv

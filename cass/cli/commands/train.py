@@ -11,7 +11,7 @@ from cass.cli.settings import networks, outputs, reporting_rank, settings
 
 def pretrain(args: argparse.Namespace) -> int:
     """CASS (or, with --method dino, DINO) pretraining of both networks into <outputs>/pretrain."""
-    from cass.pretrain import pretrain as run_pretraining
+    from cass.cass_pretraining import pretrain as run_pretraining
 
     params = settings(args, {"pretrain.method": args.method})
     layout = outputs(args)

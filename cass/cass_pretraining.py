@@ -23,10 +23,10 @@ from cass.baselines.dino import DinoPretraining
 from cass.config import Network, Params
 from cass.data.transforms import pretrain_transform
 from cass.engine import Engine, EpochStats, Step, StepOutput
-from cass.layout import PretrainOutputs
-from cass.pretraining import PretrainingLearner, run_pretraining
+from cass.outputs import PretrainOutputs
+from cass.pretraining_common import PretrainingLearner, run_pretraining
 from cass.training import EpochCallback, make_optimizer
-from cass.variants import RANDOM_INIT_VARIANT, CassPair, build_pair, choose_recipe
+from cass.variants import CassPair, build_pair, choose_recipe
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class CassLearner(PretrainingLearner):
     @property
     def collapse_hint(self) -> str:
         if self.pair.variant == "paper":
-            alternative = (f"pretrain.variant: {RANDOM_INIT_VARIANT}" if RANDOM_INIT_VARIANT != "paper"
-                           else "pretrain.variant: simsiam with pretrain.anti_collapse: vicreg (the best measured)")
+            alternative = "pretrain.variant: simsiam with pretrain.anti_collapse: vicreg (the best measured)"
             return (f"From random weights the paper's recipe tends to collapse: set {alternative} to keep the "
                     f"embeddings spread (docs/baselines.md: what each gains), or start from pretrained weights "
                     f"(model.pretrained or *_weights).")

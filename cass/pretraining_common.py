@@ -1,7 +1,7 @@
 """What every self-supervised pretraining method shares: the pool, the fingerprint, the collapse
 indicator's verdict, the outputs, and the run of a pretraining learner by the engine.
 
-CASS (:mod:`cass.pretrain`) and the DINO baseline (:mod:`cass.baselines.dino`) both import this module
+CASS (:mod:`cass.cass_pretraining`) and the DINO baseline (:mod:`cass.baselines.dino`) both import this module
 and nothing of each other, so both leave the same files: each network's weights, ``networks.json``,
 ``history.csv`` and ``metrics.json`` (``cass finetune`` loads either).
 """
@@ -24,9 +24,9 @@ from cass.data.manifest import DatasetInfo, read_manifest
 from cass.engine import Checkpoint, Engine, EpochStats, Learner, file_digest, fingerprint
 from cass.errors import DataError
 from cass.io import atomic_write_text, output_set
-from cass.layout import MANIFEST_FILE, PretrainOutputs
 from cass.lineage import git_commit
 from cass.monitor import KnnMonitor
+from cass.outputs import MANIFEST_FILE, PretrainOutputs
 from cass.training import EpochCallback, save_weights
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def networks_spec(params: Params) -> dict:
 
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
     """What a pretraining checkpoint depends on; a checkpoint with another fingerprint is not resumed
-    (and :mod:`cass.retraining` reuses a finished pretraining only under the same fingerprint)."""
+    (and :mod:`cass.run_keys` reuses a finished pretraining only under the same fingerprint)."""
     if params.pretrain.method == "cass":  # pretrain.variant: auto as it resolves on this data (a study's choice)
         from cass.variants import choose_recipe
 
@@ -99,7 +99,7 @@ def write_outputs(
     """Write what every pretraining method leaves behind (rank 0): each network's weights, networks.json
     (the networks, the method and its ``recipe``), history.csv and metrics.json (loss and speed summaries,
     lineage, the ``recipe``, then the method's ``details``), published as one set; the checkpoints in the
-    folder stay (they tell a later run that this pretraining finished, :mod:`cass.retraining`)."""
+    folder stay (they tell a later run that this pretraining finished, :mod:`cass.run_keys`)."""
     with output_set(out.out_dir, carry=(out.CHECKPOINT, out.DINO_CHECKPOINT)) as staging:
         _write_outputs(PretrainOutputs(staging), params, info, networks, history, details, method, recipe)
 

@@ -5,7 +5,7 @@ every image's sha256, label and split) and every setting that changes a result; 
 as the tag ``run_key`` on its MLflow parent run, and ``outcome=completed`` once the models are registered
 and the promotion decided. A scheduled run whose key matches such a finished run trains nothing.
 
-Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretraining`):
+Pretraining depends on fewer settings than fine-tuning (its own fingerprint in :mod:`cass.pretraining_common`):
 when the checkpoint on disk has finished with the current fingerprint and an MLflow run recorded that
 fingerprint, a run with, say, another fine-tuning learning rate reuses it instead of training again.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import Params, params_to_flat_dict
-from cass.layout import MANIFEST_FILE
+from cass.outputs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,16 @@ def pretraining_filter(fingerprint: str) -> str:
 
 
 def pretrain_fingerprint(params: Params, data_dir: Path) -> str:
-    """What the pretraining checkpoint depends on (the fingerprint :func:`cass.pretrain.pretrain` resumes by)."""
-    from cass.pretraining import pretrain_fingerprint as fingerprint
+    """What the pretraining checkpoint depends on (the fingerprint :func:`cass.cass_pretraining.pretrain`
+    resumes by)."""
+    from cass.pretraining_common import pretrain_fingerprint as fingerprint
 
     return fingerprint(params, Path(data_dir))
 
 
 def finished_checkpoint(params: Params, data_dir: Path, pretrain_dir: Path) -> bool:
     """True when ``pretrain_dir`` holds the weights of a pretraining that finished with the current settings."""
-    from cass.layout import PretrainOutputs
+    from cass.outputs import PretrainOutputs
     from cass.training import load_checkpoint
 
     out = PretrainOutputs(Path(pretrain_dir))
