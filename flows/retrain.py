@@ -48,6 +48,7 @@ from cass.layout import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.redaction import install_log_redaction
 from cass.retraining import data_hash
+from cass.stages import tunes
 from flows.notify import notify_failed, notify_refused
 from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
@@ -340,7 +341,8 @@ def retrain(
         dataset: a dataset name under data/ or a folder (sets data.name and data.root).
         label_fraction: share of the labelled training images used for fine-tuning.
         pretrain_epochs: CASS pretraining epochs.
-        tune_trials: Optuna trials per network; 0 skips tuning (default: tune.n_trials).
+        tune_trials: Optuna trials per network; 0 skips tuning (default: tune.n_trials trials when
+            tune.enabled, else no tuning).
         data_version: a git revision whose data.dvc names the data; pulled with DVC first (default: the
             data in the working tree).
         outputs: root of the stage outputs.
@@ -353,7 +355,7 @@ def retrain(
     library_logs_to_the_run_log()
     params = flow_params(params_file, overrides or [], dataset=dataset, label_fraction=label_fraction,
                          pretrain_epochs=pretrain_epochs, tune_trials=tune_trials)
-    run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tune_trials != 0, force=force,
+    run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tunes(params, tune_trials), force=force,
                       reuse_pretraining=not force,
                       data_version=data_version, params_file=Path(params_file),
                       run_tags={"prefect_flow_run_id": str(flow_run.id or "")})
