@@ -346,6 +346,8 @@ class Stage:
     per-network stage). ``io`` steps talk to MLflow, S3 or DVC: only they are retried (by the flow), as a
     training step that failed for a real reason would only fail again. ``parallel`` steps may run their
     networks at the same time; ``shown`` steps get a numbered progress line (bookkeeping steps do not).
+    ``dvc`` names the stage's stage in ``dvc.yaml``, which :mod:`cass.dvc_yaml` generates from this list
+    (the steps without one run only in the flow and ``cass demo``).
     """
 
     name: str
@@ -357,6 +359,7 @@ class Stage:
     parallel: bool = False
     shown: bool = True
     gated: bool = False
+    dvc: str | None = None
 
     def label(self, network: Network | None) -> str:
         return f"{self.name} {network}" if network else self.name
@@ -365,16 +368,16 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("check MLflow", _check_tracking, when=_tracked, io=True, shown=False),
     Stage("dvc pull", _pull_data, when=lambda run: bool(run.data_version), io=True),
-    Stage("prepare", _prepare, keep="run_key"),
+    Stage("prepare", _prepare, keep="run_key", dvc="prepare"),
     Stage("find an unchanged run", _find_unchanged, keep="earlier_run_id",
           when=lambda run: run.tracked and not run.force, io=True, shown=False),
     Stage("start MLflow run", _start_run, keep="run_id", when=_tracked, io=True, shown=False),
-    Stage("data gate", _data_gate),
-    Stage("pretrain", _pretrain, keep="pretraining", when=lambda run: needs_pretraining(run.params)),
-    Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True),
-    Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True),
-    Stage("evaluate", _evaluate, keep="evaluations", per_network=True),
-    Stage("model gate", _model_gate, keep="gate_failures"),
+    Stage("data gate", _data_gate, dvc="validate_data"),
+    Stage("pretrain", _pretrain, keep="pretraining", when=lambda run: needs_pretraining(run.params), dvc="pretrain"),
+    Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True, dvc="tune"),
+    Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True, dvc="finetune"),
+    Stage("evaluate", _evaluate, keep="evaluations", per_network=True, dvc="evaluate"),
+    Stage("model gate", _model_gate, keep="gate_failures", dvc="model_gate"),
     Stage("log quality reports", _log_quality, when=_tracked, io=True, shown=False),
     Stage("data change", _data_change, keep="data_changes", when=lambda run: run.tracked and run.register,
           per_network=True, io=True, shown=False, gated=True),

@@ -70,3 +70,61 @@ def test_untracked_pipeline_tunes_with_the_no_op_tracker(demo_root: Path, tmp_pa
     study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
     assert len(study.trials) == 2 and PARENT_RUN_ATTR not in study.user_attrs  # no MLflow run, none to name
     assert all(RUN_ATTR not in t.user_attrs for t in study.trials)
+
+
+# --------------------------------------------------------------------------------------------------
+# dvc.yaml: generated from the stage list and the settings
+
+
+def test_committed_dvc_yaml_is_the_one_the_stage_list_and_params_yaml_give() -> None:
+    # Guards: dvc.yaml was written by hand and ran another pipeline than STAGES (always pretraining and tuning).
+    from cass.config import load_params
+    from cass.dvc_yaml import render
+
+    assert (REPO / "dvc.yaml").read_text() == render(load_params(REPO / "params.yaml")), (
+        "dvc.yaml is stale: run `cass dvc-yaml` and commit it")
+
+
+def test_dvc_yaml_runs_the_stages_the_flow_runs_for_the_settings() -> None:
+    from cass.dvc_yaml import Plan, render
+
+    default = params_from_mapping({})
+    names = [s.dvc for s in plan(PipelineRun(default, tuning=tunes(default))) if s.dvc]
+    assert list(Plan.of(default).names) == names == ["prepare", "validate_data", "pretrain", "tune", "finetune",
+                                                     "evaluate", "model_gate"]
+    doc = yaml.safe_load(render(default))
+    finetune = doc["stages"]["finetune"]["do"]
+    assert finetune["cmd"].endswith("--best-params outputs/tune/best_${item}.yaml")
+    assert "outputs/pretrain/${item}.safetensors" in finetune["deps"]
+
+    # Random initialisation, never tuned, one network: no pretrain or tune stage, nothing read from them.
+    plain = params_from_mapping({"finetune": {"init": "random", "networks": ["vit"]}, "tune": {"enabled": False}})
+    doc = yaml.safe_load(render(plain))
+    assert list(doc["stages"]) == ["prepare", "validate_data", "finetune", "evaluate", "model_gate"]
+    finetune = doc["stages"]["finetune"]
+    assert finetune["foreach"] == ["vit"] and finetune["do"]["cmd"] == "cass finetune --network ${item}"
+    assert not [d for d in finetune["do"]["deps"] if d.startswith(("outputs/tune", "outputs/pretrain"))]
+    assert not [p for p in doc["plots"] if "pretrain" in str(p) or "/cnn/" in str(p)]
+
+
+def test_a_dvc_stage_refuses_a_stale_dvc_yaml_naming_the_command(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from cass.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tune": {"enabled": False}}))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # made for tune.enabled: true
+    monkeypatch.chdir(tmp_path)
+    assert main(["dvc-yaml", "--check"]) == 2
+    assert "stages the settings do not run: tune" in capsys.readouterr().err
+
+    monkeypatch.setenv("DVC_STAGE", "finetune@cnn")
+    assert main(["finetune", "--network", "cnn", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "DVC stage finetune@cnn" in err and "Run `cass dvc-yaml`" in err
+    assert not (tmp_path / "outputs").exists()  # refused before anything was read or written
+
+    monkeypatch.delenv("DVC_STAGE")
+    assert main(["dvc-yaml"]) == 0
+    assert main(["dvc-yaml", "--check"]) == 0
+    assert "tune" not in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]

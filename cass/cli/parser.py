@@ -234,6 +234,19 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     network_option(p)
     settings_options(p)
 
+    p = _command(
+        sub, "dvc-yaml", train.dvc_yaml, help="write dvc.yaml from the stage list and params.yaml",
+        description="(Re)write dvc.yaml from the pipeline's stage list and the settings, so that `dvc repro` runs "
+        "what the flow runs: pretrain only when finetune.init is cass, tune only when tune.enabled, one item per "
+        "finetune.networks. Run it after changing those settings and commit the file; a stage that DVC runs "
+        "refuses a stale dvc.yaml.",
+    )
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit non-zero, naming what differs, when the file is stale")
+    p.add_argument("--output", type=Path, default=Path("dvc.yaml"), metavar="FILE",
+                   help="the file to write or check (default: %(default)s)")
+    settings_options(p)
+
 
 def _tune_command(sub: argparse._SubParsersAction) -> None:
     p = _command(

@@ -1,4 +1,7 @@
-"""`cass pretrain | finetune | tune | evaluate`: the training stages, one call each, results printed by rank 0."""
+"""`cass pretrain | finetune | tune | evaluate`: the training stages, one call each to their entry point in
+:mod:`cass.stages`, results printed by rank 0; `cass dvc-yaml` writes the dvc.yaml that runs them.
+
+Run by `dvc repro`, each stage first refuses a dvc.yaml that is stale for the settings (:mod:`cass.dvc_yaml`)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 
 from cass.cli.output import print_metrics
 from cass.cli.settings import networks, outputs, reporting_rank, settings
+from cass.dvc_yaml import refuse_stale
 
 
 def pretrain(args: argparse.Namespace) -> int:
@@ -15,6 +19,7 @@ def pretrain(args: argparse.Namespace) -> int:
     from cass.stages import pretrain_stage
 
     params = settings(args, {"pretrain.method": args.method})
+    refuse_stale(params, args.params)
     layout = outputs(args)
     pretrain_stage(params, layout, resume=not args.no_resume, progress=not args.quiet)
     if reporting_rank():
@@ -31,6 +36,7 @@ def finetune(args: argparse.Namespace) -> int:
     from cass.tuning.best_params import best_params_by_network
 
     params, layout = settings(args), outputs(args)
+    refuse_stale(params, args.params)
     chosen = networks(args, params)
     best = best_params_by_network(args.best_params, chosen)
     for network in chosen:
@@ -55,6 +61,7 @@ def tune(args: argparse.Namespace) -> int:
 
     params = settings(args, {"tune.n_trials": args.n_trials, "tune.timeout": args.timeout,
                              "tune.study_name": args.study})
+    refuse_stale(params, args.params)
     layout = outputs(args)
     tracker = MlflowTracker()
     for network in networks(args, params):
@@ -80,8 +87,29 @@ def evaluate(args: argparse.Namespace) -> int:
     from cass.stages import evaluate_stage
 
     params, layout = settings(args), outputs(args)
+    refuse_stale(params, args.params)
     results = {network: dict(evaluate_stage(params, layout, network).metrics) for network in networks(args, params)}
     print_metrics(results)
+    return 0
+
+
+def dvc_yaml(args: argparse.Namespace) -> int:
+    """`cass dvc-yaml`: write dvc.yaml from the stage list and the settings file, or --check that it is current."""
+    from cass import dvc_yaml as generator
+    from cass.errors import ConfigError
+
+    if args.overrides:
+        raise ConfigError(f"dvc.yaml follows {args.params} as DVC reads it: set {', '.join(args.overrides)} in "
+                          f"{args.params} instead of with --set")
+    params = settings(args)
+    if args.check:
+        reason = generator.stale(params, args.output)
+        if reason:
+            raise ConfigError(f"{reason}; run `{generator.COMMAND}` to rewrite it from {args.params}")
+        print(f"{args.output} is current for {args.params}")
+        return 0
+    changed = generator.write(params, args.output)
+    print(f"{args.output} {'written' if changed else 'already current'} for {args.params}")
     return 0
 
 
