@@ -5,17 +5,21 @@
       -> register <net> -> promote <net> -> finish MLflow run
 
 :data:`STAGES` is that list: each :class:`Stage` names itself, says when it applies (pretraining only
-when ``finetune.init`` is ``cass``, tuning only when asked, MLflow steps only in a tracked run) and holds
-the function that runs it. :func:`run_stages` walks it, and three callers run it:
+when ``finetune.init`` is ``cass``, tuning only when the run tunes, :func:`cass.stages.tunes`; MLflow steps
+only in a tracked run) and holds the function that runs it. The training stages call their one entry point
+in :mod:`cass.stages` with the run's tracker (:attr:`PipelineRun.tracker`): MLflow in a tracked run, the
+no-op tracker otherwise; no stage branches on it. :func:`run_stages` walks it, and three callers run it:
 
 - :func:`run_pipeline`: untracked, in this process (``cass demo --no-mlflow``);
 - :func:`tracked_pipeline`: MLflow runs, registration and promotion, in this process (``cass demo --no-flow``);
 - the Prefect flow ``flows/retrain.py``: the same runner with each stage a task (retries on I/O only,
   fine-tunings side by side on a GPU).
 
-``dvc.yaml`` runs the training stages as CLI commands (``cass data prepare``, ``cass validate``, ``cass
-pretrain``, ``cass tune``, ``cass finetune``, ``cass evaluate``), which call the functions the stages here
-call. Stages hand each other plain values (paths, run ids, metrics) in a :class:`PipelineRun`, never models.
+``dvc.yaml`` is generated from this list and the settings (:mod:`cass.dvc_yaml`, ``cass dvc-yaml``): its
+stages are those of :data:`STAGES` with a ``dvc`` name that the settings run, each a CLI command (``cass
+data prepare``, ``cass validate``, ``cass pretrain``, ``cass tune``, ``cass finetune``, ``cass evaluate``)
+that calls the entry point the stage here calls. Stages hand each other plain values (paths, run ids,
+metrics) in a :class:`PipelineRun`, never models.
 """
 
 from __future__ import annotations
