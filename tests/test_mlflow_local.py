@@ -194,7 +194,7 @@ def test_an_experiment_made_before_gets_its_kind_and_one_set_by_hand_stays(tmp_p
 def test_run_labels_name_the_data_fraction_changed_settings_and_time(tiny_params) -> None:
     from datetime import datetime
 
-    from cass.tracking.runs import changed_settings, run_label
+    from cass.tracking.tags import changed_settings, run_label
 
     def changed(**updates):
         params = tiny_params
