@@ -26,6 +26,7 @@ EPILOG = """examples:
   cass finetune --network both               # fine-tune both at finetune.label_fraction
   cass evaluate --network cnn                # test metrics, confusion matrix, ROC curves
   cass tune --network cnn --workers 2        # Optuna search; then cass finetune --best-params FILE
+  cass dvc-yaml                              # rewrite dvc.yaml after changing finetune.init or tune.enabled
   cass promote --network cnn --version 3     # move 'champion' to v3 if it passes the gate and beats it
   cass registry                              # each model's champion, why and by whom, and its history
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
