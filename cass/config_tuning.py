@@ -117,6 +117,10 @@ class PrunerConfig(Section):
 class TuneConfig(Section):
     """Optuna search over fine-tuning settings (``cass tune``). ``space`` maps finetune keys to ranges."""
 
+    enabled: bool = Field(
+        default=True, description="the pipeline tunes before fine-tuning (dvc.yaml, the flow); --tune-trials 0 or N "
+        "overrides it for one run; `cass dvc-yaml` rewrites dvc.yaml after a change"
+    )
     n_trials: int = Field(default=20, ge=1, description="finished trials the study aims at, over all workers")
     timeout: float | None = Field(default=None, gt=0.0, description="seconds after which a worker starts no trial")
     seed: int | None = Field(default=None, description="sampler seed; default: the top-level seed")

@@ -332,7 +332,7 @@ def finetune(
     """Fine-tune ``network`` on the ``finetune.label_fraction`` subset; keep the best epoch's weights.
 
     An unfinished fine-tuning in ``out_dir`` resumes after its last epoch (``resume=False`` starts over).
-    ``tuning`` (the best-settings file ``params`` took tuned values from, as :func:`cass.tune.tuning_origin`
+    ``tuning`` (the best-settings file ``params`` took tuned values from, as :func:`cass.tuning.tuning_origin`
     reads it) and ``pretraining_run_id`` (the MLflow run of the pretraining, when tracked) go into
     ``lineage.json`` beside the weights."""
     origin = {"tuning": dict(tuning) if tuning else None, "run_id": pretraining_run_id}

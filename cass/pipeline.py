@@ -5,17 +5,21 @@
       -> register <net> -> promote <net> -> finish MLflow run
 
 :data:`STAGES` is that list: each :class:`Stage` names itself, says when it applies (pretraining only
-when ``finetune.init`` is ``cass``, tuning only when asked, MLflow steps only in a tracked run) and holds
-the function that runs it. :func:`run_stages` walks it, and three callers run it:
+when ``finetune.init`` is ``cass``, tuning only when the run tunes, :func:`cass.stages.tunes`; MLflow steps
+only in a tracked run) and holds the function that runs it. The training stages call their one entry point
+in :mod:`cass.stages` with the run's tracker (:attr:`PipelineRun.tracker`): MLflow in a tracked run, the
+no-op tracker otherwise; no stage branches on it. :func:`run_stages` walks it, and three callers run it:
 
 - :func:`run_pipeline`: untracked, in this process (``cass demo --no-mlflow``);
-- :func:`tracked_pipeline`: MLflow runs, registration and promotion, in this process (``cass demo --no-flow``);
+- :func:`run_pipeline_with_mlflow`: MLflow runs, registration and promotion, in this process (``cass demo --no-flow``);
 - the Prefect flow ``flows/retrain.py``: the same runner with each stage a task (retries on I/O only,
   fine-tunings side by side on a GPU).
 
-``dvc.yaml`` runs the training stages as CLI commands (``cass data prepare``, ``cass validate``, ``cass
-pretrain``, ``cass tune``, ``cass finetune``, ``cass evaluate``), which call the functions the stages here
-call. Stages hand each other plain values (paths, run ids, metrics) in a :class:`PipelineRun`, never models.
+``dvc.yaml`` is generated from this list and the settings (:mod:`cass.dvc_yaml`, ``cass dvc-yaml``): its
+stages are those of :data:`STAGES` with a ``dvc`` name that the settings run, each a CLI command (``cass
+data prepare``, ``cass validate``, ``cass pretrain``, ``cass tune``, ``cass finetune``, ``cass evaluate``)
+that calls the entry point the stage here calls. Stages hand each other plain values (paths, run ids,
+metrics) in a :class:`PipelineRun`, never models.
 """
 
 from __future__ import annotations
@@ -34,11 +38,22 @@ from cass.config import Network, Params
 from cass.errors import ConfigError, GateFailed, VersioningError
 from cass.outputs import Layout
 from cass.run_keys import COMPLETED, OUTCOME_TAG, RUN_KEY_TAG, run_key
-from cass.tracking import FinetuneRun, StageRun
+from cass.stages import (
+    Evaluation,
+    FinetuneRun,
+    StageRun,
+    evaluate_stage,
+    finetune_stage,
+    needs_pretraining,
+    pretrain_dir,
+    pretrain_stage,
+    tune_stage,
+)
+from cass.tracker import NO_TRACKER, Tracker
 
 if TYPE_CHECKING:
     from cass.quality import GateResult
-    from cass.registry import Candidate, PromotionResult
+    from cass.registry import PromotionResult
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +106,6 @@ class ModelGateFailed(GateFailed):
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """What the evaluate stage hands on: the test metrics and, in a tracked run, what registration needs."""
-
-    metrics: Mapping[str, Any]
-    candidate: Candidate | None = None
-
-
-@dataclass(frozen=True)
 class PipelineRun:
     """One run of the stages: its settings, where its outputs go, and what earlier stages returned.
 
@@ -111,7 +118,7 @@ class PipelineRun:
     tracked: bool = False  # MLflow runs, then registration and promotion
     register: bool = True
     promote: bool = True
-    tuning: bool = False
+    tuning: bool = False  # the caller's decision, by cass.stages.tunes (tune.enabled, or --tune-trials)
     force: bool = False  # train even when a completed run had the same data and settings
     reuse_pretraining: bool = True  # False (--force): pretrain again even when a finished one has these settings
     data_version: str | None = None  # a git revision whose data.dvc names the data to pull first
@@ -124,7 +131,7 @@ class PipelineRun:
     run_id: str | None = None  # the MLflow parent run
     pretraining: StageRun | None = None
     best_params: Mapping[Network, str] = field(default_factory=dict)
-    finetuned: Mapping[Network, FinetuneRun | None] = field(default_factory=dict)
+    finetuned: Mapping[Network, FinetuneRun] = field(default_factory=dict)
     evaluations: Mapping[Network, Evaluation] = field(default_factory=dict)
     versions: Mapping[Network, str] = field(default_factory=dict)
     promotions: Mapping[Network, PromotionResult] = field(default_factory=dict)
@@ -137,8 +144,14 @@ class PipelineRun:
 
     @property
     def pretrain_dir(self) -> Path | None:
-        """The pretrained weights fine-tuning starts from (None unless ``finetune.init`` is ``cass``)."""
-        return self.layout.pretrain if self.params.finetune.init == "cass" else None
+        """The pretrained weights fine-tuning starts from (:func:`cass.stages.pretrain_dir`)."""
+        return pretrain_dir(self.params, self.layout)
+
+    @property
+    def tracker(self) -> Tracker:
+        """What the training stages log through: MLflow, nested under the parent run, in a tracked run; else
+        nothing."""
+        return tracking.MlflowTracker(self.run_id) if self.tracked else NO_TRACKER
 
     @property
     def pretraining_run_id(self) -> str | None:
@@ -152,7 +165,7 @@ class PipelineRun:
 
 # --------------------------------------------------------------------------------------------------
 # The stage functions: (run, network) -> what the stage hands on. ``network`` is None for stages that
-# run once. Tracked variants come from cass.tracking, which logs each training stage as a child run.
+# run once. The training stages call their one entry point in cass.stages with the run's tracker.
 
 
 def _check_tracking(run: PipelineRun, _: None) -> str:
@@ -200,61 +213,32 @@ def _data_gate(run: PipelineRun, _: None) -> None:
     validate_data(run.params, run.layout)
 
 
-def _pretrain(run: PipelineRun, _: None) -> StageRun | None:
+def _pretrain(run: PipelineRun, _: None) -> StageRun:
     """CASS pretraining; a tracked run reuses a finished pretraining with the same settings and data."""
-    if run.tracked:
-        return tracking.tracked_pretrain(run.params, run.layout, run.run_id, progress=run.progress,
-                                         reuse=run.reuse_pretraining)
-    from cass.cass_pretraining import pretrain
-
-    pretrain(run.params, run.layout.data, run.layout.pretrain, progress=run.progress)
-    return None
+    return pretrain_stage(run.params, run.layout, run.tracker, resume=run.reuse_pretraining, progress=run.progress)
 
 
 def with_study_suffix(params: Params, key: str) -> Params:
-    """One Optuna study per run key: trials of other settings or data never mix (cass.tune refuses them)."""
+    """One Optuna study per run key: trials of other settings or data never mix (cass.tuning refuses them)."""
     name = f"{params.tune.study_name}-{key[:12]}"
     return params.model_copy(update={"tune": params.tune.model_copy(update={"study_name": name})})
 
 
 def _tune(run: PipelineRun, network: Network) -> str:
-    """The Optuna search of one network; its study's MLflow run is nested under the pipeline run."""
-    from cass.tune import route_optuna_logging, tune
-
-    route_optuna_logging()
-    params = with_study_suffix(run.params, run.run_key)
-    return str(tune(params, run.layout.data, network, run.layout.tune, run.pretrain_dir, parent_run_id=run.run_id))
+    """The Optuna search of one network; a tracked run nests its study's MLflow run under the pipeline run."""
+    return str(tune_stage(with_study_suffix(run.params, run.run_key), run.layout, network, run.tracker))
 
 
-def _finetune(run: PipelineRun, network: Network) -> FinetuneRun | None:
+def _finetune(run: PipelineRun, network: Network) -> FinetuneRun:
     """Fine-tune ``network``, with the best settings tuning found when it ran (its run tags which, its
     lineage.json records the tuning)."""
-    params, tags, tuning = run.params, {}, None
-    if network in run.best_params:
-        from cass.tune import tuned_settings, tuning_origin
-
-        tuned = tuned_settings(params, Path(run.best_params[network]), network)
-        params, tags = tuned.params, tuned.tags()
-        tuning = tuning_origin(Path(run.best_params[network]))
-    if run.tracked:
-        return tracking.tracked_finetune(params, run.layout, network, run.run_id, run.pretraining_run_id,
-                                         progress=run.progress, tags=tags, tuning=tuning)
-    from cass.finetune import finetune
-
-    finetune(params, run.layout.data, network, run.layout.finetune(network), run.pretrain_dir, progress=run.progress,
-             tuning=tuning)
-    return None
+    return finetune_stage(run.params, run.layout, network, run.tracker, best_params=run.best_params.get(network),
+                          pretraining_run_id=run.pretraining_run_id, progress=run.progress)
 
 
 def _evaluate(run: PipelineRun, network: Network) -> Evaluation:
-    if run.tracked:
-        candidate = tracking.tracked_evaluate(run.params, run.layout, network, run.run_id,
-                                              run.finetuned[network], run.pretraining_run_id)
-        return Evaluation(dict(candidate.metrics), candidate)
-    from cass.evaluate import evaluate
-
-    out = evaluate(run.params, run.layout.data, run.layout.finetune(network), run.layout.evaluate(network))
-    return Evaluation(json.loads(out.metrics.read_text()))
+    return evaluate_stage(run.params, run.layout, network, run.tracker, finetuned=run.finetuned.get(network),
+                          pretraining_run_id=run.pretraining_run_id)
 
 
 def _model_gate(run: PipelineRun, _: None) -> dict[Network, GateResult]:
@@ -366,6 +350,8 @@ class Stage:
     per-network stage). ``io`` steps talk to MLflow, S3 or DVC: only they are retried (by the flow), as a
     training step that failed for a real reason would only fail again. ``parallel`` steps may run their
     networks at the same time; ``shown`` steps get a numbered progress line (bookkeeping steps do not).
+    ``dvc`` names the stage's stage in ``dvc.yaml``, which :mod:`cass.dvc_yaml` generates from this list
+    (the steps without one run only in the flow and ``cass demo``).
     """
 
     name: str
@@ -377,6 +363,7 @@ class Stage:
     parallel: bool = False
     shown: bool = True
     gated: bool = False
+    dvc: str | None = None
 
     def label(self, network: Network | None) -> str:
         return f"{self.name} {network}" if network else self.name
@@ -385,16 +372,16 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("check MLflow", _check_tracking, when=_tracked, io=True, shown=False),
     Stage("dvc pull", _pull_data, when=lambda run: bool(run.data_version), io=True),
-    Stage("prepare", _prepare, keep="run_key"),
+    Stage("prepare", _prepare, keep="run_key", dvc="prepare"),
     Stage("find an unchanged run", _find_unchanged, keep="earlier_run_id",
           when=lambda run: run.tracked and not run.force, io=True, shown=False),
     Stage("start MLflow run", _start_run, keep="run_id", when=_tracked, io=True, shown=False),
-    Stage("data gate", _data_gate),
-    Stage("pretrain", _pretrain, keep="pretraining", when=lambda run: run.params.finetune.init == "cass"),
-    Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True),
-    Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True),
-    Stage("evaluate", _evaluate, keep="evaluations", per_network=True),
-    Stage("model gate", _model_gate, keep="gate_failures"),
+    Stage("data gate", _data_gate, dvc="validate_data"),
+    Stage("pretrain", _pretrain, keep="pretraining", when=lambda run: needs_pretraining(run.params), dvc="pretrain"),
+    Stage("tune", _tune, keep="best_params", when=lambda run: run.tuning, per_network=True, dvc="tune"),
+    Stage("fine-tune", _finetune, keep="finetuned", per_network=True, parallel=True, dvc="finetune"),
+    Stage("evaluate", _evaluate, keep="evaluations", per_network=True, dvc="evaluate"),
+    Stage("model gate", _model_gate, keep="gate_failures", dvc="model_gate"),
     Stage("log quality reports", _log_quality, when=_tracked, io=True, shown=False),
     Stage("data change", _data_change, keep="data_changes", when=lambda run: run.tracked and run.register,
           per_network=True, io=True, shown=False, gated=True),
@@ -408,8 +395,6 @@ STAGES: tuple[Stage, ...] = (
 
 def plan(run: PipelineRun) -> list[Stage]:
     """The stages that apply to ``run``, in order."""
-    if run.tuning and not run.tracked:
-        raise ConfigError("tuning logs its trials to MLflow: run it in a tracked pipeline")
     return [stage for stage in STAGES if stage.when(run)]
 
 
@@ -506,10 +491,13 @@ def run_pipeline(
     *,
     progress: bool = True,
     on_stage: Callable[[str], None] = lambda line: None,
+    tuning: bool = False,
 ) -> dict[Network, dict]:
-    """prepare -> data gate -> pretrain -> fine-tune and evaluate each network, without MLflow; returns
-    the test metrics per network. The model gate only warns: nothing is registered after it."""
-    return run_stages(PipelineRun(params, layout, progress=progress), on_stage=on_stage).metrics
+    """prepare -> data gate -> pretrain -> [tune] -> fine-tune and evaluate each network, without MLflow;
+    returns the test metrics per network. The model gate only warns: nothing is registered after it.
+    ``tuning``: search each network's settings first (trials logged nowhere)."""
+    run = PipelineRun(params, layout, progress=progress, tuning=tuning)
+    return run_stages(run, on_stage=on_stage).metrics
 
 
 @dataclass(frozen=True)
@@ -522,7 +510,7 @@ class TrackedPipeline:
     failure: ModelGateFailed | None = None  # the networks the model gate kept out of the registry, if any
 
 
-def tracked_pipeline(
+def run_pipeline_with_mlflow(
     params: Params,
     layout: Layout,
     *,
@@ -532,18 +520,19 @@ def tracked_pipeline(
     progress: bool = True,
     on_stage: Callable[[str], None] = lambda line: None,
     force: bool = False,
+    tuning: bool = False,
 ) -> TrackedPipeline:
     """The stages logged to MLflow in this process, then registration and promotion of each network that
     passed the model gate (``failure`` reports the others; the caller decides how to end).
 
-    The Prefect flow's code path without Prefect (and without tuning): the tracking store is checked
+    The Prefect flow's code path without Prefect (tuning only when ``tuning``): the tracking store is checked
     before anything is prepared, ``params.yaml`` uploaded before anything is trained, and any failure (an
     upload that failed every retry, a gate) ends the runs FAILED before registration, so the champion is
     untouched. Unlike the flow it always trains: it does not look for an unchanged completed run; it reuses
     a finished pretraining with the same settings and data unless ``force``.
     """
     run = PipelineRun(params, layout, tracked=True, register=register, promote=promote, force=True,
-                      reuse_pretraining=not force, params_file=params_file, progress=progress)
+                      reuse_pretraining=not force, params_file=params_file, progress=progress, tuning=tuning)
     done = run_stages(run, on_stage=on_stage)
     return TrackedPipeline(done.run_id, done.metrics, dict(done.versions), dict(done.promotions), done.pretraining,
                            gate_failure(done))

@@ -465,7 +465,7 @@ def cache_dir(root: Path) -> Path:
     return Path(_dvc_checked(root, "cache", "dir", what="locating the DVC cache").strip())
 
 
-def tracked_outputs(root: Path) -> Iterator[tuple[str, str]]:
+def dvc_tracked_outputs(root: Path) -> Iterator[tuple[str, str]]:
     """(workspace path, md5) of every output recorded in ``*.dvc`` files at the root and in ``dvc.lock``."""
     for dvc_file in sorted(p for p in root.glob("*.dvc") if p.is_file()):
         doc = yaml.safe_load(dvc_file.read_text()) or {}
@@ -503,7 +503,7 @@ def verify_cache(root: Path | None = None, *, remove: bool = False) -> CacheRepo
     cache = cache_dir(root)
     wanted: dict[str, str] = {}  # md5 -> workspace path, one check per object
     missing = 0
-    for path, md5 in tracked_outputs(root):
+    for path, md5 in dvc_tracked_outputs(root):
         if not md5.endswith(".dir"):
             wanted.setdefault(md5, path)
             continue

@@ -48,16 +48,9 @@ from cass.outputs import Layout
 from cass.pipeline import STAGES, Execute, ModelGateFailed, PipelineRun, Stage, call, gate_failure, run_stages
 from cass.redaction import install_log_redaction
 from cass.run_keys import data_hash
+from cass.stages import tunes
 from flows.notify import notify_failed, notify_refused
-from flows.report import (
-    METRICS,
-    MlflowLinks,
-    RunSummary,
-    gate_table,
-    pretraining_recipe,
-    summary_markdown,
-    unchanged_markdown,
-)
+from flows.report import METRICS, MlflowLinks, RunSummary, gate_table, summary_markdown, unchanged_markdown
 
 LIBRARY_LOGGER = "cass"
 FLOW_NAME = "cass-retrain"
@@ -285,7 +278,6 @@ def _completed(run: PipelineRun) -> dict[str, Any]:
         links=_links(run.params), pipeline_run_id=run.run_id, pretraining=pretraining, tuning=dict(run.best_params),
         stage_runs=stage_runs, metrics=run.metrics, promotions=dict(run.promotions),
         gate_failures={network: result.summary() for network, result in run.gate_failures.items()},
-        recipe=pretraining_recipe(run.pretrain_dir),
     )
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="Retraining summary")
     for network, change in run.data_changes.items():  # why it retrained: what changed since the champion's data
@@ -349,7 +341,8 @@ def retrain(
         dataset: a dataset name under data/ or a folder (sets data.name and data.root).
         label_fraction: share of the labelled training images used for fine-tuning.
         pretrain_epochs: CASS pretraining epochs.
-        tune_trials: Optuna trials per network; 0 skips tuning (default: tune.n_trials).
+        tune_trials: Optuna trials per network; 0 skips tuning (default: tune.n_trials trials when
+            tune.enabled, else no tuning).
         data_version: a git revision whose data.dvc names the data; pulled with DVC first (default: the
             data in the working tree).
         outputs: root of the stage outputs.
@@ -362,7 +355,7 @@ def retrain(
     library_logs_to_the_run_log()
     params = flow_params(params_file, overrides or [], dataset=dataset, label_fraction=label_fraction,
                          pretrain_epochs=pretrain_epochs, tune_trials=tune_trials)
-    run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tune_trials != 0, force=force,
+    run = PipelineRun(params, Layout(Path(outputs)), tracked=True, tuning=tunes(params, tune_trials), force=force,
                       reuse_pretraining=not force,
                       data_version=data_version, params_file=Path(params_file),
                       run_tags={"prefect_flow_run_id": str(flow_run.id or "")})

@@ -23,13 +23,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cass.config import Params, params_from_mapping
+from cass.dvc_yaml import Plan
 from cass.errors import DataError, VersioningError
 from tests.conftest import LENIENT_MODEL_GATE, free_port, tiny_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = {"prepare", "validate_data", "pretrain", "tune@cnn", "tune@vit", "finetune@cnn", "finetune@vit",
-          "evaluate@cnn", "evaluate@vit", "model_gate@cnn", "model_gate@vit"}
+
+
+def dvc_stages(params: Params) -> set[str]:
+    """The DVC stages (``name@network`` per network) that dvc.yaml holds for ``params``: those of the pipeline's
+    stage list (:data:`cass.pipeline.STAGES`) that the settings run."""
+    plan = Plan.of(params)
+    per_network = {stage.name for stage in plan.stages() if stage.per_network}
+    return {f"{name}@{net}" if name in per_network else name
+            for name in plan.names for net in (plan.networks if name in per_network else ("",))}
+
+
+# The module's project: default networks, CASS pretraining and tuning (tune.enabled defaults to true).
+STAGES = dvc_stages(params_from_mapping({}))
 
 
 def _env() -> dict[str, str]:

@@ -41,7 +41,7 @@ def local(tmp_path_factory: pytest.TempPathFactory):
     """One tracked pipeline run on a local store, with a DVC-tracked copy of the demo data."""
     import mlflow
 
-    from cass.pipeline import tracked_pipeline
+    from cass.pipeline import run_pipeline_with_mlflow
     from cass.tracking import reset_client
 
     root = tmp_path_factory.mktemp("mlflow-local")
@@ -67,7 +67,7 @@ def local(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-        result = tracked_pipeline(params, layout, params_file=params_file, progress=False)
+        result = run_pipeline_with_mlflow(params, layout, params_file=params_file, progress=False)
         client = mlflow.MlflowClient(mapping["mlflow"]["tracking_uri"])
         yield SimpleNamespace(root=root, data=data, params=params, params_file=params_file, layout=layout,
                               result=result, client=client, uri=mapping["mlflow"]["tracking_uri"])
@@ -194,7 +194,7 @@ def test_an_experiment_made_before_gets_its_kind_and_one_set_by_hand_stays(tmp_p
 def test_run_labels_name_the_data_fraction_changed_settings_and_time(tiny_params) -> None:
     from datetime import datetime
 
-    from cass.tracking.runs import changed_settings, run_label
+    from cass.tracking.tags import changed_settings, run_label
 
     def changed(**updates):
         params = tiny_params
@@ -355,7 +355,7 @@ def test_artifact_store_failure_is_retried_then_run_failed_and_champion_untouche
                                                                                    caplog) -> None:
     import mlflow
 
-    from cass.pipeline import tracked_pipeline
+    from cass.pipeline import run_pipeline_with_mlflow
     from cass.tracking import TrackingError
 
     blocker = tmp_path / "not-a-folder"
@@ -367,7 +367,7 @@ def test_artifact_store_failure_is_retried_then_run_failed_and_champion_untouche
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     champions = {n: _champion(local, n) for n in ("cnn", "vit")}
     with pytest.raises(TrackingError, match="after 2 attempt"):
-        tracked_pipeline(params_from_mapping(mapping), Layout(tmp_path / "outputs"), progress=False)
+        run_pipeline_with_mlflow(params_from_mapping(mapping), Layout(tmp_path / "outputs"), progress=False)
     assert any("attempt 1/2" in r.getMessage() for r in caplog.records)
     exp = mlflow.MlflowClient(local.uri).get_experiment_by_name("cass-test-broken")
     runs = mlflow.MlflowClient(local.uri).search_runs([exp.experiment_id])

@@ -36,7 +36,7 @@ def tracked(server, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One pipeline run logged to the server, both networks registered and promoted."""
     import mlflow
 
-    from cass.pipeline import tracked_pipeline
+    from cass.pipeline import run_pipeline_with_mlflow
     from cass.tracking import reset_client
 
     root = tmp_path_factory.mktemp("mlflow-server-run")
@@ -56,7 +56,7 @@ def tracked(server, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("MLFLOW_TRACKING_URI", server.url)
         mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
         mp.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-        result = tracked_pipeline(params, Layout(root / "outputs"), params_file=params_file, progress=False)
+        result = run_pipeline_with_mlflow(params, Layout(root / "outputs"), params_file=params_file, progress=False)
         yield SimpleNamespace(params=params, result=result, client=mlflow.MlflowClient(server.url), server=server,
                               root=root, data=demo_root)
     reset_client()
@@ -206,7 +206,7 @@ def test_no_secret_reaches_params_tags_descriptions_or_artifacts(tracked) -> Non
 
 def test_s3_artifact_failure_is_retried_then_run_failed_and_champion_untouched(tracked, tmp_path, monkeypatch,
                                                                                  caplog) -> None:
-    from cass.pipeline import tracked_pipeline
+    from cass.pipeline import run_pipeline_with_mlflow
     from cass.tracking import TrackingError
 
     mapping = tiny_mapping(tracked.data)
@@ -220,7 +220,7 @@ def test_s3_artifact_failure_is_retried_then_run_failed_and_champion_untouched(t
     champions = {n: _champion(tracked, n) for n in ("cnn", "vit")}
     versions = len(tracked.client.search_model_versions(f"name = '{PREFIX}-vit'"))
     with pytest.raises(TrackingError, match="after 2 attempt"):
-        tracked_pipeline(params_from_mapping(mapping), Layout(tmp_path / "outputs"), progress=False)
+        run_pipeline_with_mlflow(params_from_mapping(mapping), Layout(tmp_path / "outputs"), progress=False)
     assert any("attempt 1/2" in r.getMessage() for r in caplog.records)
     exp = tracked.client.get_experiment_by_name("cass-server-broken")
     assert [r.info.status for r in tracked.client.search_runs([exp.experiment_id])] == ["FAILED"]

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from cass.config import params_from_mapping
-from cass.errors import ConfigError
 from cass.outputs import Layout
 from cass.pipeline import (
     STAGES,
@@ -89,9 +88,12 @@ def test_an_unchanged_run_stops_before_anything_is_trained() -> None:
     assert [name for name, _ in recorder.calls] == ["check MLflow", "prepare", "find an unchanged run"]
 
 
-def test_tuning_needs_a_tracked_run() -> None:
-    with pytest.raises(ConfigError, match="tracked"):
-        run_stages(PipelineRun(params_from_mapping({}), tuning=True), Recorder())
+def test_an_untracked_run_may_tune() -> None:
+    # Guards: tuning was hard-wired to MLflow, and the untracked pipeline refused it.
+    recorder = Recorder({"prepare": "key-1"})
+    done = run_stages(PipelineRun(params_from_mapping({}), tuning=True), recorder)
+    assert ("tune", ("cnn",)) in recorder.calls and ("tune", ("vit",)) in recorder.calls
+    assert done.best_params == {"cnn": "tune:cnn", "vit": "tune:vit"} and done.run_id is None
 
 
 def test_failed_model_gate_stops_registration_but_only_warns_when_nothing_is_registered(

@@ -22,16 +22,16 @@ from optuna.trial import TrialState
 from cass.cli import main
 from cass.config import load_params, params_from_mapping
 from cass.errors import ConfigError
+from cass.outputs import best_params_path
 from cass.tracking import data_digest
-from cass.tune import (
+from cass.tracking.tracker import MlflowTracker
+from cass.tuning import (
     PARENT_RUN_ATTR,
     RUN_ATTR,
-    apply_best_params,
-    best_params_path,
     database_url,
-    run_worker,
+    run_study,
+    run_trials,
     study_progress,
-    tune,
     tuned_settings,
 )
 from tests.conftest import tiny_mapping
@@ -112,9 +112,9 @@ def test_best_params_file_is_validated_like_params_yaml(tmp_path: Path, tiny_par
     bad = tmp_path / "best_cnn.yaml"
     bad.write_text(yaml.safe_dump({"network": "cnn", "finetune": {"lr": -1.0}}))
     with pytest.raises(ConfigError, match=r"(?s)best_cnn.yaml.*finetune.lr"):
-        apply_best_params(tiny_params, bad, "cnn")
+        tuned_settings(tiny_params, bad, "cnn")
     with pytest.raises(ConfigError, match="holds the best settings of the cnn, not of the vit"):
-        apply_best_params(tiny_params, bad, "vit")
+        tuned_settings(tiny_params, bad, "vit")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_study_prunes_logs_trials_and_its_best_params_reproduce_in_finetune(
     metrics = json.loads((out / "finetune" / "cnn" / "metrics.json").read_text())
     assert metrics["best_val_loss"] == pytest.approx(study.best_value, rel=1e-4)
     default_lr = load_params(params_file).finetune.lr
-    assert apply_best_params(load_params(params_file), best_file, "cnn").finetune.lr == best["finetune"]["lr"]
+    assert tuned_settings(load_params(params_file), best_file, "cnn").params.finetune.lr == best["finetune"]["lr"]
     assert best["finetune"]["lr"] != default_lr
 
     # Running again resumes the finished study (no new trial); other settings are refused, naming them.
@@ -222,8 +222,8 @@ def test_two_workers_share_a_postgres_study(
 ) -> None:
     params = params_from_mapping(_mapping(demo_root, tmp_path, n_trials=4, pruner={"type": "none"}))
     peer = WaitForPeer(postgres_url, "cass-finetune-cnn")
-    best_file = tune(params, prepared_dir, "cnn", tmp_path / "tune", workers=2, storage=postgres_url,
-                     callbacks=[peer])
+    best_file = run_study(params, prepared_dir, "cnn", tmp_path / "tune", workers=2, storage=postgres_url,
+                          callbacks=[peer], tracker=MlflowTracker())
 
     study = _study(postgres_url)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
@@ -241,7 +241,8 @@ def test_killed_worker_trial_is_failed_requeued_and_the_study_completes(
     )
     out = tmp_path / "tune"
     ctx = multiprocessing.get_context("spawn")
-    doomed = ctx.Process(target=run_worker, args=(params, prepared_dir, "cnn", out, None, postgres_url, 0, [Hang()]))
+    doomed = ctx.Process(target=run_trials, args=(params, prepared_dir, "cnn", out, None),
+                         kwargs={"storage": postgres_url, "callbacks": [Hang()], "tracker": MlflowTracker()})
     doomed.start()
     try:
         deadline = time.monotonic() + 120
@@ -259,7 +260,7 @@ def test_killed_worker_trial_is_failed_requeued_and_the_study_completes(
         doomed.join(timeout=30)
     assert doomed.exitcode == -signal.SIGKILL
 
-    best_file = tune(params, prepared_dir, "cnn", out, storage=postgres_url)
+    best_file = run_study(params, prepared_dir, "cnn", out, storage=postgres_url, tracker=MlflowTracker())
 
     study = _study(postgres_url)
     killed = study.trials[victim.number]
@@ -300,7 +301,7 @@ def test_pinned_key_keeps_its_value_over_a_best_params_file(
     params_file.write_text(yaml.safe_dump(_mapping(demo_root, tmp_path)))
 
     # Unpinned, the file wins (what a tuning is for), and the log says which values it replaced.
-    caplog.set_level("INFO", logger="cass.tune")
+    caplog.set_level("INFO", logger="cass.tuning")
     unpinned = tuned_settings(load_params(params_file), best, "cnn")
     assert (unpinned.params.finetune.lr, unpinned.params.finetune.batch_size) == (0.05, 4)
     assert "cnn: tuned settings from" in caplog.text and "finetune.lr=0.05 (was 0.0003)" in caplog.text
@@ -314,7 +315,7 @@ def test_pinned_key_keeps_its_value_over_a_best_params_file(
     assert tuned.tags() == {"tuned_from": f"{best} (trial 3 of study s-cnn)", "tuned_keys": "finetune.batch_size",
                             "pinned_keys": "finetune.lr"}
     assert "pinned by tune.pin, not tuned: finetune.lr=0.002" in caplog.text
-    assert apply_best_params(explicit, best, "cnn") == tuned.params
+    assert tuned_settings(explicit, best, "cnn").params == tuned.params
     # A file from a study that pinned lr carries that value: its best trial ran with it.
     caplog.clear()
     best.write_text(yaml.safe_dump({"network": "cnn", "study": "s-cnn", "trial": 3, "finetune": {"batch_size": 4},
@@ -396,7 +397,7 @@ def test_a_workers_error_reaches_the_parent_with_its_own_class_and_exit_code(tmp
     from cass.data.images import ImageError
     from cass.errors import CassError, DataError, TrainingError
     from cass.tracking.client import TrackingError
-    from cass.tune import _after_workers, _WorkerError
+    from cass.tuning.workers import _after_workers, _WorkerError
 
     class ElsewhereError(CassError):  # a class the parent cannot import by name
         exit_code = 42
@@ -418,7 +419,7 @@ def test_a_tuning_worker_process_redacts_credentials_in_its_log(tmp_path: Path, 
     """A worker process starts with Python's own log records; it installs the redaction as the CLI does."""
     import logging
 
-    from cass.tune import _worker_process
+    from cass.tuning.workers import _worker_process
 
     mapping = tiny_mapping(demo_root)
     mapping["tune"] = {"space": SPACE, "pin": list(SPACE)}  # nothing to search: the worker returns at once
@@ -429,7 +430,7 @@ def test_a_tuning_worker_process_redacts_credentials_in_its_log(tmp_path: Path, 
         args = (params, demo_root, "cnn", tmp_path, None, f"sqlite:///{tmp_path / 'optuna.db'}")
         _worker_process(args, logging.INFO, 1, multiprocessing.get_context("spawn").SimpleQueue())
         with caplog.at_level(logging.INFO):
-            logging.getLogger("cass.tune").info("storage %s", "postgresql://optuna:s3cret-pw@db:5432/optuna")
+            logging.getLogger("cass.tuning").info("storage %s", "postgresql://optuna:s3cret-pw@db:5432/optuna")
     finally:
         logging.setLogRecordFactory(factory)
     assert "postgresql://optuna:***@db:5432/optuna" in caplog.text and "s3cret-pw" not in caplog.text

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cass.cli import main
-from cass.tune import PARENT_RUN_ATTR, database_url, study_progress
+from cass.tuning import PARENT_RUN_ATTR, database_url, study_progress
 from tests.conftest import PG_ADMIN_URL, tiny_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,12 +262,12 @@ def test_a_tracking_failure_during_the_study_stays_a_tracking_error_not_exit_11(
     import threading
 
     from cass.tracking.client import TrackingError
-    from cass.tune import _database_failure, _quiet_heartbeat_failures, _study_database
+    from cass.tuning.storage import database_failure, quiet_heartbeat_failures, study_database
 
-    with pytest.raises(TrackingError) as caught, _study_database("sqlite:///optuna.db", "study 'cass-finetune-cnn'"):
+    with pytest.raises(TrackingError) as caught, study_database("sqlite:///optuna.db", "study 'cass-finetune-cnn'"):
         _mlflow_store_locked(tmp_path)
     assert caught.value.exit_code == 6 and "database is locked" in str(caught.value)
-    assert _database_failure(caught.value) is None
+    assert database_failure(caught.value) is None
 
     # A driver error that is the real cause (not hidden by `from None`) is still found.
     from sqlalchemy.exc import OperationalError
@@ -278,13 +278,13 @@ def test_a_tracking_failure_during_the_study_stays_a_tracking_error_not_exit_11(
         except OperationalError:
             raise RuntimeError("could not read the trial back")  # noqa: B904
     except RuntimeError as exc:
-        assert isinstance(_database_failure(exc), OperationalError)
+        assert isinstance(database_failure(exc), OperationalError)
 
     # The heartbeat thread's hook lets a tracking failure through to the usual report.
     seen: list[BaseException] = []
     previous, threading.excepthook = threading.excepthook, lambda args: seen.append(args.exc_value)
     try:
-        with _quiet_heartbeat_failures():
+        with quiet_heartbeat_failures():
             thread = threading.Thread(target=_mlflow_store_locked, args=(tmp_path,))
             thread.start()
             thread.join()

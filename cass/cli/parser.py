@@ -26,6 +26,7 @@ EPILOG = """examples:
   cass finetune --network both               # fine-tune both at finetune.label_fraction
   cass evaluate --network cnn                # test metrics, confusion matrix, ROC curves
   cass tune --network cnn --workers 2        # Optuna search; then cass finetune --best-params FILE
+  cass dvc-yaml                              # rewrite dvc.yaml after changing finetune.init or tune.enabled
   cass promote --network cnn --version 3     # move 'champion' to v3 if it passes the gate and beats it
   cass registry                              # each model's champion, why and by whom, and its history
   cass predict --model models:/cass-demo-cnn@champion img1.png img2.png
@@ -234,6 +235,19 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
         "ROC curves on the test split; writes <outputs>/evaluate/<network>.",
     )
     network_option(p)
+    settings_options(p)
+
+    p = _command(
+        sub, "dvc-yaml", train.dvc_yaml, help="write dvc.yaml from the stage list and params.yaml",
+        description="(Re)write dvc.yaml from the pipeline's stage list and the settings, so that `dvc repro` runs "
+        "what the flow runs: pretrain only when finetune.init is cass, tune only when tune.enabled, one item per "
+        "finetune.networks. Run it after changing those settings and commit the file; a stage that DVC runs "
+        "refuses a stale dvc.yaml.",
+    )
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit non-zero, naming what differs, when the file is stale")
+    p.add_argument("--output", type=Path, default=Path("dvc.yaml"), metavar="FILE",
+                   help="the file to write or check (default: %(default)s)")
     settings_options(p)
 
 

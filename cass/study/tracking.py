@@ -17,7 +17,8 @@ from typing import Any
 
 from cass.study.plan import Cell, StudyPlan
 from cass.tracking.client import configure, reaching
-from cass.tracking.runs import RunLogger, data_digest, networks_tag, numeric_items, pipeline_lineage, run_tags
+from cass.tracking.runs import RunLogger, numeric_items
+from cass.tracking.tags import data_digest, networks_tag, pipeline_lineage, run_tags
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,12 @@
     redact   secrets never reach MLflow (URI passwords, secret settings, params.yaml lines)
     client   the tracking URI, the server check before any training, the experiment, bounded calls,
              retried uploads, the runs a dead server left open
-    runs     lineage tags, RunLogger (one run, by id), the pipeline's parent and child runs
-    stages   the tracked pretrain / fine-tune / evaluate stages, registration and promotion
+    tags     the lineage tags every run carries and the labels runs are named by
+    runs     RunLogger: logging into one run, by id
+    plots    the curves PNG of a training stage
+    pipeline_runs  a pipeline's parent run and its child runs
+    tracker  MlflowTracker, the handler the stages of :mod:`cass.stages` log through (and a study's runs)
+    stages   the pipeline's MLflow steps: unchanged-run look-up, data change, registration and promotion
 
 It sits above :mod:`cass.registry` (which never imports it) and below :mod:`cass.pipeline`, which runs
 the stages in order. mlflow itself is imported only where it is used, never when this package loads.
@@ -28,31 +32,12 @@ from cass.tracking.client import (
     where_to_browse,
     with_retries,
 )
+from cass.tracking.pipeline_runs import child_run, end_pipeline_run, stage_run, start_pipeline_run
+from cass.tracking.plots import plot_history
 from cass.tracking.redact import REDACTED, loggable_params, redact, redact_mapping, redact_yaml_text
-from cass.tracking.runs import (
-    Lineage,
-    RunLogger,
-    changed_settings,
-    child_run,
-    data_digest,
-    end_pipeline_run,
-    label_of,
-    metric_key,
-    networks_tag,
-    numeric_items,
-    pipeline_lineage,
-    plot_history,
-    run_label,
-    run_name,
-    run_tags,
-    stage_run,
-    start_pipeline_run,
-    test_set_hash,
-)
+from cass.tracking.runs import RunLogger, metric_key, numeric_items
 from cass.tracking.stages import (
     DataChange,
-    FinetuneRun,
-    StageRun,
     champions,
     completed_run,
     data_change,
@@ -62,20 +47,30 @@ from cass.tracking.stages import (
     register_candidate,
     register_outputs,
     reusable_pretraining,
-    tracked_evaluate,
-    tracked_finetune,
-    tracked_pretrain,
 )
+from cass.tracking.tags import (
+    LineageTags,
+    changed_settings,
+    data_digest,
+    label_of,
+    networks_tag,
+    pipeline_lineage,
+    run_label,
+    run_name,
+    run_tags,
+    test_set_hash,
+)
+from cass.tracking.tracker import MlflowTracker, StudyRuns
 
 __all__ = [
     "EVALUATION_DIR",
     "METRICS_ARTIFACT",
     "REDACTED",
     "DataChange",
-    "FinetuneRun",
-    "Lineage",
+    "LineageTags",
+    "MlflowTracker",
     "RunLogger",
-    "StageRun",
+    "StudyRuns",
     "TrackingError",
     "champions",
     "changed_settings",
@@ -115,9 +110,6 @@ __all__ = [
     "stage_run",
     "start_pipeline_run",
     "test_set_hash",
-    "tracked_evaluate",
-    "tracked_finetune",
-    "tracked_pretrain",
     "tracking_error",
     "tracking_uri",
     "ui_url",

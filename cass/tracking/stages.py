@@ -1,8 +1,10 @@
-"""The tracked stages: each training stage in a child run of the pipeline's parent run, and the
-registration and promotion of the evaluated networks.
+"""The MLflow steps of a pipeline beyond its training stages: the "nothing changed" and reusable-pretraining
+look-ups, the data-change report, the quality reports, registration and promotion of the evaluated networks,
+and the registration of models already on disk (``cass register`` after ``dvc repro``).
 
 Each is a plain function of the settings, the output layout and run ids, so that the pipeline runner
-(:mod:`cass.pipeline`) calls them the same way in this process and in a Prefect task.
+(:mod:`cass.pipeline`) calls them the same way in this process and in a Prefect task. The training stages
+themselves are in :mod:`cass.stages`; :class:`cass.tracking.tracker.MlflowTracker` logs them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from cass.errors import TrainingError
 from cass.outputs import FinetuneOutputs, Layout
 from cass.quality.policy import GatePolicy
 from cass.run_keys import (
-    PRETRAIN_FINGERPRINT_TAG,
     completed_run_filter,
     finished_checkpoint,
     pretrain_fingerprint,
@@ -31,37 +32,10 @@ from cass.run_keys import (
 )
 from cass.tracking.client import configure, configure_client, latest_run_id, with_retries
 from cass.tracking.redact import redact_mapping
-from cass.tracking.runs import (
-    Lineage,
-    RunLogger,
-    data_digest,
-    label_of,
-    model_lineage,
-    numeric_items,
-    run_name,
-    run_tags,
-    stage_run,
-)
-from cass.tracking.system import system_metrics
+from cass.tracking.runs import RunLogger
+from cass.tracking.tags import LineageTags, data_digest, label_of, model_lineage, run_name, run_tags
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """The MLflow run of a stage; ``reused`` when an earlier run's outputs were used instead of training."""
-
-    run_id: str
-    reused: bool = False
-
-
-@dataclass(frozen=True)
-class FinetuneRun:
-    """A fine-tuning run and the model it logged."""
-
-    run_id: str
-    model_id: str
-    model_uri: str
 
 
 def first_test_image(data_dir: Path) -> bytes:
@@ -89,84 +63,6 @@ def reusable_pretraining(params: Params, layout: Layout) -> str | None:
     if not finished_checkpoint(params, layout.data, layout.pretrain):
         return None
     return latest_run_id(params.mlflow, pretraining_filter(pretrain_fingerprint(params, layout.data)))
-
-
-def tracked_pretrain(params: Params, layout: Layout, parent_run_id: str, *, progress: bool = True,
-                     reuse: bool = True) -> StageRun:
-    """Pretrain in a child run, or reuse the finished pretraining on disk when it has the current settings.
-
-    Reuse needs a finished checkpoint with the current fingerprint (settings and data, see
-    :mod:`cass.run_keys`) and a finished run that recorded it; that run's id is returned. ``reuse=False``
-    (``--force``) trains from scratch, neither reusing nor resuming what is on disk.
-    """
-    from cass.cass_pretraining import pretrain
-
-    configure(params.mlflow)
-    earlier = reusable_pretraining(params, layout) if reuse else None
-    if earlier is not None:
-        log.info("pretraining reused (run %s): %s holds a finished pretraining with these settings and data",
-                 earlier, layout.pretrain)
-        RunLogger(params.mlflow, parent_run_id).tags({"pretraining_reused_from": earlier})
-        return StageRun(earlier, reused=True)
-    fingerprint = pretrain_fingerprint(params, layout.data)
-    with stage_run(params, layout.data, parent_run_id, "pretrain", **{PRETRAIN_FINGERPRINT_TAG: fingerprint}) as run:
-        with system_metrics(params.mlflow, run.run_id):
-            out = pretrain(params, layout.data, layout.pretrain, resume=reuse, callbacks=[run.epoch],
-                           progress=progress)
-        run.training_stage(out.out_dir, out.metrics, out.history, "pretraining")
-        run.artifact(out.networks)
-    return StageRun(run.run_id)
-
-
-def tracked_finetune(
-    params: Params, layout: Layout, network: Network, parent_run_id: str, pretraining_run_id: str | None = None,
-    *, progress: bool = True, tags: Mapping[str, str | None] | None = None, tuning: Mapping[str, Any] | None = None,
-) -> FinetuneRun:
-    """Fine-tune ``network`` in a child run and log the model (a pyfunc that rebuilds it, no pickle).
-    ``tags``: more tags of the run (e.g. which settings came from tuning); ``tuning``: the tuning the settings
-    came from, for lineage.json (:func:`cass.tune.tuning_origin`)."""
-    from cass.finetune import finetune
-    from cass.serving import log_classifier
-
-    pre_dir = layout.pretrain if params.finetune.init == "cass" else None
-    tags = {**(tags or {}), "pretraining_run_id": pretraining_run_id}
-    with stage_run(params, layout.data, parent_run_id, "finetune", network, **tags) as run:
-        with system_metrics(params.mlflow, run.run_id):
-            ft = finetune(params, layout.data, network, layout.finetune(network), pre_dir, callbacks=[run.epoch],
-                          progress=progress, tuning=tuning, pretraining_run_id=pretraining_run_id)
-        run.training_stage(ft.out_dir, ft.metrics, ft.history, f"fine-tuning {network}")
-        example = first_test_image(layout.data)
-        model = with_retries(
-            f"logging the {network} model", lambda: log_classifier(ft.out_dir, example), params.mlflow
-        )
-    return FinetuneRun(run.run_id, model.model_id, model.model_uri)
-
-
-def tracked_evaluate(
-    params: Params, layout: Layout, network: Network, parent_run_id: str, finetuned: FinetuneRun,
-    pretraining_run_id: str | None = None,
-) -> registry.Candidate:
-    """Evaluate ``network`` on the test split in a child run; returns what registration needs. The test
-    metrics also go on the fine-tuning run (``test_macro_f1`` ...) and, per network, on the parent run."""
-    from cass.evaluate import evaluate
-
-    tags = {"pretraining_run_id": pretraining_run_id, "finetune_run_id": finetuned.run_id,
-            "model_id": finetuned.model_id}
-    with stage_run(params, layout.data, parent_run_id, "evaluate", network, context="test", **tags) as run:
-        evaluate(params, layout.data, layout.finetune(network), layout.evaluate(network))
-        metrics = run.evaluation(layout.evaluate(network), finetuned.model_id)
-        tags["manifest_sha256"] = keep_manifest(run, layout.data)
-        values = numeric_items(metrics, "test_")
-        RunLogger(params.mlflow, parent_run_id).metrics({f"{network}_{k}": v for k, v in values.items()})
-        # The fine-tuning runs are what one compares (settings, curves): their test scores belong beside them.
-        RunLogger(params.mlflow, finetuned.run_id).metrics(values)
-    lineage, _ = model_lineage(layout, network)  # what the fine-tuning recorded beside the weights
-    return registry.Candidate(
-        network=network,
-        model_uri=finetuned.model_uri,
-        metrics=metrics,
-        tags=lineage.tags(network, pipeline_run_id=parent_run_id, evaluation_run_id=run.run_id, **tags),
-    )
 
 
 def keep_manifest(run: RunLogger, data_dir: Path) -> str:
@@ -291,7 +187,7 @@ class ModelOnDisk:
     """A fine-tuned network in the outputs and its evaluation, as recorded beside them."""
 
     network: Network
-    lineage: Lineage
+    lineage: LineageTags
     record: dict[str, Any]  # the fine-tuning's lineage.json
     settings: Params  # the settings it was trained with (tuned values included), from lineage.json
     metrics: dict[str, Any]  # the evaluation's metrics.json
@@ -338,7 +234,7 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
                     "(the version carries the pretrained weights' digest)", out.out_dir, network)
         return None
     recorded = json.loads(out.metrics.read_text()) if out.metrics.is_file() else {}
-    lineage = Lineage(model.lineage.dataset, model.lineage.label_fraction,  # the commit pretraining ran at
+    lineage = LineageTags(model.lineage.dataset, model.lineage.label_fraction,  # the commit pretraining ran at
                       str(recorded.get("git_commit") or model.lineage.git_commit),
                       str(recorded.get("data_version") or model.lineage.data_version), model.lineage.test_set)
     digests = {f"pretrain_{n}_sha256": file_digest(out.weights(n)) for n in ("cnn", "vit") if out.weights(n).is_file()}
@@ -353,9 +249,9 @@ def logged_pretraining(params: Params, layout: Layout, model: ModelOnDisk) -> st
 
 @contextlib.contextmanager
 def open_run(params: Params, layout: Layout, model: ModelOnDisk, what: str, *, network: str | None = None,
-             lineage: Lineage | None = None, **tags: str | None) -> Iterator[RunLogger]:
+             lineage: LineageTags | None = None, **tags: str | None) -> Iterator[RunLogger]:
     """A run for a model on disk, read like a pipeline's stage run: named ``<what> <label>`` (the data it
-    was trained on and the settings in which it differs from ``params``, :func:`~cass.tracking.runs.label_of`),
+    was trained on and the settings in which it differs from ``params``, :func:`~cass.tracking.tags.label_of`),
     its lineage tags (or ``lineage``'s), the settings it was trained with and the dataset input."""
     import mlflow
 

@@ -56,10 +56,10 @@ def _flow(args: argparse.Namespace, params: Params, layout: Layout) -> int:
 
 def _tracked(args: argparse.Namespace, params: Params, layout: Layout) -> int:
     """--no-flow: the stages logged to MLflow and registered (promoted unless --no-promote), without Prefect."""
-    from cass.pipeline import tracked_pipeline
+    from cass.pipeline import run_pipeline_with_mlflow
     from cass.tracking import experiment_id, tracking_uri, where_to_browse
 
-    tracked = tracked_pipeline(params, layout, params_file=Path(args.params), promote=not args.no_promote,
+    tracked = run_pipeline_with_mlflow(params, layout, params_file=Path(args.params), promote=not args.no_promote,
                                progress=not args.quiet, on_stage=_log_stage, force=args.force)
     print_metrics(tracked.results)
     print_where_outputs_are(layout)

@@ -1,4 +1,7 @@
-"""`cass pretrain | finetune | tune | evaluate`: the training stages, one call each, results printed by rank 0."""
+"""`cass pretrain | finetune | tune | evaluate`: the training stages, one call each to their entry point in
+:mod:`cass.stages`, results printed by rank 0; `cass dvc-yaml` writes the dvc.yaml that runs them.
+
+Run by `dvc repro`, each stage first refuses a dvc.yaml that is stale for the settings (:mod:`cass.dvc_yaml`)."""
 
 from __future__ import annotations
 
@@ -7,16 +10,20 @@ import json
 
 from cass.cli.output import print_metrics
 from cass.cli.settings import networks, outputs, reporting_rank, settings
+from cass.dvc_yaml import refuse_stale
 
 
 def pretrain(args: argparse.Namespace) -> int:
     """CASS (or, with --method dino, DINO) pretraining of both networks into <outputs>/pretrain."""
-    from cass.cass_pretraining import pretrain as run_pretraining
+    from cass.outputs import PretrainOutputs
+    from cass.stages import pretrain_stage
 
     params = settings(args, {"pretrain.method": args.method})
+    refuse_stale(params, args.params)
     layout = outputs(args)
-    out = run_pretraining(params, layout.data, layout.pretrain, resume=not args.no_resume, progress=not args.quiet)
+    pretrain_stage(params, layout, resume=not args.no_resume, progress=not args.quiet)
     if reporting_rank():
+        out = PretrainOutputs(layout.pretrain)
         print(json.dumps(json.loads(out.metrics.read_text()), indent=2))
         print(f"weights: {out.cnn}, {out.vit}")
     return 0
@@ -24,20 +31,19 @@ def pretrain(args: argparse.Namespace) -> int:
 
 def finetune(args: argparse.Namespace) -> int:
     """Fine-tune each chosen network, with the best settings of `cass tune` where --best-params gives them."""
-    from cass.finetune import finetune as run_finetuning
-    from cass.tune import apply_best_params, best_params_by_network, tuning_origin
+    from cass.outputs import FinetuneOutputs
+    from cass.stages import finetune_stage
+    from cass.tuning.best_params import best_params_by_network
 
     params, layout = settings(args), outputs(args)
+    refuse_stale(params, args.params)
     chosen = networks(args, params)
     best = best_params_by_network(args.best_params, chosen)
-    pre = layout.pretrain if params.finetune.init == "cass" else None
     for network in chosen:
-        net_params = apply_best_params(params, best[network], network) if network in best else params
-        tuning = tuning_origin(best[network]) if network in best else None
-        out = run_finetuning(net_params, layout.data, network, layout.finetune(network), pre, progress=not args.quiet,
-                             tuning=tuning)
+        ft = finetune_stage(params, layout, network, best_params=best.get(network), progress=not args.quiet)
         if not reporting_rank():
             continue
+        out = FinetuneOutputs(ft.out_dir)
         m = json.loads(out.metrics.read_text())
         print(
             f"{network}: best epoch {m['best_epoch']}, val loss {m['best_val_loss']:.4f}, "
@@ -47,23 +53,26 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    """An Optuna study per network; a --worker only adds trials to the shared study."""
-    from cass.tune import default_worker_index, read_best_params, route_optuna_logging, work
-    from cass.tune import tune as run_study
+    """An Optuna study per network, its study and trials logged to MLflow; a --worker only adds trials to the
+    shared study."""
+    from cass.stages import pretrain_dir, tune_stage
+    from cass.tracking.tracker import MlflowTracker
+    from cass.tuning import default_worker_index, read_best_params, route_optuna_logging, run_trials
 
     params = settings(args, {"tune.n_trials": args.n_trials, "tune.timeout": args.timeout,
                              "tune.study_name": args.study})
+    refuse_stale(params, args.params)
     layout = outputs(args)
-    route_optuna_logging()
-    pre = layout.pretrain if params.finetune.init == "cass" else None
+    tracker = MlflowTracker()
     for network in networks(args, params):
         if args.worker:
+            route_optuna_logging()
             index = default_worker_index() if args.worker_index is None else args.worker_index
-            work(params, layout.data, network, layout.tune, pre, workers=args.workers, storage=args.storage,
-                 worker_index=index)
+            run_trials(params, layout.data, network, layout.tune, pretrain_dir(params, layout), workers=args.workers,
+                       storage=args.storage, worker_index=index, tracker=tracker)
             print(f"{network}: the study has its trials; the main `cass tune` writes the best settings")
             continue
-        path = run_study(params, layout.data, network, layout.tune, pre, workers=args.workers, storage=args.storage)
+        path = tune_stage(params, layout, network, tracker, workers=args.workers, storage=args.storage)
         doc = read_best_params(path)
         if "trial" not in doc:
             print(f"{network}: nothing to search, every key of tune.space is pinned -> {path}")
@@ -75,14 +84,32 @@ def tune(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Test metrics of each chosen fine-tuned network, printed as one table."""
-    from cass.evaluate import evaluate as run_evaluation
+    from cass.stages import evaluate_stage
 
     params, layout = settings(args), outputs(args)
-    results = {}
-    for network in networks(args, params):
-        out = run_evaluation(params, layout.data, layout.finetune(network), layout.evaluate(network))
-        results[network] = json.loads(out.metrics.read_text())
+    refuse_stale(params, args.params)
+    results = {network: dict(evaluate_stage(params, layout, network).metrics) for network in networks(args, params)}
     print_metrics(results)
+    return 0
+
+
+def dvc_yaml(args: argparse.Namespace) -> int:
+    """`cass dvc-yaml`: write dvc.yaml from the stage list and the settings file, or --check that it is current."""
+    from cass import dvc_yaml as generator
+    from cass.errors import ConfigError
+
+    if args.overrides:
+        raise ConfigError(f"dvc.yaml follows {args.params} as DVC reads it: set {', '.join(args.overrides)} in "
+                          f"{args.params} instead of with --set")
+    params = settings(args)
+    if args.check:
+        reason = generator.stale(params, args.output)
+        if reason:
+            raise ConfigError(f"{reason}; run `{generator.COMMAND}` to rewrite it from {args.params}")
+        print(f"{args.output} is current for {args.params}")
+        return 0
+    changed = generator.write(params, args.output)
+    print(f"{args.output} {'written' if changed else 'already current'} for {args.params}")
     return 0
 
 
