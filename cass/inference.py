@@ -110,7 +110,7 @@ class _Collate:
 
 def auto_workers(decode_s: float, forward_s: float, cores: int | None = None, threads: int | None = None) -> int:
     """Decoding processes worth starting, from one batch's measured decoding (``decode_s``, preprocessing
-    included) and forward pass (``forward_s``) in this process.
+    included) and forward pass (``forward_s``) in this process, both in seconds per image.
 
     A worker hides the decoding behind the forward pass, but on a machine whose cores all run the forward
     pass (torch's threads >= cores) it takes one of them: the forward pass then slows by about
