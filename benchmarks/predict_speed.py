@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64, help="pixels (default %(default)s: the demo's)")
     ap.add_argument("--arch", default="test_resnet", help="timm network (default %(default)s: params.yaml's CNN)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, help="decoding processes of cass predict (default: its own)")
+    ap.add_argument("--workers", type=int, help="decoding processes of cass predict (default: its own choice, "
+                    "from the first batch's timings)")
     ap.add_argument("--rounds", type=int, default=3, help="predict runs, each between two raw measurements; the "
                     "median ratio is reported (default %(default)s; 1 with --before)")
     ap.add_argument("--before", nargs="?", const=BEFORE_REVISION, metavar="REV",
@@ -153,7 +154,8 @@ def main() -> None:
     emit({
         "benchmark": "predict_speed", "path": f"per-image ({args.before})" if args.before else "cass predict",
         "images": len(paths), "image_size": args.image_size, "arch": args.arch, "batch_size": args.batch_size,
-        "workers": 0 if args.before else job.workers, "load_s": round(load_s, 2),
+        "workers": 0 if args.before else summary.workers,
+        "workers_chosen": "auto" if args.workers is None and not args.before else "given", "load_s": round(load_s, 2),
         "predict_images_per_s": round(predict, 1), "raw_batched_images_per_s": round((before + after) / 2, 1),
         "ratio": round(ratios[best], 3), "ratios": [round(r, 3) for r in ratios],
         "rounds": [[round(v, 1) for v in r] for r in rounds],

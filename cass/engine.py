@@ -204,18 +204,22 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-class _EpochMeter:
-    """Per-image loss sums, the image count and embedding spreads of one epoch on this process."""
+class EpochMeter:
+    """Per-image loss sums, the image count and embedding spreads of one epoch on this process.
+
+    The sums stay on the device (float64, the same arithmetic as summing ``loss.item() * images`` in Python):
+    adding a step's losses never waits for the device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.spread: dict[str, EmbeddingSpread] = {}
         self.images = 0
 
     def add(self, images: int, out: StepOutput) -> None:
         for name, loss in out.losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + loss.item() * images
+            term = loss.detach().double() * images
+            self.sums[name] = self.sums[name].add_(term) if name in self.sums else term
         for name, z in out.embeddings.items():
             if name not in self.spread:
                 self.spread[name] = EmbeddingSpread(z.shape[-1], z.device)
@@ -224,7 +228,8 @@ class _EpochMeter:
 
     def reduce(self) -> tuple[int, dict[str, float]]:
         """(images, mean losses) over every process; the spreads' sums are reduced in place."""
-        totals = torch.tensor([*self.sums.values(), self.images], dtype=torch.float64, device=self.device)
+        count = torch.tensor([self.images], dtype=torch.float64, device=self.device)
+        totals = torch.cat([*(t.reshape(1).to(self.device) for t in self.sums.values()), count])
         distributed.all_reduce_sum(totals, *(sp.sums for sp in self.spread.values()))
         images = int(totals[-1])
         return images, {name: float(t) / max(images, 1) for name, t in zip(self.sums, totals[:-1], strict=True)}
@@ -409,7 +414,7 @@ class Engine:
     def _epoch(self, learner: Learner, loaders: EpochLoader, epoch: int, lrs: np.ndarray) -> EpochStats:
         loader = loaders.for_epoch(training.epoch_seed(self.seed, epoch), epoch, self.ctx.rank)
         learner.start_epoch(epoch)
-        meter = _EpochMeter(self.device)
+        meter = EpochMeter(self.device)
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"{learner.name} {epoch + 1}/{self.cfg.epochs}", leave=False, unit="batch",
                    disable=None if self.progress and self.main else True)
@@ -417,10 +422,10 @@ class Engine:
         lines = (ProgressLog(learner.name, epoch + 1, self.cfg.epochs, self.batches)
                  if self.progress and self.main and bar.disable else None)
         for i, batch in enumerate(bar):
-            out = self._micro_batch(learner, _to_device(batch, self.device), self._step(epoch, i, lrs))
-            meter.add(len(batch[-1]), out)  # batches are (inputs, targets)
-            shown = {name: f"{loss.item():.4f}" for name, loss in out.losses.items()}
-            bar.set_postfix(shown, img_s=f"{meter.images / (time.perf_counter() - started):.0f}")
+            out = self.train_batch(learner, batch, self._step(epoch, i, lrs), meter)
+            if not bar.disable:  # the losses leave the device only for a bar someone sees
+                shown = {name: f"{loss.item():.4f}" for name, loss in out.losses.items()}
+                bar.set_postfix(shown, refresh=False, img_s=f"{meter.images / (time.perf_counter() - started):.0f}")
             if lines is not None:
                 lines.update(i + 1)
         seconds = time.perf_counter() - started
@@ -438,6 +443,14 @@ class Engine:
         index = min(epoch * self.steps_per_epoch + i // acc, len(lrs) - 1)
         last = (i + 1) % acc == 0 or i + 1 == self.batches
         return Step(epoch, i, index, float(lrs[index]), min(acc, self.batches - group_start), last)
+
+    def train_batch(self, learner: Learner, batch: Any, step: Step, meter: EpochMeter) -> StepOutput:
+        """Everything the loop does with one batch: to the device, the learner's step (and its optimiser step
+        after an accumulation group), the finiteness check, the epoch's sums. benchmarks/pretrain_step.py
+        times it against a bare step of the same networks."""
+        out = self._micro_batch(learner, _to_device(batch, self.device), step)
+        meter.add(len(batch[-1]), out)  # batches are (inputs, targets)
+        return out
 
     def _micro_batch(self, learner: Learner, batch: Any, step: Step) -> StepOutput:
         with distributed.no_sync(self._ddp, enabled=not step.last):

@@ -3,17 +3,23 @@
 One implementation behind every way a model is used after training: ``cass predict`` (files on disk), the
 pyfunc model (:mod:`cass.serving`, image bytes in a DataFrame) and ``mlflow models serve`` (the same pyfunc).
 Each image is read and decoded by :func:`cass.data.images.decode_image` (the one decoder, whatever the file
-format), converted to 8-bit RGB and preprocessed as evaluation does; a file that cannot be used does not stop
-the batch: it comes back in :attr:`Batch.failed` with the reason, and the caller decides (the pyfunc model
-refuses the request, ``cass predict`` lists the file and goes on).
+format) and converted to 8-bit RGB; each batch is then resized and normalised at once, as evaluation's
+transform does one image at a time (:class:`cass.data.transforms.EvalBatchTransform`, equal to it bit for
+bit). A file that cannot be used does not stop the batch: it comes back in :attr:`Batch.failed` with the
+reason, and the caller decides (the pyfunc model refuses the request, ``cass predict`` lists the file and
+goes on).
 
 Batched and one-image-at-a-time results are not bit-identical: a batched kernel sums in another order, so
 logits differ in the last bits of float32, and the temperature (often < 1) scales that difference up.
-tests/test_inference.py bounds it.
+tests/test_predict.py bounds it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +30,11 @@ import torch
 
 from cass.calibration import probabilities
 from cass.data.images import DEFAULT_MAX_PIXELS, decode_image, read_bytes, to_rgb8
+from cass.data.transforms import EvalBatchTransform
 from cass.errors import DataError
 
 DEFAULT_BATCH_SIZE = 64
-
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Batch:
     indices: list[int]
     probs: np.ndarray  # (len(indices), n_classes), calibrated
     failed: list[tuple[int, str]]  # (position, what was wrong with it)
+    workers: int = 0  # the decoding processes that read this batch (0: this process)
 
 
 @dataclass(frozen=True)
@@ -54,18 +62,21 @@ def load_folder(folder: Path) -> Classifier:
     MLflow is not imported."""
     from cass.classifier import load_classifier
     from cass.config import AugmentConfig
-    from cass.data.transforms import eval_transform
 
     model, spec = load_classifier(Path(folder), "cpu")
-    return Classifier(model, spec, eval_transform(spec.image_size, AugmentConfig(mean=spec.mean, std=spec.std)))
+    return Classifier(model, spec, EvalBatchTransform(spec.image_size, AugmentConfig(mean=spec.mean, std=spec.std)))
 
 
 class _Images(torch.utils.data.Dataset):
-    """Image files or encoded bytes, decoded and preprocessed on access (in a DataLoader worker)."""
+    """Image files or encoded bytes, decoded on access (in a DataLoader worker, or in this process).
+
+    With an :class:`~cass.data.transforms.EvalBatchTransform` an image comes out as 8-bit pixels and the batch is
+    resized and normalised at once by :func:`_collate`; any other transform runs per image."""
 
     def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, max_pixels: int,
                  dicom: Any = None) -> None:
         self.sources, self.transform, self.max_pixels, self.dicom = sources, transform, max_pixels, dicom
+        self.per_image = transform.image if isinstance(transform, EvalBatchTransform) else transform
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -75,46 +86,103 @@ class _Images(torch.utils.data.Dataset):
         where = f"input row {i}" if isinstance(source, bytes) else str(source)
         try:
             data = source if isinstance(source, bytes) else read_bytes(Path(source), where)
-            return i, self.transform(to_rgb8(decode_image(data, where, self.max_pixels, self.dicom))), None
+            return i, self.per_image(to_rgb8(decode_image(data, where, self.max_pixels, self.dicom))), None
         except DataError as exc:
             return i, None, str(exc)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None,
-                                                                                  list[tuple[int, str]]]:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    failed = [(i, error) for i, x, error in items if x is None]
-    return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), failed
+@dataclass(frozen=True)
+class _Collate:
+    """A batch's positions, its preprocessed tensor (None if no image was usable) and its failures."""
+
+    transform: Callable
+
+    def __call__(self, items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
+            list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        good = [(i, x) for i, x, _ in items if x is not None]
+        failed = [(i, error) for i, x, error in items if x is None]
+        if not good:
+            return [], None, failed
+        images = [x for _, x in good]
+        x = self.transform.batch(images) if isinstance(self.transform, EvalBatchTransform) else torch.stack(images)
+        return [i for i, _ in good], x, failed
+
+
+def auto_workers(decode_s: float, forward_s: float, cores: int | None = None, threads: int | None = None) -> int:
+    """Decoding processes worth starting, from one batch's measured decoding (``decode_s``, preprocessing
+    included) and forward pass (``forward_s``) in this process, both in seconds per image.
+
+    A worker hides the decoding behind the forward pass, but on a machine whose cores all run the forward
+    pass (torch's threads >= cores) it takes one of them: the forward pass then slows by about
+    ``forward_s / (cores - 1)``, so a worker pays only when decoding costs more than that. With cores to
+    spare it pays once decoding is more than a tenth of the forward pass (below that, starting processes and
+    passing batches between them cost more than they hide). Measured on 2 cores (docs/benchmarks.md): with
+    the batched preprocessing, decoding a 64 px PNG costs a fraction of even a tiny network's forward pass,
+    so no worker is started there.
+    """
+    cores = cores or os.cpu_count() or 1
+    threads = threads or torch.get_num_threads()
+    spare = cores - threads
+    cost = 0.1 * forward_s if spare > 0 else forward_s / max(1, cores - 1)
+    if decode_s <= cost or cores < 2:
+        return 0
+    return max(1, min(4, spare if spare > 0 else cores - 1, math.ceil(decode_s / max(forward_s, 1e-9))))
 
 
 def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Sequence[bytes | str | Path], *,
-             batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0,
+             batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = 0,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
     """Score ``sources`` (paths or encoded bytes) in batches of ``batch_size``, in input order.
 
     ``workers`` DataLoader processes read and decode while the network runs (0: in this process, which
-    suits a small request better than starting processes). An error names the input by its path, or as
-    "input row i" for bytes. ``spec`` is the classifier's
+    suits a small request better than starting processes; None: the first batch is decoded and scored in
+    this process and :func:`auto_workers` decides from its timings how many decode the rest). An error names
+    the input by its path, or as "input row i" for bytes. ``spec`` is the classifier's
     :class:`~cass.classifier.ClassifierSpec`: its temperature and multi-label flag give the probabilities, and
     its DICOM pixel settings window DICOM inputs as the training data was windowed.
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: give a number of images per forward pass >= 1")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise DataError(f"workers {workers}: give a number of decoding processes >= 0")
-    loader = torch.utils.data.DataLoader(
-        _Images(sources, transform, max_pixels, spec.dicom_settings()), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
+    images = _Images(sources, transform, max_pixels, spec.dicom_settings())
+    collate = _Collate(transform)
     model.eval()
-    for indices, x, failed in loader:
+
+    def score(indices: list[int], x: torch.Tensor | None, failed: list[tuple[int, str]], used: int) -> Batch:
         if x is None:
             probs = np.zeros((0, len(spec.classes)))
         else:
             with torch.inference_mode():
                 logits = model(x).float()
             probs = probabilities(logits.numpy(), spec.multilabel, spec.temperature)
-        yield Batch(indices, probs, failed)
+        return Batch(indices, probs, failed, used)
+
+    first = 0
+    if workers is None:
+        first = min(batch_size, len(sources))
+        if first == 0:
+            return
+        start = time.perf_counter()
+        indices, x, failed = collate([images[i] for i in range(first)])
+        decoded = time.perf_counter()
+        batch = score(indices, x, failed, 0)
+        forward = time.perf_counter() - decoded
+        # the rest needs more than one batch for processes to pay; an unusable first batch measures nothing
+        workers = auto_workers((decoded - start) / max(1, len(indices)), forward / max(1, len(indices))) \
+            if x is not None and len(sources) - first > batch_size else 0
+        log.info("decoding %.2f ms, forward pass %.2f ms per image: %d decoding worker(s)",
+                 1000 * (decoded - start) / max(1, len(indices)), 1000 * forward / max(1, len(indices)), workers)
+        yield batch
+        if first == len(sources):
+            return
+        images = _Images(sources[first:], transform, max_pixels, spec.dicom_settings())
+    loader = torch.utils.data.DataLoader(
+        images, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    for indices, x, failed in loader:
+        yield score([first + i for i in indices], x, [(first + i, error) for i, error in failed], workers)
 
 
 def decided_labels(probs: np.ndarray, spec: Any) -> list[str]:

@@ -24,7 +24,6 @@ import glob
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,13 +41,6 @@ META_COLUMNS = ("model_name", "model_version", "model_uri", "predicted_at")
 _GLOB_CHARS = frozenset("*?[")
 
 
-def default_workers() -> int:
-    """Decoding processes for a large job: all cores but one, which the forward pass keeps, at most 4 (decoding
-    is several times cheaper than a forward pass). Measured on 2 cores: 1 worker 0.85 of the raw forward's
-    speed, 2 workers 0.72, none 0.67 (benchmarks/predict_speed.py, docs/benchmarks.md)."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
 @dataclass(frozen=True)
 class Plan:
     """A checked prediction job: everything :func:`predict_to_file` needs, light enough to pass to a flow."""
@@ -57,7 +49,7 @@ class Plan:
     inputs: tuple[str, ...]
     output: Path
     batch_size: int = 64
-    workers: int = 1
+    workers: int | None = None  # decoding processes; None: chosen from the first batch's timings
     chunk_size: int = 1024
 
 
@@ -68,6 +60,7 @@ class Summary:
     skipped: int  # inputs listed in the skipped file
     resumed: int  # inputs found done in the parts of an earlier run
     seconds: float  # this run's time, model loading included
+    workers: int = 0  # the decoding processes that read the images after the first batch
 
     def line(self) -> str:
         head = f"wrote {self.predicted} predictions to {self.output}"
@@ -144,13 +137,12 @@ def check_model(model: str) -> None:
 def plan(model: str, inputs: Sequence[str], output: Path, *, batch_size: int = 64, workers: int | None = None,
          chunk_size: int = 1024) -> Plan:
     """Check a job's settings (no torch, no MLflow): wrong values are refused while it is cheap. ``workers``
-    None: :func:`default_workers`."""
-    workers = default_workers() if workers is None else workers
+    None: as many as the first batch's timings say pay (:func:`cass.inference.auto_workers`)."""
     check_model(model)
     output_format(output)
     for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
                              ("--chunk-size", chunk_size, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{name} {value}: must be >= {low}")
     if not Path(output).parent.is_dir():
         raise ConfigError(f"--output {output}: folder {Path(output).parent} does not exist; create it first")
@@ -313,6 +305,7 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
     progress = _Progress(len(job.inputs), resumed)
     rows: list = []
     skipped: list[tuple[str, str]] = []
+    workers = 0
 
     def flush() -> None:
         """One part on disk, the skipped list first: a part's images count as done once both are written."""
@@ -334,6 +327,7 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
             table[key] = identity[key]
         table["predicted_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         rows.append(table)
+        workers = batch.workers
         skipped += [(todo[i], problem) for i, problem in batch.failed]
         for _, problem in batch.failed:
             log.warning("skipped %s", problem)
@@ -344,7 +338,7 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
         flush()
     progress.update(0, force=True)
     predicted, n_skipped = _merge(out, job.inputs)
-    return Summary(job.output, predicted, n_skipped, resumed, time.monotonic() - started)
+    return Summary(job.output, predicted, n_skipped, resumed, time.monotonic() - started, workers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -210,3 +210,20 @@ def test_durations_read_as_a_person_would_say_them() -> None:
     from cass.engine import duration
 
     assert [duration(s) for s in (4.4, 65, 3599, 3725)] == ["4s", "1m05s", "59m59s", "1h02m"]
+
+
+def test_the_epoch_loss_sums_stay_on_the_device_with_the_arithmetic_of_python_floats() -> None:
+    """The engine adds each step's losses on the device (no host synchronisation per step); the epoch's mean
+    must be what summing ``loss.item() * images`` in Python gives, bit for bit, batch sizes varying."""
+    from cass.engine import EpochMeter
+
+    g = torch.Generator().manual_seed(1)
+    meter = EpochMeter(torch.device("cpu"))
+    expected, images = 0.0, 0
+    for n in (16, 16, 7, 16, 3):
+        loss = torch.rand((), generator=g) * 4  # float32, like a training loss
+        meter.add(n, StepOutput({"loss": loss}))
+        expected += loss.item() * n
+        images += n
+    assert isinstance(meter.sums["loss"], torch.Tensor)
+    assert meter.reduce() == (images, {"loss": expected / images})

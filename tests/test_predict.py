@@ -89,6 +89,73 @@ def test_batched_probabilities_agree_with_one_by_one(arch: str, multilabel: bool
         assert (batched["labels"] == one_by_one["labels"])[~near].all()
 
 
+
+def test_batched_preprocessing_equals_the_evaluation_transform_image_by_image() -> None:
+    """Prediction resizes and normalises a whole batch at once; evaluation (cass evaluate, fine-tuning's
+    validation) runs eval_transform on one image at a time. Same kernels, same order: equal bit for bit (a
+    tolerance of 0), for images of the model's size and of others (resized, non-square, upscaled), and for
+    modes converted to RGB first (grayscale, 16-bit, transparent)."""
+    import torch
+    from PIL import Image
+
+    from cass.config import AugmentConfig
+    from cass.data.images import to_rgb8
+    from cass.data.transforms import EvalBatchTransform, eval_transform
+
+    rng = np.random.default_rng(0)
+    aug = AugmentConfig(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(32, 32), (64, 64), (32, 32), (50, 71), (17, 90), (64, 64), (8, 8)]]
+    images += [Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)),
+               Image.fromarray(rng.integers(0, 4096, (32, 32), dtype=np.uint16)),
+               Image.fromarray(rng.integers(0, 256, (32, 48, 4), dtype=np.uint8))]
+    assert [image.mode for image in images[-3:]] == ["L", "I;16", "RGBA"]
+    rgb = [to_rgb8(image) for image in images]
+    one = eval_transform(32, aug)
+    batched = EvalBatchTransform(32, aug)
+    expected = torch.stack([one(image) for image in rgb])
+    got = batched.batch([batched.image(image) for image in rgb])
+    assert got.shape == (len(rgb), 3, 32, 32) and got.dtype == torch.float32
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    assert torch.equal(batched(rgb[3]), one(rgb[3]))  # called on one image, it is eval_transform
+
+
+def test_the_decoding_workers_follow_the_measured_costs() -> None:
+    """On a machine whose cores all run the forward pass a worker takes one of them: it pays only when
+    decoding costs more than the forward pass loses (forward / (cores - 1)); with cores to spare, once
+    decoding is a tenth of the forward pass."""
+    from cass.inference import auto_workers
+
+    assert auto_workers(0.25e-3, 0.45e-3, cores=2, threads=2) == 0  # 64 px PNG vs test_resnet, 2 cores
+    assert auto_workers(0.25e-3, 2.0e-3, cores=2, threads=2) == 0  # vs resnet18
+    assert auto_workers(3e-3, 1e-3, cores=2, threads=2) == 1  # decoding dearer than the forward pass: one core each
+    assert auto_workers(0.4e-3, 2.0e-3, cores=16, threads=8) == 1  # spare cores: hiding a fifth of the time pays
+    assert auto_workers(10e-3, 2.0e-3, cores=16, threads=8) == 4  # at most 4
+    assert auto_workers(0.1e-3, 2.0e-3, cores=16, threads=8) == 0  # a twentieth: not worth the processes
+    assert auto_workers(5e-3, 1e-3, cores=1, threads=1) == 0
+
+
+def test_chosen_workers_score_like_the_in_process_path(model_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    """workers=None scores the first batch in this process, then the rest with the workers it chose: the same
+    probabilities, positions and failures as workers=0 and as a decoding process (a bad file in the first batch
+    and one after it)."""
+    from cass.inference import classify, load_folder
+
+    paths: list[str | bytes] = [str(p) for p in _images(demo_root)[:23]]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths[2], paths[17] = str(tmp_path / "bad.png"), str(tmp_path / "missing.png")
+    loaded = load_folder(model_dir)
+    runs = {w: list(classify(loaded.model, loaded.spec, loaded.transform, paths, batch_size=5, workers=w))
+            for w in (0, None, 1)}
+    for batches in runs.values():
+        assert [i for b in batches for i in b.indices] == [i for i in range(23) if i not in (2, 17)]
+        assert [i for b in batches for i, _ in b.failed] == [2, 17]
+    probs = {w: np.concatenate([b.probs for b in batches]) for w, batches in runs.items()}
+    np.testing.assert_allclose(probs[None], probs[0], rtol=0, atol=PROB_ATOL)
+    assert runs[None][0].workers == 0 and runs[None][-1].workers in range(5)  # the first batch: in this process
+    np.testing.assert_allclose(probs[1], probs[0], rtol=0, atol=PROB_ATOL)
+
+
 def test_a_bad_image_in_the_middle_of_a_folder_is_listed_and_skipped(model_dir: Path, params_file: Path,
                                                                       demo_root: Path, tmp_path: Path,
                                                                       capsys) -> None:

@@ -412,7 +412,7 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass "
                    "(default: %(default)s)")
     p.add_argument("--workers", type=int, metavar="N", help="processes decoding images beside the forward pass; "
-                   "0: in this process (default: the cores but one, at most 4)")
+                   "0: in this process (default: as many as the first batch's timings say pay, often 0 on a CPU)")
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N", help="images per part written to disk: "
                    "what an interruption can cost (default: %(default)s)")
     settings_options(p)

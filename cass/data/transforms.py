@@ -104,6 +104,47 @@ def eval_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
     ])
 
 
+
+class EvalBatchTransform:
+    """:func:`eval_transform` split in two for batched inference: :meth:`image` turns one decoded image into
+    8-bit CHW pixels (cheap: a copy, nothing resized), :meth:`batch` resizes, scales and normalises a batch of
+    them as tensors. Calling the object runs :func:`eval_transform` itself on one image.
+
+    The same kernels run in the same order as in :func:`eval_transform` (the antialiased bilinear resize of
+    8-bit pixels, then the scaling to [0, 1], then the normalisation), once per batch instead of once per
+    image, so the batch equals the images transformed one by one (tests/test_predict.py checks it).
+    """
+
+    def __init__(self, image_size: int, aug: AugmentConfig) -> None:
+        self.size = (image_size, image_size)
+        self.mean, self.std = list(aug.mean), list(aug.std)
+        self.one = eval_transform(image_size, aug)
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.one(image)
+
+    @staticmethod
+    def image(image) -> torch.Tensor:
+        """An RGB Pillow image as a (3, H, W) uint8 tensor."""
+        return v2.functional.pil_to_tensor(image)
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 3, size, size) float32 from a list of :meth:`image` outputs of any sizes, in their order."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(images):
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+        out = None if len(by_shape) == 1 else torch.empty((len(images), 3, *self.size), dtype=torch.uint8)
+        for shape, where in by_shape.items():
+            group = torch.stack([images[i] for i in where])
+            if shape[1:] != self.size:
+                group = v2.functional.resize(group, list(self.size), antialias=True)
+            if out is None:
+                out = group
+            else:
+                out[where] = group
+        return v2.functional.normalize(v2.functional.to_dtype(out, torch.float32, scale=True), self.mean, self.std)
+
+
 class MultiCropTransform:
     """DINO's multi-crop views (Caron et al. 2021): 2 global crops then ``local_crops`` local crops.
 
