@@ -53,7 +53,6 @@ class Parity:
 
     def __init__(self, params) -> None:
         from cass.cass_pretraining import CassLearner
-
         from cass.engine import Engine, EpochMeter
 
         m, cfg = params.model, params.pretrain

@@ -50,7 +50,6 @@ class Recipe:
 
     def __init__(self, params, images: list) -> None:
         from cass.cass_pretraining import CassLearner
-
         from cass.engine import Engine, EpochMeter, Step
 
         m, cfg = params.model, params.pretrain
