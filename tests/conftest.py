@@ -7,6 +7,7 @@ failure. An S3 endpoint is started with moto_server on a free loopback port for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,53 @@ REQUIRE_SERVICES = os.environ.get("CASS_REQUIRE_SERVICES") == "1"
 # worker processes and each other (three training tests took 92 s on a busy machine, 5 s on one thread).
 # Set before torch is imported; subprocesses (cass commands, workers, torchrun) inherit it; a user's value stands.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Prefect keeps state in PREFECT_HOME (default ~/.prefect: the memo store of `prefect deploy`, the database of a
+# temporary server that `cass demo` starts): each test process gets its own, so that the pytest-xdist workers
+# (and a test run beside the user's own Prefect work) never share one. Set before Prefect is imported.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"cass-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel runs on pytest-xdist workers (`-n 2 --dist loadgroup`). Each worker is a pytest process of its own:
+# session fixtures (servers on free ports, fresh databases, tmp folders, PREFECT_HOME) start once per worker.
+# `-n 0` runs in this process (pdb, -s); so does `-p no:xdist`, also where the options ask for workers.
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    if not pluginmanager.has_plugin("xdist"):  # `-p no:xdist`: accept the addopts' -n/--dist and run serially
+        group = parser.getgroup("xdist")  # _addoption: the one way to a lowercase short option, as xdist does it
+        group._addoption("-n", "--numprocesses", dest="numprocesses", default=None, help="ignored: -p no:xdist")
+        group._addoption("--dist", dest="dist", default="no", help="ignored: -p no:xdist")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist workers: tests that share a module fixture (a trained project, a flow run), directly or through a
+    test that uses it with another, go to one worker together, so each such fixture is built once, not once per
+    worker; the slow tests are handed out first, so the quick ones fill the gaps at the end."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared: dict[pytest.Item, str] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        keys = [f"{item.path.stem}::{d.argname}" for name in (info.names_closure if info else ())
+                for d in info.name2fixturedefs.get(name, ()) if d.scope in ("module", "class")]
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        if keys:
+            shared[item] = keys[0]
+    for item, key in shared.items():
+        item.add_marker(pytest.mark.xdist_group(root(key)))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def service_unavailable(reason: str) -> None:
