@@ -45,44 +45,33 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Parallel runs on pytest-xdist workers (`-n 2 --dist loadgroup`). Each worker is a pytest process of its own:
-# session fixtures (servers on free ports, fresh databases, tmp folders, PREFECT_HOME) start once per worker.
+# Parallel runs on pytest-xdist workers (`-n 2 --dist loadscope`). Each worker is a pytest process of its own:
+# session fixtures (servers on free ports, fresh databases, tmp folders, PREFECT_HOME) start once per worker, and
+# a module's tests run on one worker, so a module fixture (a trained project, a flow run) is built once.
 # `-n 0` runs in this process (pdb, -s); so does `-p no:xdist`, also where the options ask for workers.
+# (Not --dist loadgroup: with pytest 9.2, pytest-xdist 3.8 cannot tag the tests' ids with their group, so
+# xdist_group marks are ignored and a module fixture is built on both workers.)
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    if not pluginmanager.has_plugin("xdist"):  # `-p no:xdist`: accept the addopts' -n/--dist and run serially
+    if not pluginmanager.has_plugin("xdist"):  # `-p no:xdist`: accept the addopts' xdist options, run serially
         group = parser.getgroup("xdist")  # _addoption: the one way to a lowercase short option, as xdist does it
         group._addoption("-n", "--numprocesses", dest="numprocesses", default=None, help="ignored: -p no:xdist")
         group._addoption("--dist", dest="dist", default="no", help="ignored: -p no:xdist")
+        group._addoption("--no-loadscope-reorder", dest="loadscopereorder", action="store_false", default=True,
+                         help="ignored: -p no:xdist")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On xdist workers: tests that share a module fixture (a trained project, a flow run), directly or through a
-    test that uses it with another, go to one worker together, so each such fixture is built once, not once per
-    worker; the slow tests are handed out first, so the quick ones fill the gaps at the end."""
+    """On xdist workers, the modules with the most slow tests come first (they are handed out in this order,
+    with --no-loadscope-reorder), so the quick modules fill the gaps at the end instead of a long one starting
+    last. A module's tests keep their order."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared: dict[pytest.Item, str] = {}
+    slow: dict[Path, int] = {}
     for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        keys = [f"{item.path.stem}::{d.argname}" for name in (info.names_closure if info else ())
-                for d in info.name2fixturedefs.get(name, ()) if d.scope in ("module", "class")]
-        for key in keys[1:]:
-            parent[root(key)] = root(keys[0])
-        if keys:
-            shared[item] = keys[0]
-    for item, key in shared.items():
-        item.add_marker(pytest.mark.xdist_group(root(key)))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: ties keep the collection order
 
 
 def service_unavailable(reason: str) -> None:
