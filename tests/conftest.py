@@ -7,6 +7,7 @@ failure. An S3 endpoint is started with moto_server on a free loopback port for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,42 @@ REQUIRE_SERVICES = os.environ.get("CASS_REQUIRE_SERVICES") == "1"
 # worker processes and each other (three training tests took 92 s on a busy machine, 5 s on one thread).
 # Set before torch is imported; subprocesses (cass commands, workers, torchrun) inherit it; a user's value stands.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Prefect keeps state in PREFECT_HOME (default ~/.prefect: the memo store of `prefect deploy`, the database of a
+# temporary server that `cass demo` starts): each test process gets its own, so that the pytest-xdist workers
+# (and a test run beside the user's own Prefect work) never share one. Set before Prefect is imported.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"cass-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel runs on pytest-xdist workers (`-n 2 --dist loadscope`). Each worker is a pytest process of its own:
+# session fixtures (servers on free ports, fresh databases, tmp folders, PREFECT_HOME) start once per worker, and
+# a module's tests run on one worker, so a module fixture (a trained project, a flow run) is built once.
+# `-n 0` runs in this process (pdb, -s); so does `-p no:xdist`, also where the options ask for workers.
+# (Not --dist loadgroup: with pytest 9.2, pytest-xdist 3.8 cannot tag the tests' ids with their group, so
+# xdist_group marks are ignored and a module fixture is built on both workers.)
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    if not pluginmanager.has_plugin("xdist"):  # `-p no:xdist`: accept the addopts' xdist options, run serially
+        group = parser.getgroup("xdist")  # _addoption: the one way to a lowercase short option, as xdist does it
+        group._addoption("-n", "--numprocesses", dest="numprocesses", default=None, help="ignored: -p no:xdist")
+        group._addoption("--dist", dest="dist", default="no", help="ignored: -p no:xdist")
+        group._addoption("--no-loadscope-reorder", dest="loadscopereorder", action="store_false", default=True,
+                         help="ignored: -p no:xdist")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist workers, the modules with the most slow tests come first (they are handed out in this order,
+    with --no-loadscope-reorder), so the quick modules fill the gaps at the end instead of a long one starting
+    last. A module's tests keep their order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: ties keep the collection order
 
 
 def service_unavailable(reason: str) -> None:
