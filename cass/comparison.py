@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cass.errors import CassError
+from cass.names import SCORE_METRICS
 from cass.outputs import MANIFEST_FILE
 
 if TYPE_CHECKING:
@@ -276,8 +277,7 @@ def _metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], multilabe
     from cass.metrics import classification_metrics
 
     m = classification_metrics(y, probs, classes, multilabel, threshold)
-    return {k: float(v) for k, v in m.items() if k in ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc",
-                                                      "exact_match")}
+    return {k: float(v) for k, v in m.items() if k in SCORE_METRICS}
 
 
 def _log_run(client, name: str, champion: str, challenger: str, rows: pd.DataFrame, probs: Mapping[str, np.ndarray],

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cass.names import PROMOTION_METRICS
 from cass.outputs import DATA_CHANGE_DIR, DATA_CHANGE_FIGURE, DATA_CHANGE_HTML, DATA_CHANGE_JSON, DATA_CHANGE_MD
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def to_markdown(r: DataChangeReport, figure: bool = True) -> str:
         f"**{_fmt(histogram_shift(sb, sa))}**; to the added images: **{_fmt(histogram_shift(sb, sn))}**.", ""]
     if figure:
         out += [f"![Grey-level histograms]({HISTOGRAM_PNG})", ""]
-    metrics = ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc")
+    metrics = PROMOTION_METRICS
     out += ["## Decay of the champion", "",
             f"Champion v{r.champion} on its own test split (as registered) and on the {r.unseen_images} images of the "
             f"new data that neither it nor this run trained or validated on (hash `{r.unseen_hash[:12]}`):", "",

@@ -33,6 +33,7 @@ from cass.errors import DataError
 from cass.io import atomic_path, atomic_write_text, output_set
 from cass.lineage import git_commit
 from cass.metrics import classification_metrics, roc_curve
+from cass.names import SCORE_METRICS
 from cass.outputs import EvaluateOutputs, FinetuneOutputs
 from cass.training import resolve_device, resolve_num_workers
 
@@ -112,8 +113,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, out_dir: Path) -> 
     return out
 
 
-HEADLINE = ("macro_f1", "balanced_accuracy", "accuracy", "exact_match", "macro_auroc", "ece", "subgroup_gap",
-            "num_samples")
+HEADLINE = (*SCORE_METRICS, "ece", "subgroup_gap", "num_samples")
 
 
 def headline(metrics: dict) -> dict:

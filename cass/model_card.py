@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from cass.config import Params
+from cass.names import SCORE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ def to_markdown(f: CardFacts) -> str:
 
     out += ["## Test metrics", "", _table(["metric", "value"], [
         (k.replace("_", " "), _fmt(m.get(k))) for k in
-        ("macro_f1", "balanced_accuracy", "accuracy", "exact_match", "macro_auroc") if k in m
+        SCORE_METRICS if k in m
     ] + [("test images", m.get("num_samples", "?"))]), ""]
     per_class = m.get("per_class") or {}
     if per_class:

@@ -60,6 +60,9 @@ PROMOTION_METRICS: tuple[str, ...] = get_args(PromotionMetric)
 FLOOR_METRICS = ("macro_f1", "balanced_accuracy")
 """The metrics the model gate floors (quality.min_*) and the subgroup gap compares."""
 
+SCORE_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "exact_match", "macro_auroc")
+"""Every score in [0, 1] evaluation writes, single- or multi-label, in the order reports show them."""
+
 SINGLE_LABEL_METRICS: tuple[str, ...] = PROMOTION_METRICS
 MULTI_LABEL_METRICS = ("macro_f1", "balanced_accuracy", "exact_match", "macro_auroc")
 """The metrics in [0, 1] that evaluation writes (cass.metrics), per task; the model gate may require any of them."""
