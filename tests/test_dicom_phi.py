@@ -78,10 +78,13 @@ def _found(folder: Path, values: list[str]) -> dict[str, list[str]]:
 
 
 def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture, prefect_api: str,
 ) -> None:
+    # The session's Prefect server: a second test harness nested in it (its own database) loses the flow's
+    # concurrency lease on its first renewal. Its database is searched for the planted values below; what
+    # other tests' flows wrote there holds none of them (they are drawn for this test).
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
-    from prefect.testing.utilities import prefect_test_harness
 
     from cass.tracking import reset_client
     from flows.retrain import retrain
@@ -105,13 +108,11 @@ def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(mapping))
     try:
-        with prefect_test_harness(server_startup_timeout=240):
-            database = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
-            state = retrain(params_file=str(params_file), outputs=str(work / "outputs"), tune_trials=0,
-                            return_state=True)
-            assert state.is_completed(), state.message
-            prefect_hits = _found(database.parent, values)
-            assert _found(database.parent, ["retrain"]), "the searched database holds the flow's records"
+        database = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+        state = retrain(params_file=str(params_file), outputs=str(work / "outputs"), tune_trials=0, return_state=True)
+        assert state.is_completed(), state.message
+        prefect_hits = _found(database.parent, values)
+        assert _found(database.parent, ["ct-phi"]), "the searched database holds this flow's records"
     finally:
         reset_client()
 
@@ -134,8 +135,11 @@ def test_no_phi_reaches_outputs_mlflow_prefect_predictions_or_the_console(
     written = _found(work, values)
     assert (work / "mlflow.db").stat().st_size > 0 and any((work / "mlruns").rglob("MLmodel"))
     assert (work / "outputs" / "evaluate" / "cnn" / "subgroups.csv").is_file()
-    assert "burned-in" in console.err + console.out  # the flag is reported, by count
+    # What the run said: the console, and the log records (a flow run earlier in this process may have routed
+    # the library's loggers away from the console).
+    said = console.err + console.out + caplog.text
+    assert "burned-in" in said  # the flag is reported, by count
     leaked = {v: where for v, where in written.items()}
     leaked.update({v: ["Prefect database"] for v in prefect_hits})
-    leaked.update({v: ["console"] for v in values if v in console.out or v in console.err})
+    leaked.update({v: ["console or log"] for v in values if v in said})
     assert not leaked, leaked
