@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cass.config import Params, params_from_mapping
+from cass.config import Params, params_from_mapping, with_values
 from cass.study import methods as study_methods
 
 log = logging.getLogger("benchmarks")
@@ -202,14 +202,7 @@ def demo_mapping(
 
 def with_changes(raw: dict[str, Any], changes: dict[str, Any]) -> Params:
     """``raw`` with ``section.key`` changes applied, validated."""
-    data = json.loads(json.dumps(raw))
-    for key, value in changes.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return params_from_mapping(data, "benchmark settings")
+    return with_values(params_from_mapping(raw, "benchmark settings"), changes, "benchmark settings")
 
 
 # Each method is a set of settings (cass.study.methods: the CASS variants are pretrain.variant values of the one

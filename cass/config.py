@@ -49,7 +49,7 @@ __all__ = [
     "DinoConfig", "EvaluateConfig", "FinetuneConfig", "FloatSpec", "IntSpec", "MlflowConfig", "ModelConfig",
     "Network", "NotifyConfig", "Params", "PretrainConfig", "QualityConfig", "RetrainConfig", "SplitConfig",
     "StudyConfig", "TrainerConfig", "TuneConfig", "apply_overrides", "load_params", "params_from_mapping",
-    "params_to_flat_dict", "parse_override", "pin_overridden", "read_params_file",
+    "params_to_flat_dict", "parse_override", "pin_overridden", "read_params_file", "with_values",
 ]
 
 
@@ -160,20 +160,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``section.key=value`` of ``overrides`` set."""
     data: dict[str, Any] = _deep_copy(raw)
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = {}
-                node[p] = child
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{p}' is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        _set(data, parts, value, f"override {text!r}")
     return data
+
+
+def with_values(params: Params, values: Mapping[str, Any], source: str = "settings") -> Params:
+    """``params`` with each ``section.key`` of ``values`` set, validated again (errors name ``source``)."""
+    data = params.model_dump(mode="json")
+    for key, value in values.items():
+        _set(data, key.split("."), value, f"setting {key!r}")
+    return params_from_mapping(data, source)
+
+
+def _set(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = {}
+            node[p] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:

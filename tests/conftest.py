@@ -99,6 +99,18 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a process group a test started (a server, or a worker and its flow-run children): SIGTERM, then
+    SIGKILL if it outlives ``timeout`` seconds. How it shuts down is the library's business, not the test's."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 class MlflowServer:
     """`mlflow server` on a loopback port with artifacts proxied to ``artifacts_destination`` (default: a
     SQLite store and a folder under ``folder``), in its own process group so a test can crash and restart it."""
@@ -150,13 +162,8 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_group(self.proc, timeout=20)
 
 
 # --------------------------------------------------------------------------------------------------

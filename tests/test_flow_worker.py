@@ -7,7 +7,6 @@ an in-process run's does, each once; the flow run is named after what sets it ap
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,24 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import LENIENT_MODEL_GATE, tiny_mapping
+from conftest import LENIENT_MODEL_GATE, stop_group, tiny_mapping
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENT = "cass-retrain/retrain-on-demand"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process group this module started (the server or the worker and its flow-run children)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +96,7 @@ def worker_run(prefect_server, demo_root: Path, tmp_path_factory: pytest.TempPat
                 time.sleep(3)  # the API log handler ships its last batch
                 logs = _flow_run_logs(client, flow_run.id)
         finally:
-            _stop(worker)
+            stop_group(worker)
     yield SimpleNamespace(flow_run=flow_run, logs=logs, wall=wall, worker_log=worker_log, root=root)
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from cass.data.demo import generate_demo
 from cass.errors import DataError
 from cass.lineage import git_commit
 from cass.outputs import Layout
-from tests.conftest import LENIENT_MODEL_GATE, free_port, tiny_mapping
+from tests.conftest import LENIENT_MODEL_GATE, free_port, stop_group, tiny_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -300,8 +299,7 @@ def test_champion_serves_with_mlflow_models_serve(local, tmp_path) -> None:
         assert refused.value.code == 400 and "stack_trace" not in answer, answer
         assert "input row 0: not an image file" in answer["message"] and "Traceback" not in answer["message"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_group(proc)
     assert set(predictions[0]) == {"adipose", "lymphocytes", "stroma", "tumor"}
     assert sum(predictions[0].values()) == pytest.approx(1.0, abs=1e-5)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_mapping
+from conftest import stop_group, tiny_mapping
 
 from cass.config import params_from_mapping
 from cass.study import recommend, stats
@@ -171,13 +171,8 @@ def test_a_study_spreads_over_the_pools_workers(prefect_api: str, demo_root: Pat
     try:
         outcome = study_flow(str(params_file), [], str(tmp_path / "outputs"), True, "cass-study-group/study-group",
                              timeout_s=900)
-    finally:  # the worker's shutdown is Prefect's, not what this test checks: one that lingers is killed
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=10)
+    finally:
+        stop_group(worker, timeout=60)
     assert len(outcome["ran"]) == 4 and not outcome["skipped"]  # 2 methods x 2 seeds x 1 fraction x 1 network
     with get_client(sync_client=True) as client:
         group = DeploymentFilter(name=DeploymentFilterName(any_=["study-group"]))

@@ -37,8 +37,8 @@ from cass.engine import Engine, EpochStats, Step, StepOutput, Updater
 from cass.losses import DINOLoss
 from cass.models import create_network
 from cass.outputs import PretrainOutputs
-from cass.pretraining_common import PretrainingLearner, run_pretraining
-from cass.training import EpochCallback, Precision, autocast, cosine_schedule
+from cass.pretraining_common import PretrainingLearner
+from cass.training import Precision, autocast, cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -374,17 +374,3 @@ class DinoPretraining(PretrainingLearner):
         for net, learner in self.networks.items():
             learner.load_state_dict(state[net])
         self.load_monitor_state(state)
-
-
-def pretrain_dino(
-    params: Params,
-    data_dir: Path,
-    out_dir: Path,
-    *,
-    resume: bool = True,
-    callbacks: Sequence[EpochCallback] = (),
-    progress: bool = True,
-) -> PretrainOutputs:
-    """DINO-pretrain the CNN and the ViT (each its own student/teacher) on the pretraining pool."""
-    return run_pretraining(params, data_dir, out_dir, DinoPretraining, resume=resume, callbacks=callbacks,
-                           progress=progress)

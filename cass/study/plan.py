@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cass.config import Network, Params, params_from_mapping
+from cass.config import Network, Params, with_values
 from cass.errors import ConfigError
 from cass.io import atomic_write_text
 from cass.outputs import Layout
@@ -114,11 +114,11 @@ class StudyPlan:
         return self.root / STUDY_FILE
 
     def pretrain_params(self, p: Pretraining) -> Params:
-        return with_changes(self.params, {"seed": p.seed, **changes(p.method)})
+        return with_values(self.params, {"seed": p.seed, **changes(p.method)}, "study settings")
 
     def cell_params(self, cell: Cell) -> Params:
-        return with_changes(self.params, {"seed": cell.seed, **changes(cell.method),
-                                          "finetune.label_fraction": cell.fraction})
+        return with_values(self.params, {"seed": cell.seed, **changes(cell.method),
+                                          "finetune.label_fraction": cell.fraction}, "study settings")
 
     def done(self, cell: Cell) -> dict[str, Any] | None:
         """The cell's result when it finished (in this or an earlier run of the study), else None."""
@@ -143,18 +143,6 @@ class StudyPlan:
 
     def recorded(self, name: str) -> Any:
         return json.loads(self.study_file.read_text()).get(name) if self.study_file.is_file() else None
-
-
-def with_changes(params: Params, updates: dict[str, Any]) -> Params:
-    """``params`` with ``section.key`` updates, validated again."""
-    data = params.model_dump(mode="json")
-    for key, value in updates.items():
-        node = data
-        *sections, name = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
-    return params_from_mapping(data, "study settings")
 
 
 def study_key(params: Params, data_hash: str) -> str:
