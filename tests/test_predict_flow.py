@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_flow_worker import PREFECT, ROOT, _stop, prefect_server  # noqa: F401  (the server fixture)
+from conftest import stop_group
+from test_flow_worker import PREFECT, ROOT, prefect_server  # noqa: F401  (the server fixture)
 from test_predict import CLASSES, _classifier
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def test_a_job_sharded_over_two_process_workers_merges_into_one_output(prefect_s
                 shard_runs = [r for r in client.read_flow_runs() if r.name.startswith("predict shard ")]
         finally:
             for worker in workers:
-                _stop(worker)
+                stop_group(worker)
 
     assert result == {"output": str(output), "predicted": 24, "skipped": 1}
     table = pd.read_parquet(output)
