@@ -11,6 +11,10 @@ process, on the same images, times:
   chunked CSV parts and the final merge. The model's loading is reported apart (``load_s``).
 
 ``ratio`` = predict images/s over raw images/s (target >= 0.8 on CPU), the median of ``--rounds`` rounds.
+``cass predict`` scores several batches at once on the CPU (``--lanes``; default one per torch thread), so
+the row also gives **raw_lanes**, the forward pass alone on the preprocessed tensors in the same lanes, and
+``ratio_vs_raw_lanes``, predict over that: the cost of reading, decoding and writing with the arrangement of
+the arithmetic held equal.
 ``cpu_ms_per_image`` gives the CPU time both spend per image (workers included), which other jobs on a
 shared machine disturb much less than wall time.
 ``--before`` times instead the per-image path of the given revision (default: the last one before
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,16 +73,26 @@ def _cpu_s() -> float:
 CPU_SECONDS: dict[str, list[float]] = {"raw": [], "predict": []}  # CPU seconds per image, per measurement
 
 
-def _raw(model: torch.nn.Module, x: torch.Tensor, batch: int, rounds: int = 3) -> float:
-    """Images/s of the forward pass alone (median of ``rounds`` passes over all images, after a warm-up)."""
-    with torch.inference_mode():
-        model(x[:batch])
-        times = []
-        for _ in range(rounds):
-            start, cpu = time.perf_counter(), _cpu_s()
-            for i in range(0, len(x), batch):
-                model(x[i:i + batch])
-            times.append(time.perf_counter() - start)
+def _raw(model: torch.nn.Module, x: torch.Tensor, batch: int, rounds: int = 3, lanes: int | None = 1) -> float:
+    """Images/s of the forward pass alone (median of ``rounds`` passes over all images, after a warm-up), one
+    batch at a time on all torch threads (``lanes`` 1), or ``lanes`` batches at once as cass predict runs them
+    (None: its default)."""
+    from cass.inference import in_lanes, lanes_for
+
+    def forward(i: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x[i:i + batch])
+
+    starts = range(0, len(x), batch)
+    arrangement = lanes_for(len(starts), lanes=lanes)
+    forward(0)
+    times = []
+    for _ in range(rounds):
+        start, cpu = time.perf_counter(), _cpu_s()
+        for _ in in_lanes((partial(forward, i) for i in starts), *arrangement):
+            pass
+        times.append(time.perf_counter() - start)
+        if lanes == 1:
             CPU_SECONDS["raw"].append((_cpu_s() - cpu) / len(x))
     return len(x) / statistics.median(times)
 
@@ -111,6 +126,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, help="decoding processes of cass predict (default: its own choice, "
                     "from the first batch's timings)")
+    ap.add_argument("--lanes", type=int, help="batches cass predict scores at once (default: its own choice, one "
+                    "per torch thread; 1: one batch at a time, as before lanes)")
     ap.add_argument("--rounds", type=int, default=3, help="predict runs, each between two raw measurements; the "
                     "median ratio is reported (default %(default)s; 1 with --before)")
     ap.add_argument("--before", nargs="?", const=BEFORE_REVISION, metavar="REV",
@@ -121,6 +138,7 @@ def main() -> None:
     apply_threads(args.threads)
 
     from cass.data.images import load_rgb
+    from cass.inference import lanes_for
     from cass.predict import load_for_inference, plan, predict_to_file
 
     env = environment(torch.device("cpu"))
@@ -133,14 +151,16 @@ def main() -> None:
         load_s = time.perf_counter() - start
         classifier = loaded[0]
         x = torch.stack([classifier.transform(load_rgb(p)) for p in paths])
+        x = x.contiguous(memory_format=torch.channels_last)  # as cass predict feeds the network
         rounds = []  # (predict images/s, raw before, raw after): the load of a shared machine drifts
+        in_lanes = []  # the forward pass alone in cass predict's lanes, after each round
         raw = _raw(classifier.model, x, args.batch_size)
         for n in range(1 if args.before else args.rounds):
             if args.before:
                 predict = _before(args.before, folder, paths)
             else:
                 job = plan(str(folder), [str(p) for p in paths], Path(tmp) / f"predictions-{n}.csv",
-                           batch_size=args.batch_size, workers=args.workers)
+                           batch_size=args.batch_size, workers=args.workers, lanes=args.lanes)
                 start, cpu = time.perf_counter(), _cpu_s()
                 summary = predict_to_file(job, loaded)
                 predict = summary.predicted / (time.perf_counter() - start)
@@ -148,6 +168,8 @@ def main() -> None:
             after = _raw(classifier.model, x, args.batch_size)
             rounds.append((predict, raw, after))
             raw = after
+            if not args.before:
+                in_lanes.append(_raw(classifier.model, x, args.batch_size, lanes=args.lanes))
     ratios = [p / ((b + a) / 2) for p, b, a in rounds]
     best = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]  # the median round
     predict, before, after = rounds[best]
@@ -158,6 +180,10 @@ def main() -> None:
         "workers_chosen": "auto" if args.workers is None and not args.before else "given", "load_s": round(load_s, 2),
         "predict_images_per_s": round(predict, 1), "raw_batched_images_per_s": round((before + after) / 2, 1),
         "ratio": round(ratios[best], 3), "ratios": [round(r, 3) for r in ratios],
+        **({} if args.before else {
+            "lanes": lanes_for(-(-len(paths) // args.batch_size), lanes=args.lanes)[0],
+            "raw_lanes_images_per_s": round(in_lanes[best], 1),
+            "ratio_vs_raw_lanes": round(predict / in_lanes[best], 3)}),
         "rounds": [[round(v, 1) for v in r] for r in rounds],
         "cpu_ms_per_image": {k: round(1000 * statistics.median(v), 2) for k, v in CPU_SECONDS.items() if v}, **env,
     })

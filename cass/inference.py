@@ -20,8 +20,11 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from cass.data.transforms import EvalBatchTransform
 from cass.errors import DataError
 
 DEFAULT_BATCH_SIZE = 64
+MAX_LANES = 4  # batches scored at once on the CPU (cass.inference.lanes_for)
 log = logging.getLogger(__name__)
 
 
@@ -58,12 +62,15 @@ class Classifier:
 
 def load_folder(folder: Path) -> Classifier:
     """A classifier folder (``model.json`` + ``model.safetensors``: a fine-tuning output, or the ``classifier``
-    artifact of a logged model), on the CPU. Reads weights and a spec only: no code from the folder runs, and
-    MLflow is not imported."""
+    artifact of a logged model), on the CPU, channels-last. Reads weights and a spec only: no code from the
+    folder runs, and MLflow is not imported."""
     from cass.classifier import load_classifier
     from cass.config import AugmentConfig
 
     model, spec = load_classifier(Path(folder), "cpu")
+    # channels-last, as EvalBatchTransform's batches come: a CPU runs a CNN's convolutions about 1.2-1.6x faster
+    # so (docs/benchmarks.md), a ViT's alike; the values are the same
+    model.to(memory_format=torch.channels_last)
     return Classifier(model, spec, EvalBatchTransform(spec.image_size, AugmentConfig(mean=spec.mean, std=spec.std)))
 
 
@@ -129,22 +136,62 @@ def auto_workers(decode_s: float, forward_s: float, cores: int | None = None, th
     return max(1, min(4, spare if spare > 0 else cores - 1, math.ceil(decode_s / max(forward_s, 1e-9))))
 
 
+def lanes_for(batches: int, threads: int | None = None, lanes: int | None = None) -> tuple[int, int]:
+    """How many of ``batches`` to score at once on the CPU, and torch threads for each: ``(lanes, threads per
+    lane)``; ``lanes`` None: one per torch thread, at most :data:`MAX_LANES` (each holds a batch's activations).
+
+    One forward pass spread over all cores spends part of each layer waiting for its slowest thread; the
+    same cores running separate batches, a thread each, do not wait for each other, and each lane decodes its
+    own images while the others compute, so the decoding hides in the time the barriers wasted (measured in
+    docs/benchmarks.md: on 2 cores two lanes score faster than one two-thread pass on decoded tensors, and
+    far faster beside other jobs, where a thread that loses its core stalls the others at every layer)."""
+    threads = threads or torch.get_num_threads()
+    lanes = max(1, min(lanes or min(threads, MAX_LANES), batches))
+    return lanes, max(1, threads // lanes)
+
+
+def in_lanes(jobs: Iterator[Callable[[], Batch]], lanes: int, threads: int) -> Iterator[Batch]:
+    """Run ``jobs`` on ``lanes`` threads of ``threads`` torch threads each (inline for one lane), yielding
+    their results in the jobs' order; at most two per lane wait at once."""
+    if lanes == 1:
+        yield from (job() for job in jobs)
+        return
+    restore = torch.get_num_threads()
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="cass-lane", initializer=torch.set_num_threads,
+                              initargs=(threads,))
+    pending: deque[Future] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) >= 2 * lanes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(restore)  # a lane's setting is also the default of threads started later
+
+
 def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Sequence[bytes | str | Path], *,
              batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = 0,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
+             max_pixels: int = DEFAULT_MAX_PIXELS, lanes: int | None = None) -> Iterator[Batch]:
     """Score ``sources`` (paths or encoded bytes) in batches of ``batch_size``, in input order.
 
-    ``workers`` DataLoader processes read and decode while the network runs (0: in this process, which
-    suits a small request better than starting processes; None: the first batch is decoded and scored in
-    this process and :func:`auto_workers` decides from its timings how many decode the rest). An error names
-    the input by its path, or as "input row i" for bytes. ``spec`` is the classifier's
-    :class:`~cass.classifier.ClassifierSpec`: its temperature and multi-label flag give the probabilities, and
-    its DICOM pixel settings window DICOM inputs as the training data was windowed.
+    Batches are scored ``lanes`` at a time, each lane a thread that decodes its batch (unless workers do) and
+    runs the forward pass on its share of torch's threads (None: :func:`lanes_for`). ``workers`` DataLoader
+    processes read and decode instead while the network runs (0: the lanes decode, which suits a small
+    request better than starting processes; None: the first batch is decoded and scored in this process and
+    :func:`auto_workers` decides from its timings how many decode the rest). An error names the input by its
+    path, or as "input row i" for bytes. ``spec`` is the classifier's :class:`~cass.classifier.ClassifierSpec`:
+    its temperature and multi-label flag give the probabilities, and its DICOM pixel settings window DICOM
+    inputs as the training data was windowed.
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: give a number of images per forward pass >= 1")
     if workers is not None and workers < 0:
         raise DataError(f"workers {workers}: give a number of decoding processes >= 0")
+    if lanes is not None and lanes < 1:
+        raise DataError(f"lanes {lanes}: give a number of batches scored at once >= 1")
     images = _Images(sources, transform, max_pixels, spec.dicom_settings())
     collate = _Collate(transform)
     model.eval()
@@ -176,13 +223,21 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
         yield batch
         if first == len(sources):
             return
-        images = _Images(sources[first:], transform, max_pixels, spec.dicom_settings())
-    loader = torch.utils.data.DataLoader(
-        images, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    for indices, x, failed in loader:
-        yield score([first + i for i in indices], x, [(first + i, error) for i, error in failed], workers)
+    def decode_and_score(lo: int) -> Batch:
+        return score(*collate([images[i] for i in range(lo, min(lo + batch_size, len(sources)))]), 0)
+
+    starts = range(first, len(sources), batch_size)
+    lanes, threads = lanes_for(len(starts), lanes=lanes)
+    if workers:
+        loader = torch.utils.data.DataLoader(
+            _Images(sources[first:], transform, max_pixels, spec.dicom_settings()), batch_size=batch_size,
+            shuffle=False, num_workers=workers, collate_fn=collate, prefetch_factor=4, persistent_workers=False,
+        )
+        jobs = (partial(score, [first + i for i in indices], x, [(first + i, e) for i, e in failed], workers)
+                for indices, x, failed in loader)
+    else:
+        jobs = (partial(decode_and_score, lo) for lo in starts)
+    yield from in_lanes(jobs, lanes, threads)
 
 
 def decided_labels(probs: np.ndarray, spec: Any) -> list[str]:

@@ -5,7 +5,8 @@ built for runs of hundreds of thousands of images:
 
 - **start-up**: the inputs, the output format and the settings are checked by :func:`plan` before torch
   or MLflow are imported, so a typo costs a second, not the time to load a model;
-- **throughput**: batches through :func:`cass.inference.classify`, images decoded in DataLoader workers;
+- **throughput**: batches through :func:`cass.inference.classify`, several scored at once on the CPU's
+  threads, images decoded beside the forward pass;
 - **interruption**: every ``chunk_size`` images a part is written atomically beside the output
   (:class:`cass.outputs.PredictionOutputs`); a rerun of the same command skips the images already in a
   part, and the output file itself appears only once, whole;
@@ -51,6 +52,7 @@ class Plan:
     batch_size: int = 64
     workers: int | None = None  # decoding processes; None: chosen from the first batch's timings
     chunk_size: int = 1024
+    lanes: int | None = None  # batches scored at once; None: one per torch thread (cass.inference.lanes_for)
 
 
 @dataclass(frozen=True)
@@ -135,18 +137,18 @@ def check_model(model: str) -> None:
 
 
 def plan(model: str, inputs: Sequence[str], output: Path, *, batch_size: int = 64, workers: int | None = None,
-         chunk_size: int = 1024) -> Plan:
+         chunk_size: int = 1024, lanes: int | None = None) -> Plan:
     """Check a job's settings (no torch, no MLflow): wrong values are refused while it is cheap. ``workers``
     None: as many as the first batch's timings say pay (:func:`cass.inference.auto_workers`)."""
     check_model(model)
     output_format(output)
     for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
-                             ("--chunk-size", chunk_size, 1)):
+                             ("--chunk-size", chunk_size, 1), ("--lanes", lanes, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{name} {value}: must be >= {low}")
     if not Path(output).parent.is_dir():
         raise ConfigError(f"--output {output}: folder {Path(output).parent} does not exist; create it first")
-    return Plan(model, tuple(inputs), Path(output), batch_size, workers, chunk_size)
+    return Plan(model, tuple(inputs), Path(output), batch_size, workers, chunk_size, lanes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
 
     # One DataLoader for the whole run (its workers start once); a part every chunk_size images.
     for batch in classify(classifier.model, spec, classifier.transform, todo, batch_size=job.batch_size,
-                          workers=job.workers):
+                          workers=job.workers, lanes=job.lanes):
         table = pd.DataFrame(batch.probs, columns=classes)
         table.insert(0, "prediction", decided_labels(batch.probs, spec))
         table.insert(0, PATH_COLUMN, [todo[i] for i in batch.indices])

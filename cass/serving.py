@@ -145,7 +145,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Probabilities of every row, in batches of ``params["batch_size"]`` (decoded by
         ``params["workers"]`` DataLoader processes, 0 by default: a request is usually small, and starting
-        processes inside a scoring server costs more than it saves); any unusable row refuses the request."""
+        processes inside a scoring server costs more than it saves), ``params["lanes"]`` batches at once (0, the
+        default: one per torch thread); any unusable row refuses the request."""
         from cass.inference import DEFAULT_BATCH_SIZE, classify, decided_labels
 
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
@@ -153,11 +154,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise BadModelInput(f"the input needs a column '{IMAGE_COLUMN}' of encoded image bytes; got {got}")
         params = params or {}
         batch_size, workers = int(params.get("batch_size", DEFAULT_BATCH_SIZE)), int(params.get("workers", 0))
-        if batch_size < 1 or workers < 0:
-            raise BadModelInput(f"params: batch_size {batch_size} must be >= 1 and workers {workers} >= 0")
+        lanes = int(params.get("lanes", 0))
+        if batch_size < 1 or workers < 0 or lanes < 0:
+            raise BadModelInput(f"params: batch_size {batch_size} must be >= 1, workers {workers} and lanes {lanes} "
+                                ">= 0")
         images = [_image_bytes(value, i) for i, value in enumerate(model_input[IMAGE_COLUMN].tolist())]
         probs = np.zeros((len(images), len(self.spec.classes)))
-        for batch in classify(self.model, self.spec, self.transform, images, batch_size=batch_size, workers=workers):
+        for batch in classify(self.model, self.spec, self.transform, images, batch_size=batch_size, workers=workers,
+                              lanes=lanes or None):
             if batch.failed:
                 raise BadModelInput(batch.failed[0][1])
             probs[batch.indices] = batch.probs
@@ -174,8 +178,9 @@ def signature(classes: tuple[str, ...] | list[str], multilabel: bool = False):
     from cass.inference import DEFAULT_BATCH_SIZE
 
     outputs = [ColSpec("double", c) for c in classes] + ([ColSpec("string", LABELS_COLUMN)] if multilabel else [])
-    # Served requests may set the batch size and decoding processes: {"params": {"batch_size": 32}}.
-    settings = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE), ParamSpec("workers", "long", 0)])
+    # Served requests may set the batch size, decoding processes and lanes: {"params": {"batch_size": 32}}.
+    settings = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE), ParamSpec("workers", "long", 0),
+                            ParamSpec("lanes", "long", 0)])
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs), params=settings)
 
 

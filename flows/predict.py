@@ -40,10 +40,10 @@ def _tracking(model: str, params_file: str) -> None:
 
 @flow(name="cass-predict-shard", log_prints=False)
 def predict_shard(model: str, inputs_csv: str, output: str, batch_size: int = 64, workers: int | None = None,
-                  chunk_size: int = 1024, params_file: str = "params.yaml") -> dict[str, Any]:
+                  chunk_size: int = 1024, params_file: str = "params.yaml", lanes: int | None = None) -> dict[str, Any]:
     """One shard: the images listed in ``inputs_csv`` into ``output`` (resumable)."""
     job = plan(model, read_path_list(Path(inputs_csv)), Path(output), batch_size=batch_size, workers=workers,
-               chunk_size=chunk_size)
+               chunk_size=chunk_size, lanes=lanes)
     _tracking(model, params_file)
     summary = predict_to_file(job)
     get_run_logger().info("%s; %d skipped", summary.line(), summary.skipped)
@@ -70,15 +70,16 @@ def _wait(flow_run_ids: list, timeout_s: float) -> list:
 def predict_sharded(model: str, output: str, inputs: list[str] | None = None, csv: str | None = None,
                     shards: int = 2, batch_size: int = 64, workers: int | None = None, chunk_size: int = 1024,
                     params_file: str = "params.yaml", deployment: str = SHARD_DEPLOYMENT,
-                    timeout_s: float = 24 * 3600) -> dict[str, Any]:
+                    timeout_s: float = 24 * 3600, lanes: int | None = None) -> dict[str, Any]:
     """Predict files, folders, globs (``inputs``) and a CSV of paths over ``shards`` flow runs of
     ``deployment``; returns the merged output's path and counts."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    plan(model, (), Path(output), batch_size=batch_size, workers=workers, chunk_size=chunk_size)  # before any listing
+    plan(model, (), Path(output), batch_size=batch_size, workers=workers, chunk_size=chunk_size,
+         lanes=lanes)  # before any listing
     job: Plan = plan(model, resolve_inputs(inputs or [], Path(csv) if csv else None), Path(output),
-                     batch_size=batch_size, workers=workers, chunk_size=chunk_size)
+                     batch_size=batch_size, workers=workers, chunk_size=chunk_size, lanes=lanes)
     lists = write_shards(job, shards)
     out = PredictionOutputs(job.output)
     submitted = []
@@ -87,7 +88,7 @@ def predict_sharded(model: str, output: str, inputs: list[str] | None = None, cs
             continue
         run = run_deployment(deployment, timeout=0, flow_run_name=f"predict shard {i + 1}/{shards}", parameters={
             "model": model, "inputs_csv": str(listed.resolve()), "output": str(out.shard_output(i).resolve()),
-            "batch_size": batch_size, "workers": workers, "chunk_size": chunk_size,
+            "batch_size": batch_size, "workers": workers, "chunk_size": chunk_size, "lanes": lanes,
             "params_file": str(Path(params_file).resolve())})
         submitted.append(run.id)
     logger.info("%d images in %d shards: %d shard flow run(s) submitted to %s", len(job.inputs), shards,

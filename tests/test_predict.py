@@ -77,7 +77,7 @@ def test_batched_probabilities_agree_with_one_by_one(arch: str, multilabel: bool
     frame = pd.DataFrame({"image": [p.read_bytes() for p in _images(demo_root)]})  # 64 images
 
     batched = served.predict(None, frame, {"batch_size": 24})
-    assert calls == [24, 24, 16]  # batches, not one image per forward pass
+    assert sorted(calls, reverse=True) == [24, 24, 16]  # batches, not one image per forward pass (lanes: any order)
     calls.clear()
     one_by_one = served.predict(None, frame, {"batch_size": 1})
     assert calls == [1] * len(frame)
@@ -116,6 +116,7 @@ def test_batched_preprocessing_equals_the_evaluation_transform_image_by_image() 
     expected = torch.stack([one(image) for image in rgb])
     got = batched.batch([batched.image(image) for image in rgb])
     assert got.shape == (len(rgb), 3, 32, 32) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)  # as the network runs it (load_folder)
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert torch.equal(batched(rgb[3]), one(rgb[3]))  # called on one image, it is eval_transform
 
@@ -135,25 +136,46 @@ def test_the_decoding_workers_follow_the_measured_costs() -> None:
     assert auto_workers(5e-3, 1e-3, cores=1, threads=1) == 0
 
 
-def test_chosen_workers_score_like_the_in_process_path(model_dir: Path, demo_root: Path, tmp_path: Path) -> None:
-    """workers=None scores the first batch in this process, then the rest with the workers it chose: the same
-    probabilities, positions and failures as workers=0 and as a decoding process (a bad file in the first batch
-    and one after it)."""
-    from cass.inference import classify, load_folder
+def test_chosen_workers_and_lanes_score_like_the_in_process_path(model_dir: Path, demo_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """workers=None scores the first batch in this process, then the rest with the workers it chose; lanes score
+    several batches at once on threads of their own. Every arrangement gives the same probabilities (within
+    the rounding of another thread count), positions in input order and failures as one lane decoding in this
+    process (a bad file in the first batch and one after it)."""
+    import threading
+
+    import torch
+
+    from cass.inference import classify, lanes_for, load_folder
 
     paths: list[str | bytes] = [str(p) for p in _images(demo_root)[:23]]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     paths[2], paths[17] = str(tmp_path / "bad.png"), str(tmp_path / "missing.png")
     loaded = load_folder(model_dir)
-    runs = {w: list(classify(loaded.model, loaded.spec, loaded.transform, paths, batch_size=5, workers=w))
-            for w in (0, None, 1)}
+    scored_on: set[str] = set()
+    loaded.model.register_forward_hook(lambda *_: scored_on.add(threading.current_thread().name))
+    arrangements = {"in process": (0, 1), "chosen workers": (None, 1), "one worker": (1, 1), "3 lanes": (0, 3),
+                    "worker and 2 lanes": (1, 2)}
+    threads = torch.get_num_threads()
+    runs, threads_by_run = {}, {}
+    for name, (workers, lanes) in arrangements.items():
+        scored_on.clear()
+        runs[name] = list(classify(loaded.model, loaded.spec, loaded.transform, paths, batch_size=5, workers=workers,
+                                   lanes=lanes))
+        threads_by_run[name] = set(scored_on)
+        assert torch.get_num_threads() == threads  # the lanes' thread setting does not leak
     for batches in runs.values():
         assert [i for b in batches for i in b.indices] == [i for i in range(23) if i not in (2, 17)]
         assert [i for b in batches for i, _ in b.failed] == [2, 17]
-    probs = {w: np.concatenate([b.probs for b in batches]) for w, batches in runs.items()}
-    np.testing.assert_allclose(probs[None], probs[0], rtol=0, atol=PROB_ATOL)
-    assert runs[None][0].workers == 0 and runs[None][-1].workers in range(5)  # the first batch: in this process
-    np.testing.assert_allclose(probs[1], probs[0], rtol=0, atol=PROB_ATOL)
+    probs = {name: np.concatenate([b.probs for b in batches]) for name, batches in runs.items()}
+    for name in arrangements:
+        np.testing.assert_allclose(probs[name], probs["in process"], rtol=0, atol=PROB_ATOL, err_msg=name)
+    assert runs["chosen workers"][0].workers == 0 and runs["chosen workers"][-1].workers in range(5)
+    assert threads_by_run["in process"] == {threading.current_thread().name}
+    lanes_used = threads_by_run["3 lanes"]  # up to 3 threads: one that finishes early may take two batches
+    assert 2 <= len(lanes_used) <= 3 and all(name.startswith("cass-lane") for name in lanes_used), lanes_used
+    assert lanes_for(5, threads=2) == (2, 1) and lanes_for(1, threads=2) == (1, 2)  # one batch: one lane, all threads
+    assert lanes_for(40, threads=16) == (4, 4) and lanes_for(40, threads=2, lanes=3) == (3, 1)
 
 
 def test_a_bad_image_in_the_middle_of_a_folder_is_listed_and_skipped(model_dir: Path, params_file: Path,

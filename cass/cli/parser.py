@@ -413,6 +413,8 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s)")
     p.add_argument("--workers", type=int, metavar="N", help="processes decoding images beside the forward pass; "
                    "0: in this process (default: as many as the first batch's timings say pay, often 0 on a CPU)")
+    p.add_argument("--lanes", type=int, metavar="N", help="batches scored at once, each on its share of torch's "
+                   "threads (default: one per thread, at most 4; 1: one batch at a time on all threads)")
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N", help="images per part written to disk: "
                    "what an interruption can cost (default: %(default)s)")
     settings_options(p)

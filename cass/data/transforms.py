@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -107,17 +108,21 @@ def eval_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
 
 class EvalBatchTransform:
     """:func:`eval_transform` split in two for batched inference: :meth:`image` turns one decoded image into
-    8-bit CHW pixels (cheap: a copy, nothing resized), :meth:`batch` resizes, scales and normalises a batch of
+    8-bit pixels (cheap: a copy, nothing resized), :meth:`batch` resizes, scales and normalises a batch of
     them as tensors. Calling the object runs :func:`eval_transform` itself on one image.
 
     The same kernels run in the same order as in :func:`eval_transform` (the antialiased bilinear resize of
     8-bit pixels, then the scaling to [0, 1], then the normalisation), once per batch instead of once per
-    image, so the batch equals the images transformed one by one (tests/test_predict.py checks it).
+    image, so the batch equals the images transformed one by one (tests/test_predict.py checks it). The
+    batch comes out channels-last (the pixels' own order in memory, as decoded), which a CPU's convolutions
+    run faster on (:func:`cass.inference.load_folder` puts the network in that format too), and the scaling
+    and normalisation run in place: values are unchanged, only memory and copies are saved.
     """
 
     def __init__(self, image_size: int, aug: AugmentConfig) -> None:
         self.size = (image_size, image_size)
-        self.mean, self.std = list(aug.mean), list(aug.std)
+        self.mean = torch.tensor(aug.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(aug.std, dtype=torch.float32).view(-1, 1, 1)
         self.one = eval_transform(image_size, aug)
 
     def __call__(self, image) -> torch.Tensor:
@@ -125,24 +130,29 @@ class EvalBatchTransform:
 
     @staticmethod
     def image(image) -> torch.Tensor:
-        """An RGB Pillow image as a (3, H, W) uint8 tensor."""
-        return v2.functional.pil_to_tensor(image)
+        """An RGB Pillow image as an (H, W, 3) uint8 tensor (its pixels as decoded, copied)."""
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
     def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """(N, 3, size, size) float32 from a list of :meth:`image` outputs of any sizes, in their order."""
+        """(N, 3, size, size) float32, channels-last, from a list of :meth:`image` outputs of any sizes, in their
+        order."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(images):
             by_shape.setdefault(tuple(x.shape), []).append(i)
-        out = None if len(by_shape) == 1 else torch.empty((len(images), 3, *self.size), dtype=torch.uint8)
+        out = None if len(by_shape) == 1 else torch.empty((len(images), *self.size, 3), dtype=torch.uint8)
         for shape, where in by_shape.items():
-            group = torch.stack([images[i] for i in where])
-            if shape[1:] != self.size:
-                group = v2.functional.resize(group, list(self.size), antialias=True)
+            group = torch.stack([images[i] for i in where])  # (n, H, W, 3)
+            if shape[:2] != self.size:
+                group = v2.functional.resize(group.permute(0, 3, 1, 2), list(self.size), antialias=True)
+                group = group.permute(0, 2, 3, 1)
             if out is None:
                 out = group
             else:
                 out[where] = group
-        return v2.functional.normalize(v2.functional.to_dtype(out, torch.float32, scale=True), self.mean, self.std)
+        # eval_transform's ToDtype(scale=True) then Normalize, as in torchvision: to float, times 1/255, minus the
+        # mean, over the std
+        x = out.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+        return x.sub_(self.mean).div_(self.std)
 
 
 class MultiCropTransform:

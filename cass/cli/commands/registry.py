@@ -97,11 +97,12 @@ def predict(args: argparse.Namespace) -> int:
     from cass.predict import plan, predict_to_file, resolve_inputs
 
     output = args.output or Path(tempfile.mkdtemp(prefix="cass-predict-")) / "predictions.csv"
-    plan(args.model, (), output, batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size)
+    plan(args.model, (), output, batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
+         lanes=args.lanes)
     params = settings(args)
     inputs = resolve_inputs(args.images, args.csv, _dataset_images(params) if args.dataset else ())
     job = plan(args.model, inputs, output, batch_size=args.batch_size, workers=args.workers,
-               chunk_size=args.chunk_size)
+               chunk_size=args.chunk_size, lanes=args.lanes)
     if not Path(args.model).is_dir():
         from cass.tracking import configure_client
 
