@@ -119,21 +119,17 @@ def auto_workers(decode_s: float, forward_s: float, cores: int | None = None, th
     """Decoding processes worth starting, from one batch's measured decoding (``decode_s``, preprocessing
     included) and forward pass (``forward_s``) in this process, both in seconds per image.
 
-    A worker hides the decoding behind the forward pass, but on a machine whose cores all run the forward
-    pass (torch's threads >= cores) it takes one of them: the forward pass then slows by about
-    ``forward_s / (cores - 1)``, so a worker pays only when decoding costs more than that. With cores to
-    spare it pays once decoding is more than a tenth of the forward pass (below that, starting processes and
-    passing batches between them cost more than they hide). Measured on 2 cores (docs/benchmarks.md): with
-    the batched preprocessing, decoding a 64 px PNG costs a fraction of even a tiny network's forward pass,
-    so no worker is started there.
+    On a machine whose cores all run the forward pass (torch's threads >= cores) none: the lanes
+    (:func:`lanes_for`) decode their own batches beside each other's forward passes, so a worker would only
+    take a core from them. With cores to spare a worker pays once decoding is more than a tenth of the
+    forward pass (below that, starting processes and passing batches between them cost more than they hide).
     """
     cores = cores or os.cpu_count() or 1
     threads = threads or torch.get_num_threads()
     spare = cores - threads
-    cost = 0.1 * forward_s if spare > 0 else forward_s / max(1, cores - 1)
-    if decode_s <= cost or cores < 2:
+    if spare <= 0 or decode_s <= 0.1 * forward_s:
         return 0
-    return max(1, min(4, spare if spare > 0 else cores - 1, math.ceil(decode_s / max(forward_s, 1e-9))))
+    return max(1, min(4, spare, math.ceil(decode_s / max(forward_s, 1e-9))))
 
 
 def lanes_for(batches: int, threads: int | None = None, lanes: int | None = None) -> tuple[int, int]:
@@ -180,8 +176,9 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
     Batches are scored ``lanes`` at a time, each lane a thread that decodes its batch (unless workers do) and
     runs the forward pass on its share of torch's threads (None: :func:`lanes_for`). ``workers`` DataLoader
     processes read and decode instead while the network runs (0: the lanes decode, which suits a small
-    request better than starting processes; None: the first batch is decoded and scored in this process and
-    :func:`auto_workers` decides from its timings how many decode the rest). An error names the input by its
+    request better than starting processes; None: with cores to spare beside torch's threads, the first batch
+    is decoded and scored in this process and :func:`auto_workers` decides from its timings how many decode
+    the rest, else 0). An error names the input by its
     path, or as "input row i" for bytes. ``spec`` is the classifier's :class:`~cass.classifier.ClassifierSpec`:
     its temperature and multi-label flag give the probabilities, and its DICOM pixel settings window DICOM
     inputs as the training data was windowed.
@@ -206,6 +203,8 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
         return Batch(indices, probs, failed, used)
 
     first = 0
+    if workers is None and (os.cpu_count() or 1) <= torch.get_num_threads():
+        workers = 0  # no core to spare for a worker (auto_workers): nothing to measure
     if workers is None:
         first = min(batch_size, len(sources))
         if first == 0:

@@ -122,14 +122,14 @@ def test_batched_preprocessing_equals_the_evaluation_transform_image_by_image() 
 
 
 def test_the_decoding_workers_follow_the_measured_costs() -> None:
-    """On a machine whose cores all run the forward pass a worker takes one of them: it pays only when
-    decoding costs more than the forward pass loses (forward / (cores - 1)); with cores to spare, once
-    decoding is a tenth of the forward pass."""
+    """On a machine whose cores all run the forward pass's lanes a worker would take one of them: none, however
+    dear decoding is (the lanes decode beside each other's forward passes). With cores to spare, a worker pays
+    once decoding is a tenth of the forward pass."""
     from cass.inference import auto_workers
 
     assert auto_workers(0.25e-3, 0.45e-3, cores=2, threads=2) == 0  # 64 px PNG vs test_resnet, 2 cores
-    assert auto_workers(0.25e-3, 2.0e-3, cores=2, threads=2) == 0  # vs resnet18
-    assert auto_workers(3e-3, 1e-3, cores=2, threads=2) == 1  # decoding dearer than the forward pass: one core each
+    assert auto_workers(3e-3, 1e-3, cores=2, threads=2) == 0  # decoding dearer than the forward pass: still the lanes
+    assert auto_workers(3e-3, 1e-3, cores=4, threads=2) == 2  # two spare cores, decoding 3x the forward pass
     assert auto_workers(0.4e-3, 2.0e-3, cores=16, threads=8) == 1  # spare cores: hiding a fifth of the time pays
     assert auto_workers(10e-3, 2.0e-3, cores=16, threads=8) == 4  # at most 4
     assert auto_workers(0.1e-3, 2.0e-3, cores=16, threads=8) == 0  # a twentieth: not worth the processes
