@@ -84,6 +84,8 @@ def test_batched_probabilities_agree_with_one_by_one(arch: str, multilabel: bool
     columns = list(CLASSES)
     diff = np.abs(batched[columns].to_numpy() - one_by_one[columns].to_numpy())
     assert diff.max() <= PROB_ATOL, diff.max()
+    in_lanes = served.predict(None, frame, {"batch_size": 8, "lanes": 3})  # 8 batches, 3 at a time, a thread each
+    assert np.abs(in_lanes[columns].to_numpy() - one_by_one[columns].to_numpy()).max() <= PROB_ATOL
     if multilabel:  # the thresholds apply as before: a label differs only for a probability within PROB_ATOL of its cut
         near = (np.abs(one_by_one[columns].to_numpy() - np.array([0.3, 0.4, 0.5, 0.6])) <= PROB_ATOL).any(axis=1)
         assert (batched["labels"] == one_by_one["labels"])[~near].all()
@@ -261,6 +263,7 @@ def test_wrong_options_and_inputs_are_refused_before_torch_or_mlflow_load(model_
     for argv, code in (
         (["--model", str(model_dir), image, "--output", str(tmp_path / "p.txt")], "2"),  # not .csv/.parquet
         (["--model", str(model_dir), image, "--batch-size", "0"], "2"),
+        (["--model", str(model_dir), image, "--lanes", "0"], "2"),
         (["--model", "cass-demo-cnn@champion", image], "2"),  # neither a folder nor a URI
         (["--model", str(model_dir), str(tmp_path / "missing")], "3"),
         (["--model", str(model_dir), str(tmp_path / "*.png")], "3"),  # a glob that matches nothing
