@@ -1,7 +1,8 @@
 """Data versioning and the DVC pipeline, with the real `dvc`, `git` and `cass` commands in temporary repositories.
 
-One project is built once per module (tiny settings: 64 images of 32 px, one pretraining epoch) with the
-project's own dvc.yaml; the tests then rerun, change and move it. S3 is a real moto_server on loopback.
+One project is built once per test run (tiny settings: 64 images of 32 px, one pretraining epoch) with the
+project's own dvc.yaml (built_project); this module and tests/test_dvc_experiments.py each work on a copy, whose
+tests then rerun, change and move it. S3 is a real moto_server on loopback.
 """
 
 from __future__ import annotations
