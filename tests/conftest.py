@@ -62,16 +62,28 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
                          help="ignored: -p no:xdist")
 
 
+LONGEST_MODULES = ("test_dvc.py", "test_flows.py", "test_promotion.py", "test_dvc_experiments.py")
+"""The modules that take longest (minutes each), handed out first in this order. Each worker is sent two modules
+at the start (first and third to one, second and fourth to the other), so the two DVC modules land on different
+workers, and the experiments' copy of the DVC project (built once per run by test_dvc's worker) is ready by the
+time its worker, busy with the flows first, gets to it."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On xdist workers, the modules with the most slow tests come first (they are handed out in this order,
-    with --no-loadscope-reorder), so the quick modules fill the gaps at the end instead of a long one starting
-    last. A module's tests keep their order."""
+    """On xdist workers, the longest modules come first (:data:`LONGEST_MODULES`), then those with the most slow
+    tests (they are handed out in this order, with --no-loadscope-reorder), so the quick modules fill the gaps at
+    the end instead of a long one starting last. A module's tests keep their order."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     slow: dict[Path, int] = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.path])  # stable: ties keep the collection order
+
+    def order(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        return (LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES), -slow[item.path])
+
+    items.sort(key=order)  # stable: ties keep the collection order
 
 
 def service_unavailable(reason: str) -> None:

@@ -1,19 +1,20 @@
 """Data versioning and the DVC pipeline, with the real `dvc`, `git` and `cass` commands in temporary repositories.
 
-One project is built once per module (tiny settings: 64 images of 32 px, one pretraining epoch) with the
-project's own dvc.yaml; the tests then rerun, change and move it. S3 is a real moto_server on loopback.
+One project is built once per test run (tiny settings: 64 images of 32 px, one pretraining epoch) with the
+project's own dvc.yaml (built_project); this module and tests/test_dvc_experiments.py each work on a copy, whose
+tests then rerun, change and move it. S3 is a real moto_server on loopback.
 """
 
 from __future__ import annotations
 
 import configparser
 import contextlib
+import fcntl
 import filecmp
 import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -104,10 +105,10 @@ def test_every_code_dependency_of_the_pipeline_exists() -> None:
 slow = pytest.mark.slow  # the module's project is built with a real `dvc repro` (about a minute on 2 cores)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The project's dvc.yaml, code and .gitignore in a fresh git+DVC repository, built once with `dvc repro`."""
-    root = init_repo(tmp_path_factory.mktemp("dvc-project") / "repo")
+def _build_project(root: Path) -> Path:
+    """The project's dvc.yaml, code and .gitignore in a fresh git+DVC repository at ``root``, built with
+    `dvc repro` and committed."""
+    init_repo(root)
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the offline page template of `dvc plots`
@@ -132,7 +133,36 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "pipeline run", cwd=root)
     root.joinpath(".git", "first-repro.log").write_text(first.stdout)  # inside .git: not a project file
-    yield root
+    return root
+
+
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project built once per test run, by whichever xdist worker asks first (the others wait for it under
+    a file lock in the folder the workers share): two modules read it, and a `dvc repro` is minutes on a busy
+    2-core machine. Never changed after it is built: each module works on a copy (:func:`project`)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-of-<user>/pytest-<n>: the run's folder, above each worker's own
+    built = shared / "dvc-project-built" / "repo"
+    with open(shared / "dvc-project-built.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (built / ".git" / "first-repro.log").is_file():  # not built yet, or a build that failed half-way
+            shutil.rmtree(built.parent, ignore_errors=True)
+            _build_project(built)
+    return built
+
+
+def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the built project for one module (git history, DVC cache, workspace and outputs as built)."""
+    root = tmp_path_factory.mktemp("dvc-project") / "repo"
+    shutil.copytree(built_project(tmp_path_factory), root, symlinks=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the built project."""
+    return project_copy(tmp_path_factory)
 
 
 def restore(project: Path, head: str) -> None:
@@ -144,8 +174,8 @@ def restore(project: Path, head: str) -> None:
     sh("dvc", "checkout", "-q", "--force", cwd=project)
 
 
-@pytest.fixture
-def shared_project(project: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def restored(project: Path) -> Iterator[Path]:
     """The module's project for a test that changes it. Whatever the test did, or failed to undo because it
     failed or timed out half-way, the next test gets the project back as built (so one slow step on a busy
     machine cannot fail the tests after it)."""
@@ -155,6 +185,13 @@ def shared_project(project: Path) -> Iterator[Path]:
     finally:
         restore(project, head)
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
+
+
+@pytest.fixture
+def shared_project(project: Path) -> Iterator[Path]:
+    """The module's project for a test that changes it, put back as built afterwards (:func:`restored`)."""
+    with restored(project):
+        yield project
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,28 +373,6 @@ def test_dvc_metrics_are_numbers_and_each_model_records_its_lineage_apart(projec
         evaluated = json.loads((project / f"outputs/evaluate/{net}/lineage.json").read_text())
         assert evaluated["arch"] == record["arch"] and evaluated["git_commit"] == commit
         assert json.loads((project / f"outputs/quality/model/{net}/result.json").read_text())["success"]
-
-
-@slow
-def test_docs_experiment_example_trains_with_the_values_it_sets(shared_project: Path) -> None:
-    # Guards: `dvc exp run -S finetune.lr=...` used to rerun tuning, whose lr replaced the one set, so the
-    # docs' own example trained the same models as before and skipped evaluation.
-    project = shared_project
-    docs = (REPO / "docs" / "dvc.md").read_text().splitlines()
-    example = next(line for line in docs if line.startswith("dvc exp run -S finetune.lr="))
-    args = shlex.split(example.split("#")[0])
-    assert "-S" in args and any(a.startswith("tune.pin=") for a in args), example
-
-    run = sh(*args, cwd=project)
-    assert {"finetune@cnn", "finetune@vit", "evaluate@cnn", "evaluate@vit"} <= ran_stages(run.stdout), run.stdout
-    said = run.stdout + run.stderr
-    for net in ("cnn", "vit"):
-        best = yaml.safe_load((project / "outputs" / "tune" / f"best_{net}.yaml").read_text())
-        assert set(best["finetune"]) == {"batch_size"}  # lr pinned: out of the search; focal_gamma is not searched
-        assert best["pinned"] == {"finetune.lr": 0.0003}
-        assert f"{net}: pinned by tune.pin, not tuned: finetune.lr=0.0003" in said
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["finetune"]["lr"] == 0.0003 and params["finetune"]["focal_gamma"] == 1.0
 
 
 @slow
@@ -570,71 +585,3 @@ def test_add_under_a_new_name_gives_its_models_their_own_names(small_repo: Path,
     out = sh("cass", "data", "add", str(demo_root), "--layout", "imagefolder", "--name", "isic", cwd=small_repo)
     assert load_params(params_file).mlflow.model_prefix == "skin"  # chosen on purpose: kept, with a warning
     assert "set mlflow.model_prefix: auto to name them cass-isic-*" in out.stderr
-
-
-@slow
-def test_new_data_then_repro_register_promote_compares_on_unseen_images(shared_project: Path) -> None:
-    # Guards: after new data, `cass promote` refused "not comparable: v2 was tested on test set ..., champion v1
-    # on ...": the champion is now scored, beside the challenger, on the images neither trained or validated on.
-    import mlflow
-
-    from cass.comparison import SEEN_SPLITS, version_manifest
-
-    project = shared_project
-    store = project.parent / "mlflow-new-data"
-    tracking = ["--set", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db", "--set",
-                f"mlflow.artifact_location={store}/mlruns", "--set", "mlflow.model_prefix=cass-new"]
-    try:
-        sh("cass", "register", "--network", "cnn", *tracking, cwd=project)
-        assert "first champion" in sh("cass", "promote", "--network", "cnn", *tracking, cwd=project).stdout
-        params = yaml.safe_load((project / "params.yaml").read_text())
-        params["data"]["demo_images_per_class"] = 24  # new images arrive; the old files stay byte-identical
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        sh("cass", "data", "demo", "-q", cwd=project)
-        ran = ran_stages(sh("dvc", "repro", "model_gate@cnn", cwd=project).stdout)
-        assert {"prepare", "finetune@cnn", "evaluate@cnn"} <= ran
-        registered = sh("cass", "register", "--network", "cnn", *tracking, cwd=project)
-        assert "registered cass-new-cnn version 2" in registered.stdout
-        promoted = sh("cass", "promote", "--network", "cnn", *tracking, cwd=project, check=False)
-        assert promoted.returncode in (0, 1), promoted.stderr
-
-        client = mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
-        tags = client.get_model_version("cass-new-cnn", "2").tags
-        (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("promotion.")]
-        compared = record["compared"]
-        assert compared["compared_on"] == "shared unseen images" and compared["champion_version"] == "1"
-        beats = (compared["candidate"] - compared["champion"] >= compared["margin"]
-                 and compared["difference_interval"][0] > 0)
-        assert (promoted.returncode == 0) == beats == (record["decision"] == "promoted"), promoted.stdout
-        # Both numbers are in what the command says, promoted or refused.
-        assert f"{compared['candidate']:.4f} vs champion v1 {compared['champion']:.4f}" in promoted.stdout
-        run = client.get_run(compared["shared_evaluation_run_id"])
-        assert run.data.metrics["shared_images"] == compared["shared_images"] > 0
-        shared = client.download_artifacts(run.info.run_id, "shared_images.csv", str(store))
-        import pandas as pd
-
-        shared_rows = pd.read_csv(shared, dtype=str)
-        with mlflow_uri(f"sqlite:///{store}/mlflow.db"):
-            for version in ("1", "2"):
-                manifest = version_manifest(client, "cass-new-cnn", version)
-                seen = manifest[manifest["split"].isin(SEEN_SPLITS)]
-                assert not set(shared_rows["sha256"]) & set(seen["sha256"])
-        # Why it retrained: the report is in the version's evaluation run and its model card.
-        report = client.download_artifacts(tags["evaluation_run_id"], "data_change/data_change.md", str(store))
-        assert "64 -> 96 images; **32 added, 0 removed, 0 relabelled**" in Path(report).read_text()
-    finally:
-        sh("git", "checkout", "-q", "--", "params.yaml", cwd=project)
-        sh("cass", "data", "demo", "-q", cwd=project)  # back to the committed images (the restore needs them)
-
-
-@contextlib.contextmanager
-def mlflow_uri(uri: str) -> Iterator[None]:
-    """The MLflow tracking URI set for the block (the artifact helpers read it)."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)

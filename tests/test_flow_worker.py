@@ -66,7 +66,9 @@ def worker_run(prefect_server, demo_root: Path, tmp_path_factory: pytest.TempPat
     mapping["pretrain"]["collapse_warn_fraction"] = 1.0  # the tiny networks always "collapse": the warning shows
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(mapping))
-    env = {**prefect_server.env, "CASS_PROJECT_DIR": str(ROOT), "PYTHONPATH": str(ROOT)}
+    # The worker asks the pool for runs every second (Prefect's default: 10 s, an idle wait of up to 10 s here).
+    env = {**prefect_server.env, "CASS_PROJECT_DIR": str(ROOT), "PYTHONPATH": str(ROOT),
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
 
     with temporary_settings({PREFECT_API_URL: prefect_server.api}):
         with get_client(sync_client=True) as client:
@@ -91,7 +93,7 @@ def worker_run(prefect_server, demo_root: Path, tmp_path_factory: pytest.TempPat
                     assert time.monotonic() < deadline, f"flow run still {flow_run.state.name}: " + \
                         worker_log.read_text()[-3000:]
                     assert worker.poll() is None, worker_log.read_text()[-3000:]
-                    time.sleep(2)
+                    time.sleep(0.5)
                 wall = time.monotonic() - started
                 time.sleep(3)  # the API log handler ships its last batch
                 logs = _flow_run_logs(client, flow_run.id)

@@ -32,9 +32,10 @@ EXPERIMENT = "cass-flow"
 WORSE = ["finetune.lr=1e-8", "finetune.epochs=1"]  # a head that barely moves from its random start
 
 
-def _write_params(path: Path, data: Path, server: MlflowServer) -> Path:
+def _write_params(path: Path, data: Path, server: MlflowServer, experiment: str = EXPERIMENT,
+                  prefix: str = PREFIX) -> Path:
     mapping = tiny_mapping(data)
-    mapping["mlflow"] = {"tracking_uri": server.url, "experiment": EXPERIMENT, "model_prefix": PREFIX,
+    mapping["mlflow"] = {"tracking_uri": server.url, "experiment": experiment, "model_prefix": prefix,
                          "artifact_retries": 1, "artifact_retry_delay_s": 0, "server_timeout_s": 5,
                          "open_runs_file": str(path.parent / "mlflow-open-runs.json")}
     mapping["quality"] = LENIENT_MODEL_GATE
@@ -495,11 +496,14 @@ def test_a_failed_run_notifies_the_webhook_of_the_environment_or_a_saved_block(
 
 
 GOOD = ["finetune.epochs=5", "finetune.lr=0.001"]
+NEW_DATA = "cass-flow-new-data"
+"""The experiment and model prefix of the new-data runs: on the session's MLflow server beside the others."""
 GROWN = ["finetune.init=random", "finetune.networks=[cnn]", "evaluate.explain_per_class=0"]
 
 
 @pytest.fixture(scope="module")
-def new_data(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def new_data(prefect_api: str, shared_mlflow_server: MlflowServer, demo_root: Path,
+             tmp_path_factory: pytest.TempPathFactory):
     """Three flow runs on one growing dataset (CNN only, random init): a weak champion on 16 images per class;
     the data grows to 32 per class and a good challenger is trained; it grows to 40 and a weak one is trained."""
     import mlflow
@@ -509,12 +513,11 @@ def new_data(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPat
     from flows.retrain import retrain
 
     root = tmp_path_factory.mktemp("new-data")
-    (root / "mlflow").mkdir()
-    server = MlflowServer(root / "mlflow")
-    server.start()
+    server = shared_mlflow_server
+    server.ensure_running()  # a test before may have crashed it
     data = root / "demo"
     shutil.copytree(demo_root, data)
-    params_file = _write_params(root / "params.yaml", data, server)
+    params_file = _write_params(root / "params.yaml", data, server, NEW_DATA, NEW_DATA)
     states = []
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MLFLOW_TRACKING_URI", "CASS_TUNE_STORAGE"):
@@ -529,11 +532,10 @@ def new_data(prefect_api: str, demo_root: Path, tmp_path_factory: pytest.TempPat
                                   server=server)
         finally:
             reset_client()
-            server.stop()
 
 
 def _decision(client, version: str) -> dict:
-    tags = client.get_model_version(f"{PREFIX}-cnn", version).tags
+    tags = client.get_model_version(f"{NEW_DATA}-cnn", version).tags
     (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("promotion.")]
     return record
 
@@ -563,7 +565,7 @@ def test_new_data_challenger_is_promoted_on_the_images_neither_model_has_seen(ne
     shared = pd.read_csv(mlflow_set, dtype=str)
     assert len(shared) == compared["shared_images"] > 0
     for version in ("1", "2"):
-        manifest = version_manifest(new_data.client, f"{PREFIX}-cnn", version)
+        manifest = version_manifest(new_data.client, f"{NEW_DATA}-cnn", version)
         seen = manifest[manifest["split"].isin(SEEN_SPLITS)]
         assert not set(shared["sha256"]) & set(seen["sha256"]) and not set(shared["path"]) & set(seen["path"])
     assert set(shared["champion_p_adipose"].astype(float)) and "challenger_p_adipose" in shared
@@ -588,7 +590,7 @@ def test_new_data_run_says_why_it_retrained(new_data) -> None:
     assert "64 -> 128 images; **64 added, 0 removed, 0 relabelled**" in report
     assert "| adipose | 16 | 25.0% | 32 | 25.0% |" in report  # class balance before and after
     assert "Decay of the champion" in report and "mean intensity" in report
-    version = new_data.client.get_model_version(f"{PREFIX}-cnn", "2")
+    version = new_data.client.get_model_version(f"{NEW_DATA}-cnn", "2")
     html = new_data.client.download_artifacts(version.tags["evaluation_run_id"], "data_change/data_change.html",
                                               str(new_data.root / "v2"))
     assert "data:image/png;base64," in Path(html).read_text()  # the histograms travel inside the page

@@ -158,7 +158,8 @@ def test_a_study_spreads_over_the_pools_workers(prefect_api: str, demo_root: Pat
     params_file.write_text(yaml.safe_dump(mapping))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CASS_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_api, CASS_PROJECT_DIR=str(ROOT),
-               PYTHONPATH=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PYTHONPATH=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="1")  # the worker asks for runs every second (default: 10 s idle)
     prefect = str(Path(sys.executable).parent / "prefect")
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="cass-process", type="process"), overwrite=True)
