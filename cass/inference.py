@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from cass.errors import DataError
 DEFAULT_BATCH_SIZE = 64
 MAX_LANES = 4  # batches scored at once on the CPU (cass.inference.lanes_for)
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class _Images(torch.utils.data.Dataset):
     """Image files or encoded bytes, decoded on access (in a DataLoader worker, or in this process).
 
     With an :class:`~cass.data.transforms.EvalBatchTransform` an image comes out as 8-bit pixels and the batch is
-    resized and normalised at once by :func:`_collate`; any other transform runs per image."""
+    resized and normalised at once by :class:`_Collate`; any other transform runs per image."""
 
     def __init__(self, sources: Sequence[bytes | str | Path], transform: Callable, max_pixels: int,
                  dicom: Any = None) -> None:
@@ -146,7 +147,7 @@ def lanes_for(batches: int, threads: int | None = None, lanes: int | None = None
     return lanes, max(1, threads // lanes)
 
 
-def in_lanes(jobs: Iterator[Callable[[], Batch]], lanes: int, threads: int) -> Iterator[Batch]:
+def in_lanes(jobs: Iterator[Callable[[], T]], lanes: int, threads: int) -> Iterator[T]:
     """Run ``jobs`` on ``lanes`` threads of ``threads`` torch threads each (inline for one lane), yielding
     their results in the jobs' order; at most two per lane wait at once."""
     if lanes == 1:
@@ -178,10 +179,9 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
     processes read and decode instead while the network runs (0: the lanes decode, which suits a small
     request better than starting processes; None: with cores to spare beside torch's threads, the first batch
     is decoded and scored in this process and :func:`auto_workers` decides from its timings how many decode
-    the rest, else 0). An error names the input by its
-    path, or as "input row i" for bytes. ``spec`` is the classifier's :class:`~cass.classifier.ClassifierSpec`:
-    its temperature and multi-label flag give the probabilities, and its DICOM pixel settings window DICOM
-    inputs as the training data was windowed.
+    the rest, else 0). An error names the input by its path, or as "input row i" for bytes. ``spec`` is the
+    classifier's :class:`~cass.classifier.ClassifierSpec`: its temperature and multi-label flag give the
+    probabilities, and its DICOM pixel settings window DICOM inputs as the training data was windowed.
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: give a number of images per forward pass >= 1")
@@ -222,18 +222,18 @@ def classify(model: torch.nn.Module, spec: Any, transform: Callable, sources: Se
         yield batch
         if first == len(sources):
             return
+
     def decode_and_score(lo: int) -> Batch:
         return score(*collate([images[i] for i in range(lo, min(lo + batch_size, len(sources)))]), 0)
 
     starts = range(first, len(sources), batch_size)
     lanes, threads = lanes_for(len(starts), lanes=lanes)
-    if workers:
+    if workers:  # the images after the first batch; _Images gives each its position in ``sources``
         loader = torch.utils.data.DataLoader(
-            _Images(sources[first:], transform, max_pixels, spec.dicom_settings()), batch_size=batch_size,
-            shuffle=False, num_workers=workers, collate_fn=collate, prefetch_factor=4, persistent_workers=False,
+            torch.utils.data.Subset(images, range(first, len(sources))), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=collate, prefetch_factor=4, persistent_workers=False,
         )
-        jobs = (partial(score, [first + i for i in indices], x, [(first + i, e) for i, e in failed], workers)
-                for indices, x, failed in loader)
+        jobs = (partial(score, indices, x, failed, workers) for indices, x, failed in loader)
     else:
         jobs = (partial(decode_and_score, lo) for lo in starts)
     yield from in_lanes(jobs, lanes, threads)

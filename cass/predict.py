@@ -319,7 +319,7 @@ def predict_to_file(job: Plan, loaded: tuple | None = None) -> Summary:
             _write_csv(out.part(number), pd.concat(rows, ignore_index=True))
         rows, skipped = [], []
 
-    # One DataLoader for the whole run (its workers start once); a part every chunk_size images.
+    # One classify for the whole run (its lanes and any decoding workers start once); a part every chunk_size images.
     for batch in classify(classifier.model, spec, classifier.transform, todo, batch_size=job.batch_size,
                           workers=job.workers, lanes=job.lanes):
         table = pd.DataFrame(batch.probs, columns=classes)

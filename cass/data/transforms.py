@@ -105,7 +105,6 @@ def eval_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
     ])
 
 
-
 class EvalBatchTransform:
     """:func:`eval_transform` split in two for batched inference: :meth:`image` turns one decoded image into
     8-bit pixels (cheap: a copy, nothing resized), :meth:`batch` resizes, scales and normalises a batch of
