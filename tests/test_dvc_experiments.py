@@ -12,23 +12,14 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.test_dvc import REPO, project_copy, ran_stages, restored, sh, slow
+from tests import test_dvc
+from tests.test_dvc import REPO, ran_stages, sh, slow
 
+# test_dvc's fixtures, bound here so that this module gets its own copy of the built project
+project, shared_project = test_dvc.project, test_dvc.shared_project
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's copy of the built project."""
-    return project_copy(tmp_path_factory)
-
-
-@pytest.fixture
-def shared_project(project: Path) -> Iterator[Path]:
-    """The module's project for a test that changes it, put back as built afterwards."""
-    with restored(project):
-        yield project
 
 @slow
 def test_docs_experiment_example_trains_with_the_values_it_sets(shared_project: Path) -> None:
