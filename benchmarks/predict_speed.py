@@ -153,7 +153,7 @@ def main() -> None:
         x = torch.stack([classifier.transform(load_rgb(p)) for p in paths])
         x = x.contiguous(memory_format=torch.channels_last)  # as cass predict feeds the network
         rounds = []  # (predict images/s, raw before, raw after): the load of a shared machine drifts
-        in_lanes = []  # the forward pass alone in cass predict's lanes, after each round
+        raw_lanes = []  # the forward pass alone in cass predict's lanes, after each round
         raw = _raw(classifier.model, x, args.batch_size)
         for n in range(1 if args.before else args.rounds):
             if args.before:
@@ -169,7 +169,7 @@ def main() -> None:
             rounds.append((predict, raw, after))
             raw = after
             if not args.before:
-                in_lanes.append(_raw(classifier.model, x, args.batch_size, lanes=args.lanes))
+                raw_lanes.append(_raw(classifier.model, x, args.batch_size, lanes=args.lanes))
     ratios = [p / ((b + a) / 2) for p, b, a in rounds]
     best = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]  # the median round
     predict, before, after = rounds[best]
@@ -182,8 +182,8 @@ def main() -> None:
         "ratio": round(ratios[best], 3), "ratios": [round(r, 3) for r in ratios],
         **({} if args.before else {
             "lanes": lanes_for(-(-len(paths) // args.batch_size), lanes=args.lanes)[0],
-            "raw_lanes_images_per_s": round(in_lanes[best], 1),
-            "ratio_vs_raw_lanes": round(predict / in_lanes[best], 3)}),
+            "raw_lanes_images_per_s": round(raw_lanes[best], 1),
+            "ratio_vs_raw_lanes": round(predict / raw_lanes[best], 3)}),
         "rounds": [[round(v, 1) for v in r] for r in rounds],
         "cpu_ms_per_image": {k: round(1000 * statistics.median(v), 2) for k, v in CPU_SECONDS.items() if v}, **env,
     })
