@@ -158,14 +158,27 @@ def test_chosen_workers_and_lanes_score_like_the_in_process_path(model_dir: Path
     loaded.model.register_forward_hook(lambda *_: scored_on.add(threading.current_thread().name))
     arrangements = {"in process": (0, 1), "chosen workers": (None, 1), "one worker": (1, 1), "3 lanes": (0, 3),
                     "worker and 2 lanes": (1, 2)}
-    threads = torch.get_num_threads()
+    def started_thread_sees() -> int:  # torch's threads in a thread started now (lanes set their own)
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
     runs, threads_by_run = {}, {}
-    for name, (workers, lanes) in arrangements.items():
-        scored_on.clear()
-        runs[name] = list(classify(loaded.model, loaded.spec, loaded.transform, paths, batch_size=5, workers=workers,
-                                   lanes=lanes))
-        threads_by_run[name] = set(scored_on)
-        assert torch.get_num_threads() == threads  # the lanes' thread setting does not leak
+    before = torch.get_num_threads()
+    try:
+        for name, (workers, lanes) in arrangements.items():
+            # lanes split 2 torch threads (1 each), as on a 2-core machine; the tests' default is 1 (conftest)
+            torch.set_num_threads(2 if lanes > 1 else before)
+            scored_on.clear()
+            runs[name] = list(classify(loaded.model, loaded.spec, loaded.transform, paths, batch_size=5,
+                                       workers=workers, lanes=lanes))
+            threads_by_run[name] = set(scored_on)
+            if lanes > 1:  # the lanes' 1 thread each does not stay the default of threads started later
+                assert torch.get_num_threads() == started_thread_sees() == 2, name
+    finally:
+        torch.set_num_threads(before)
     for batches in runs.values():
         assert [i for b in batches for i in b.indices] == [i for i in range(23) if i not in (2, 17)]
         assert [i for b in batches for i, _ in b.failed] == [2, 17]
